@@ -1,0 +1,38 @@
+"""Errors raised by the store layer.
+
+Every error names the bad value so that a user reading a traceback (or the explorer's
+message box) knows what to fix without reading code.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class for every error raised by :mod:`stores`."""
+
+
+class NotAStoreError(StoreError, FileNotFoundError):
+    """The path exists but is not a hoverlay store (or does not exist)."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written by a newer (or unknown) format version."""
+
+
+class UnknownLayerError(StoreError, KeyError):
+    """A layer name that the store (or model) does not have."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutOfRangeError(StoreError, IndexError):
+    """An image id, patch id or (y, x) coordinate outside the committed store."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """An append whose model, preprocessing or layers differ from the store's."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lock."""

@@ -1,0 +1,104 @@
+"""The store format, version 1: names, dtypes and the root attributes schema.
+
+This module is the single source of truth for the layout described in
+``docs/store-format.md``; writer and reader both import their names from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FormatVersionError, NotAStoreError
+from .geometry import LayerGeometry
+
+FORMAT_NAME = "hoverlay"
+FORMAT_VERSION = 1
+
+PIXELS = "images/pixels"
+TABLE = "images/table"
+LAYERS = "layers"
+INDEX_DIR = "index"
+
+#: Columns of ``images/table``: name -> numpy dtype kind ("str", "int64", "float32").
+TABLE_COLUMNS: dict[str, str] = {
+    "source": "str",          # uri the image was read from
+    "label": "str",           # e.g. parent folder name
+    "hash": "str",            # sha256 of the file bytes (+ transform suffix for derived copies)
+    "base_id": "int64",       # image id of the untransformed image, -1 for originals
+    "transform": "str",       # none | rotate | scale
+    "param": "float32",       # rotation angle in degrees or scale factor; 0 for none
+    "status": "str",          # ok | failed
+    "reason": "str",          # why a failed image failed, "" otherwise
+}
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+TRANSFORM_KINDS = ("none", "rotate", "scale")
+
+
+def layer_path(layer: str, array: str) -> str:
+    """Path of one array (``vectors``, ``norms``, ``groups``) of a layer inside the group."""
+    return f"{LAYERS}/{encode_layer(layer)}/{array}"
+
+
+def encode_layer(layer: str) -> str:
+    """Layer node names (``features.3.1``) are valid Zarr names as they are, except '/'."""
+    return layer.replace("/", "__")
+
+
+@dataclass
+class StoreAttrs:
+    """Root attributes of a store (``zarr.json`` -> ``attributes.hoverlay``)."""
+
+    model: dict[str, Any]
+    preprocessing: dict[str, Any]
+    image_size: int
+    layers: dict[str, LayerGeometry]
+    chunk: int
+    committed: int = 0
+    created: str = ""
+    updated: str = ""
+    tool_version: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "model": self.model,
+            "preprocessing": self.preprocessing,
+            "image_size": self.image_size,
+            "layers": {name: g.as_dict() for name, g in self.layers.items()},
+            "chunk": self.chunk,
+            "committed": self.committed,
+            "created": self.created,
+            "updated": self.updated,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> StoreAttrs:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{where!r} is a Zarr group but not a hoverlay store "
+                                 f"(no '{FORMAT_NAME}' attributes)")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise FormatVersionError(
+                f"{where!r} has format_version {version!r}; this hoverlay reads versions "
+                f"1..{FORMAT_VERSION} — upgrade hoverlay to open it")
+        return cls(
+            model=data["model"],
+            preprocessing=data["preprocessing"],
+            image_size=int(data["image_size"]),
+            layers={k: LayerGeometry(**v) for k, v in data["layers"].items()},
+            chunk=int(data["chunk"]),
+            committed=int(data["committed"]),
+            created=data.get("created", ""),
+            updated=data.get("updated", ""),
+            tool_version=data.get("tool_version", ""),
+            format_version=version,
+            extra=data.get("extra", {}),
+        )

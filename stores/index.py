@@ -1,0 +1,218 @@
+"""FAISS inner-product indexes over a layer's patch vectors, with exact re-rank.
+
+Ids in every index are global patch ids (see :mod:`stores.geometry`). Because vectors are
+unit length, inner product = cosine. Approximate indexes (IVF, PQ) only propose candidates:
+:func:`search_reranked` re-scores them exactly from the stored fp16 vectors, so scores shown
+to users are always true cosines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import fsspec
+import numpy as np
+
+from ._zarr import is_local, normalize_url
+from .errors import StoreError
+from .format import INDEX_DIR, encode_layer
+
+#: Exact search while the index holds at most this many vectors (≈ 20 ms per query at D=512 on 2 cores).
+FLAT_MAX_VECTORS = 200_000
+#: Below this many vectors per centroid FAISS warns and clusters poorly.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -> str:
+    """Pick a FAISS factory string by size, the way autofaiss does.
+
+    - exact ``IDMap,Flat`` while small;
+    - ``IVF{K},Flat`` with K ≈ 4·√n while the float32 vectors fit the memory budget;
+    - ``OPQ{m},IVF{K}_HNSW32,PQ{m}`` past it, with m the largest divisor of ``dim`` whose codes
+      fit the budget (vectors are always re-ranked exactly, so PQ only has to find candidates).
+    """
+    if n_vectors <= FLAT_MAX_VECTORS:
+        return "IDMap,Flat"
+    k = nlist_for(n_vectors)
+    if memory_budget is None or n_vectors * dim * 4 <= memory_budget:
+        return f"IVF{k},Flat"
+    per_vector = max(1, memory_budget // max(1, n_vectors) - 8)  # 8 bytes for the stored id
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= per_vector and m <= 64]
+    m = max(divisors) if divisors else 1
+    return f"OPQ{m},IVF{k}_HNSW32,PQ{m}"
+
+
+def nlist_for(n_vectors: int) -> int:
+    """K ≈ 4·√n centroids, bounded so every centroid gets enough training points."""
+    k = int(4 * math.sqrt(max(1, n_vectors)))
+    k = min(k, max(1, n_vectors // MIN_POINTS_PER_CENTROID))
+    return max(1, k)
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, min(nlist, int(round(math.sqrt(nlist)))))
+
+
+@dataclass
+class PatchIndex:
+    """A FAISS index over one layer plus the metadata stored beside it (``index/<layer>.json``)."""
+
+    index: faiss.Index
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, dim: int, factory: str) -> PatchIndex:
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        meta: dict[str, Any] = {"factory": factory, "dim": int(dim), "metric": "inner_product",
+                                "params": {}, "images_indexed": 0}
+        return cls(index, meta)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, sample: np.ndarray) -> None:
+        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        nlist = self.nlist
+        if nlist:
+            self.set_params(nprobe=default_nprobe(nlist))
+
+    @property
+    def nlist(self) -> int | None:
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            return None
+        return int(ivf.nlist)
+
+    def set_params(self, **params: Any) -> None:
+        """Search-time parameters (``nprobe``, ``quantizer_efSearch``) through FAISS's ParameterSpace."""
+        space = faiss.ParameterSpace()
+        for name, value in params.items():
+            space.set_index_parameter(self.index, name, value)
+            self.meta.setdefault("params", {})[name] = value
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if not self.is_trained:
+            raise StoreError(f"index {self.meta.get('factory')!r} must be trained before adding")
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                np.ascontiguousarray(ids, dtype=np.int64))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS search: (scores, ids), ids -1 where fewer than k vectors exist."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        return self.index.search(q, int(k))
+
+    # --------------------------------------------------------------- persistence
+    def save(self, store_url: str, layer: str) -> None:
+        """Write ``index/<layer>.faiss`` and ``.json`` beside it, each renamed into place.
+
+        The .faiss file is replaced before the .json; a reader compares ``ntotal`` from both
+        and treats a mismatch as stale, so a crash between the two is detected, never misread.
+        """
+        self.meta["ntotal"] = self.ntotal
+        data = faiss.serialize_index(self.index).tobytes()
+        base = index_path(store_url, layer)
+        _atomic_write(base + ".faiss", data)
+        _atomic_write(base + ".json", json.dumps(self.meta, indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, store_url: str, layer: str, mmap: bool = False) -> PatchIndex:
+        base = index_path(store_url, layer)
+        fs, path = fsspec.core.url_to_fs(base + ".json")
+        if not fs.exists(path):
+            raise FileNotFoundError(f"no index for layer {layer!r} at {base}.faiss")
+        meta = json.loads(fs.cat_file(path))
+        faiss_url = base + ".faiss"
+        if is_local(faiss_url):
+            local = faiss_url.removeprefix("file://")
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+            index = faiss.read_index(local, flags)
+        else:
+            fs, path = fsspec.core.url_to_fs(faiss_url)
+            index = faiss.deserialize_index(np.frombuffer(fs.cat_file(path), dtype=np.uint8))
+        if int(meta.get("ntotal", -1)) != int(index.ntotal):
+            raise StoreError(f"index for layer {layer!r} is stale: .json says ntotal="
+                             f"{meta.get('ntotal')}, .faiss holds {index.ntotal}")
+        out = cls(index, meta)
+        if out.meta.get("params"):
+            out.set_params(**out.meta["params"])
+        return out
+
+
+def index_path(store_url: str, layer: str) -> str:
+    return f"{normalize_url(store_url).rstrip('/')}/{INDEX_DIR}/{encode_layer(layer)}"
+
+
+def _atomic_write(url: str, data: bytes) -> None:
+    if is_local(url):
+        path = url.removeprefix("file://")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:  # object stores replace whole objects atomically on PUT
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.pipe_file(path, data)
+
+
+def exact_rerank(query: np.ndarray, candidate_ids: np.ndarray,
+                 fetch: Callable[[np.ndarray], np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidates exactly (float32 inner product of stored vectors) and keep the top k."""
+    ids = np.unique(candidate_ids[candidate_ids >= 0])
+    if ids.size == 0:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    vecs = np.asarray(fetch(ids), dtype=np.float32)
+    scores = vecs @ np.asarray(query, dtype=np.float32).ravel()
+    order = np.lexsort((ids, -scores))[:k]  # ties broken by id: deterministic results
+    return scores[order], ids[order]
+
+
+def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
+                    fetch: Callable[[np.ndarray], np.ndarray],
+                    candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k patch ids for one query: ``candidates`` (default 4·k) from FAISS, exact re-rank."""
+    n_cand = max(k, candidates or 4 * k)
+    _, ids = index.search(query, n_cand)
+    return exact_rerank(query, ids[0], fetch, k)
+
+
+def exact_topk(queries: np.ndarray, blocks: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by streaming ``(ids, vectors)`` blocks: the ground truth for recall."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    for ids, vecs in blocks:
+        s = np.asarray(vecs, dtype=np.float32) @ q.T  # (b, q)
+        cat_s = np.concatenate([best_s, s.T], axis=1)
+        cat_i = np.concatenate([best_i, np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
+        top = np.argsort(-cat_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(cat_s, top, axis=1)
+        best_i = np.take_along_axis(cat_i, top, axis=1)
+    return best_s, best_i
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the true top-k ids present in the found top-k (per query, then averaged)."""
+    hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))
+            for f, t in zip(found, truth, strict=True)]
+    return float(np.mean(hits)) if hits else 1.0

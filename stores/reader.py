@@ -1,0 +1,165 @@
+"""Reading a store lazily: only committed images, only the chunks asked for.
+
+A :class:`StoreReader` is cheap to keep open for the life of a server process: arrays are
+opened once, nothing is loaded until asked, and :meth:`StoreReader.refresh` picks up a new
+commit by re-reading one small JSON document.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from ._zarr import normalize_url, open_root, read_attrs
+from .errors import OutOfRangeError, UnknownLayerError
+from .format import PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
+from .geometry import LayerGeometry, patch_coords, patch_id
+from .table import ImageTable
+
+if TYPE_CHECKING:
+    import dask.array
+
+
+ImageSelection = int | slice | Sequence[int] | np.ndarray
+
+
+class StoreReader:
+    """Read-only view of the committed part of a store."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        self.url = normalize_url(url)
+        self._storage_options = storage_options
+        self.group = open_root(self.url, mode="r", storage_options=storage_options)
+        self.attrs: StoreAttrs = read_attrs(self.group, self.url)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._table: ImageTable | None = None
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def n_images(self) -> int:
+        """Committed images: the only ones a reader ever returns."""
+        return self.attrs.committed
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.attrs.layers)
+
+    @property
+    def image_size(self) -> int:
+        return self.attrs.image_size
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.attrs.model
+
+    def geometry(self, layer: str) -> LayerGeometry:
+        try:
+            return self.attrs.layers[layer]
+        except KeyError:
+            raise UnknownLayerError(f"unknown layer {layer!r}; store {self.url!r} has "
+                                    f"{self.layers}") from None
+
+    def refresh(self) -> bool:
+        """Re-read the root attributes; True when a new commit became visible."""
+        group = open_root(self.url, mode="r", storage_options=self._storage_options)
+        attrs = read_attrs(group, self.url)
+        changed = attrs.committed != self.attrs.committed or attrs.updated != self.attrs.updated
+        if changed:
+            self.group, self.attrs = group, attrs
+            self._arrays.clear()  # shapes grew; reopen lazily
+            self._table = None
+        return changed
+
+    # ------------------------------------------------------------------ arrays
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = self.group[path]
+            assert isinstance(arr, zarr.Array)
+            self._arrays[path] = arr
+        return arr
+
+    def _check_images(self, images: ImageSelection) -> ImageSelection:
+        n = self.n_images
+        if isinstance(images, slice):
+            start, stop, step = images.indices(n)
+            return slice(start, stop, step)
+        arr = np.asarray(images)
+        if arr.dtype.kind not in "iu":
+            raise OutOfRangeError(f"image ids must be integers, got {images!r}")
+        bad = (arr < 0) | (arr >= n)
+        if np.any(bad):
+            raise OutOfRangeError(f"image id {int(arr[bad].flat[0])} is outside the {n} committed "
+                                  f"images of {self.url!r}")
+        return int(arr) if arr.ndim == 0 else arr
+
+    def _read(self, path: str, images: ImageSelection) -> np.ndarray:
+        sel = self._check_images(images)
+        arr = self._array(path)
+        if isinstance(sel, np.ndarray):
+            if sel.size == 0:
+                return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+            return arr.get_orthogonal_selection((sel,))
+        return arr[sel]
+
+    def pixels(self, images: ImageSelection) -> np.ndarray:
+        """uint8 (S, S, 3) for one image id, (n, S, S, 3) for several: the exact model input."""
+        return self._read(PIXELS, images)
+
+    def vectors(self, layer: str, images: ImageSelection) -> np.ndarray:
+        """float16 unit patch vectors (…, H, W, D) for the selected images."""
+        self.geometry(layer)
+        return self._read(layer_path(layer, "vectors"), images)
+
+    def norms(self, layer: str, images: ImageSelection) -> np.ndarray:
+        """float32 original activation norms (…, H, W)."""
+        self.geometry(layer)
+        return self._read(layer_path(layer, "norms"), images)
+
+    def vectors_dask(self, layer: str) -> dask.array.Array:
+        """All committed vectors of a layer as a lazy dask array chunked by shard."""
+        import dask.array as da
+
+        g = self.geometry(layer)
+        arr = self._array(layer_path(layer, "vectors"))
+        lazy = da.from_zarr(arr, chunks=(self.attrs.chunk, g.height, g.width, g.dim))
+        return lazy[: self.n_images]
+
+    def patch_vectors(self, layer: str, ids: np.ndarray) -> np.ndarray:
+        """float16 (k, D) vectors for global patch ids, reading one image chunk per distinct image."""
+        g = self.geometry(layer)
+        image, y, x = patch_coords(np.asarray(ids), g, self.n_images)
+        if image.size == 0:
+            return np.empty((0, g.dim), dtype=np.float16)
+        arr = self._array(layer_path(layer, "vectors"))
+        uniq, inverse = np.unique(image, return_inverse=True)
+        blocks = arr.get_orthogonal_selection((uniq,))  # (u, H, W, D), one inner chunk each
+        return blocks[inverse, y, x]
+
+    def patch_id(self, layer: str, image: int, y: int, x: int) -> int:
+        return int(patch_id(image, y, x, self.geometry(layer), self.n_images))
+
+    def patch_coords(self, layer: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return patch_coords(ids, self.geometry(layer), self.n_images)
+
+    # ------------------------------------------------------------------- table
+    def table(self) -> ImageTable:
+        """The committed rows of the image table (cached until the next commit)."""
+        if self._table is None:
+            n = self.n_images
+            cols = {c: np.asarray(self._array(f"{TABLE}/{c}")[:n]) for c in TABLE_COLUMNS}
+            cols = {c: (v.astype(object) if TABLE_COLUMNS[c] == "str" else v) for c, v in cols.items()}
+            self._table = ImageTable(cols)
+        return self._table
+
+    def __repr__(self) -> str:
+        return f"StoreReader({self.url!r}, images={self.n_images}, layers={self.layers})"
+
+
+def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> StoreReader:
+    """Open a store read-only by local path or fsspec URL."""
+    return StoreReader(url, storage_options=storage_options)

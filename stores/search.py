@@ -1,0 +1,83 @@
+"""Top-k patch search over a whole store: FAISS when a fresh index exists, exact otherwise.
+
+This is what the explorer calls per query. It owns the policy "never show an approximate
+score": FAISS candidates are always re-ranked from the stored vectors, and a missing or stale
+index degrades to an exact streaming scan with a warning instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StoreError
+from .index import PatchIndex, exact_topk, search_reranked
+from .reader import StoreReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TopK:
+    scores: np.ndarray   # float32 (k,), exact cosines, descending
+    ids: np.ndarray      # int64 (k,), global patch ids
+    exact: bool          # True when computed by a full scan rather than through an index
+
+
+def iter_vector_blocks(reader: StoreReader, layer: str, images_per_block: int | None = None,
+                       ok_only: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (patch ids, float16 vectors (b, D)) for committed images, one shard-sized block at a time."""
+    g = reader.geometry(layer)
+    step = images_per_block or max(reader.attrs.chunk, 1)
+    ok = reader.table().ok if ok_only else None
+    hw = g.patches_per_image
+    for lo in range(0, reader.n_images, step):
+        hi = min(reader.n_images, lo + step)
+        vecs = reader.vectors(layer, slice(lo, hi)).reshape(-1, g.dim)
+        ids = np.arange(lo * hw, hi * hw, dtype=np.int64)
+        if ok is not None and not ok[lo:hi].all():
+            keep = np.repeat(ok[lo:hi], hw)
+            vecs, ids = vecs[keep], ids[keep]
+        yield ids, vecs
+
+
+class LayerSearch:
+    """Search one layer of one store; construct once per process and share between sessions."""
+
+    def __init__(self, reader: StoreReader, layer: str, mmap: bool = True):
+        self.reader = reader
+        self.layer = layer
+        self.index: PatchIndex | None = None
+        self.warning: str | None = None
+        reader.geometry(layer)  # unknown layer -> clear error now, not per query
+        try:
+            index = PatchIndex.load(reader.url, layer, mmap=mmap)
+        except FileNotFoundError:
+            self.warning = f"no index for layer {layer!r}: using exact search"
+        except (StoreError, RuntimeError) as exc:
+            self.warning = f"index for layer {layer!r} unusable ({exc}): using exact search"
+        else:
+            indexed = int(index.meta.get("images_indexed", -1))
+            if indexed != reader.n_images:
+                self.warning = (f"index for layer {layer!r} covers {indexed} of {reader.n_images} "
+                                f"images (stale): using exact search")
+            else:
+                self.index = index
+        if self.warning:
+            log.warning(self.warning)
+
+    def query_vector(self, image: int, y: int, x: int) -> np.ndarray:
+        return self.reader.patch_vectors(self.layer, np.array([self.reader.patch_id(self.layer, image, y, x)]))[0]
+
+    def search(self, query: np.ndarray, k: int) -> TopK:
+        q = np.asarray(query, dtype=np.float32).ravel()
+        if self.index is not None:
+            scores, ids = search_reranked(self.index, q, k,
+                                          lambda ids: self.reader.patch_vectors(self.layer, ids))
+            return TopK(scores, ids, exact=False)
+        s, i = exact_topk(q, iter_vector_blocks(self.reader, self.layer), k)
+        keep = i[0] >= 0
+        return TopK(s[0][keep], i[0][keep], exact=True)

@@ -1,0 +1,211 @@
+"""Writing a store: create, append image blocks, publish commits.
+
+Appending is the normal case. The protocol that keeps readers safe and runs resumable:
+
+1. :meth:`StoreWriter.reserve` resizes every per-image array to ``committed + n`` (dropping any
+   tail a crashed run left behind), so new rows are invisible: readers stop at ``committed``.
+2. Blocks of rows are written (in parallel, from any process) with :func:`write_image_block`.
+   Each block writes whole shards except at its ends, and Zarr's local store writes files
+   atomically, so a concurrent reader sees either the old or the new bytes of a chunk.
+3. :meth:`StoreWriter.commit` writes the table rows and then, last, the ``committed`` count.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from ._zarr import normalize_url, open_root, read_attrs
+from .errors import StoreError, StoreMismatchError, UnknownLayerError
+from .format import (
+    FORMAT_NAME,
+    PIXELS,
+    TABLE,
+    TABLE_COLUMNS,
+    StoreAttrs,
+    layer_path,
+)
+from .geometry import LayerGeometry
+from .table import column_dtype, fill_value, rows_to_columns
+from .vectors import normalize_patches
+
+TABLE_CHUNK = 4096
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hoverlay")
+    except Exception:  # running from a source tree without installing
+        return "0+unknown"
+
+
+def _compressor() -> zarr.codecs.BloscCodec:
+    # Byte shuffle groups the high bytes of fp16 values, which zstd then compresses well;
+    # ReLU-like activations have many exact zeros.
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def create_store(
+    url: str | os.PathLike[str],
+    *,
+    model: Mapping[str, Any],
+    preprocessing: Mapping[str, Any],
+    image_size: int,
+    layers: Mapping[str, LayerGeometry],
+    chunk: int = 16,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> StoreWriter:
+    """Create an empty store (0 committed images) with one array group per layer.
+
+    ``chunk`` is the number of images per shard along N: the unit of parallel writes and of
+    dask reads. Inside a shard each image is its own chunk so a reader can fetch one image's
+    patches without decoding its neighbours.
+    """
+    if not layers:
+        raise ValueError("a store needs at least one layer")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    url = normalize_url(url)
+    kwargs: dict[str, Any] = {"storage_options": storage_options} if storage_options and "://" in url else {}
+    try:
+        group = zarr.open_group(url, mode="w" if overwrite else "w-", zarr_format=3, **kwargs)
+    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+        raise StoreError(f"{url!r} already exists; open it to append or pass overwrite=True") from exc
+    now = _now()
+    attrs = StoreAttrs(model=dict(model), preprocessing=dict(preprocessing), image_size=int(image_size),
+                       layers=dict(layers), chunk=int(chunk), committed=0, created=now, updated=now,
+                       tool_version=_tool_version())
+    s = attrs.image_size
+    group.create_array(PIXELS, shape=(0, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
+                       shards=(chunk, s, s, 3), compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
+    for col in TABLE_COLUMNS:
+        group.create_array(f"{TABLE}/{col}", shape=(0,), dtype=column_dtype(col),
+                           chunks=(TABLE_CHUNK,), fill_value=fill_value(col))
+    for name, g in layers.items():
+        group.create_array(layer_path(name, "vectors"), shape=(0, g.height, g.width, g.dim),
+                           dtype="float16", chunks=(1, g.height, g.width, g.dim),
+                           shards=(chunk, g.height, g.width, g.dim), compressors=_compressor(),
+                           fill_value=0)
+        group.create_array(layer_path(name, "norms"), shape=(0, g.height, g.width), dtype="float32",
+                           chunks=(chunk, g.height, g.width), compressors=_compressor(), fill_value=0)
+    group.attrs.update({FORMAT_NAME: attrs.to_json()})
+    return StoreWriter(group, url)
+
+
+class StoreWriter:
+    """Append-side handle on a store. One writer per store at a time (see :mod:`stores.lock`)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group
+        self.url = url
+        self.attrs = read_attrs(group, url)
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> StoreWriter:
+        url = normalize_url(url)
+        return cls(open_root(url, mode="r+", storage_options=storage_options), url)
+
+    @property
+    def committed(self) -> int:
+        return self.attrs.committed
+
+    @property
+    def layers(self) -> dict[str, LayerGeometry]:
+        return self.attrs.layers
+
+    def check_compatible(self, *, model: Mapping[str, Any], preprocessing: Mapping[str, Any],
+                         image_size: int, layers: Sequence[str]) -> None:
+        """Refuse to append activations of another model, preprocessing or layer set."""
+        a = self.attrs
+        if dict(model) != a.model:
+            raise StoreMismatchError(f"store {self.url!r} was built with model {a.model}, not {dict(model)}")
+        if dict(preprocessing) != a.preprocessing or int(image_size) != a.image_size:
+            raise StoreMismatchError(
+                f"store {self.url!r} was built with preprocessing {a.preprocessing} at "
+                f"{a.image_size}px, not {dict(preprocessing)} at {image_size}px")
+        if list(layers) != list(a.layers):
+            raise StoreMismatchError(f"store {self.url!r} has layers {list(a.layers)}, not {list(layers)}")
+
+    def known_hashes(self) -> dict[str, int]:
+        """Content hash -> image id for every committed image (failed ones too)."""
+        n = self.committed
+        if n == 0:
+            return {}
+        hashes = self.group[f"{TABLE}/hash"][:n]
+        return {str(h): i for i, h in enumerate(hashes)}
+
+    def _per_image_arrays(self) -> list[zarr.Array]:
+        arrays = [self.group[PIXELS]] + [self.group[f"{TABLE}/{c}"] for c in TABLE_COLUMNS]
+        for name in self.layers:
+            arrays += [self.group[layer_path(name, "vectors")], self.group[layer_path(name, "norms")]]
+        return arrays
+
+    def reserve(self, n: int) -> int:
+        """Make room for ``n`` rows after the last commit; returns the first new row.
+
+        Rows a crashed run wrote past ``committed`` are dropped here, so a rerun starts clean.
+        """
+        start = self.committed
+        for arr in self._per_image_arrays():
+            arr.resize((start + n, *arr.shape[1:]))
+        return start
+
+    def write_block(self, start: int, pixels: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
+        write_image_block(self.group, start, pixels, activations, self.layers)
+
+    def write_table(self, start: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        columns = rows_to_columns(rows)
+        for col, values in columns.items():
+            arr = self.group[f"{TABLE}/{col}"]
+            if start + len(values) > arr.shape[0]:
+                raise StoreError(f"table rows {start}..{start + len(values)} exceed reserved "
+                                 f"{arr.shape[0]} rows; call reserve() first")
+            arr[start:start + len(values)] = values
+
+    def commit(self, committed: int, extra: Mapping[str, Any] | None = None) -> None:
+        """Publish the first ``committed`` rows to readers; this write is the last of an append."""
+        reserved = self.group[PIXELS].shape[0]
+        if not self.committed <= committed <= reserved:
+            raise StoreError(f"cannot commit {committed} rows: committed={self.committed}, "
+                             f"reserved={reserved}")
+        self.attrs.committed = int(committed)
+        self.attrs.updated = _now()
+        if extra:
+            self.attrs.extra.update(extra)
+        self.group.attrs.update({FORMAT_NAME: self.attrs.to_json()})
+
+
+def write_image_block(group: zarr.Group, start: int, pixels: np.ndarray,
+                      activations: Mapping[str, np.ndarray],
+                      layers: Mapping[str, LayerGeometry]) -> None:
+    """Write pixels and per-layer patch vectors for rows ``start .. start+len(pixels)``.
+
+    ``activations[layer]`` is float32 (b, H, W, D); it is split into unit fp16 vectors and
+    float32 norms here so every writer stores exactly the same thing.
+    """
+    b = len(pixels)
+    unknown = set(activations) - set(layers)
+    if unknown:
+        raise UnknownLayerError(f"unknown layer(s) {sorted(unknown)}; store has {list(layers)}")
+    group[PIXELS][start:start + b] = np.asarray(pixels, dtype=np.uint8)
+    for name, acts in activations.items():
+        g = layers[name]
+        if acts.shape != (b, g.height, g.width, g.dim):
+            raise StoreMismatchError(f"layer {name!r}: activations of shape {acts.shape}, store "
+                                     f"expects {(b, g.height, g.width, g.dim)}")
+        unit, norms = normalize_patches(acts)
+        group[layer_path(name, "vectors")][start:start + b] = unit
+        group[layer_path(name, "norms")][start:start + b] = norms
