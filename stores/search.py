@@ -28,13 +28,14 @@ class TopK:
 
 
 def iter_vector_blocks(reader: StoreReader, layer: str, images_per_block: int | None = None,
-                       ok_only: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (patch ids, float16 vectors (b, D)) for committed images, one shard-sized block at a time."""
+                       ok_only: bool = True, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (patch ids, float16 vectors (b, D)) for committed images from ``start`` on,
+    a block of whole shards at a time (failed images, whose vectors are zeros, left out)."""
     g = reader.geometry(layer)
     step = images_per_block or max(reader.attrs.chunk, 1)
     ok = reader.table().ok if ok_only else None
     hw = g.patches_per_image
-    for lo in range(0, reader.n_images, step):
+    for lo in range(start, reader.n_images, step):
         hi = min(reader.n_images, lo + step)
         vecs = reader.vectors(layer, slice(lo, hi)).reshape(-1, g.dim)
         ids = np.arange(lo * hw, hi * hw, dtype=np.int64)

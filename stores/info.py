@@ -1,0 +1,65 @@
+"""A human-readable description of a store (``hoverlay info``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+from .index import index_path
+from .reader import StoreReader
+
+
+def store_size_bytes(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return int(fs.du(path))
+    except FileNotFoundError:
+        return 0
+
+
+def index_meta(reader: StoreReader, layer: str) -> dict[str, Any] | None:
+    fs, path = fsspec.core.url_to_fs(index_path(reader.url, layer) + ".json")
+    if not fs.exists(path):
+        return None
+    return dict(json.loads(fs.cat_file(path)))
+
+
+def describe(reader: StoreReader) -> str:
+    a = reader.attrs
+    table = reader.table()
+    ok = int(table.ok.sum())
+    lines = [
+        f"store      {reader.url}",
+        f"format     hoverlay v{a.format_version} (written by hoverlay {a.tool_version})",
+        f"model      {a.model.get('spec')} (weights: {a.model.get('weights')})",
+        f"input      {a.image_size}x{a.image_size} px, {a.preprocessing.get('normalization')}",
+        f"images     {reader.n_images} committed ({ok} ok, {reader.n_images - ok} failed), "
+        f"updated {a.updated}",
+        f"size       {store_size_bytes(reader.url) / 1e6:.1f} MB on disk",
+        "layers",
+    ]
+    for name, g in a.layers.items():
+        meta = index_meta(reader, name)
+        if meta is None:
+            idx = "no index"
+        else:
+            stale = "" if meta.get("images_indexed") == reader.n_images else \
+                f", STALE: covers {meta.get('images_indexed')} images"
+            rec = meta.get("recall") or {}
+            idx = (f"index {meta.get('factory')} ntotal={meta.get('ntotal')} "
+                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{stale}")
+        lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
+    labels, counts = _label_counts(table["label"][table.ok])
+    if labels:
+        lines.append("labels     " + ", ".join(f"{lab} ({c})" for lab, c in zip(labels, counts, strict=True)))
+    return "\n".join(lines)
+
+
+def _label_counts(labels: Any) -> tuple[list[str], list[int]]:
+    from collections import Counter
+
+    c = Counter(str(x) for x in labels)
+    items = sorted(c.items())
+    return [k for k, _ in items], [v for _, v in items]
