@@ -7,7 +7,9 @@ Specs
 ``torchvision:<name>``             any torchvision classification model (``googlenet`` is the paper's);
                                    weights ``DEFAULT`` (downloads on a user's machine), ``none`` or a path
                                    to a state dict.
-``torchscript:<path>``             a scripted/traced module; layers are its named submodules (hooks).
+``torchscript:<path>``             a scripted/traced module (hooks are impossible on those): its forward
+                                   returns the feature maps — a tensor (layer ``output``), a tuple
+                                   (layers ``0``, ``1``, …) or a dict (its keys).
 ``python:<module>:<factory>``      ``factory()`` returns an ``nn.Module`` (ImageNet normalisation).
 
 Layers are ``torchvision.models.feature_extraction`` node names when the model can be traced
@@ -39,6 +41,12 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
     "torchvision:resnet18": ["layer2", "layer3", "layer4"],
     "torchvision:resnet50": ["layer2", "layer3", "layer4"],
 }
+
+#: One lock per process for loading, tracing and forward passes. torch.fx tracing patches
+#: ``nn.Module.__call__`` globally, so a forward in another thread during a trace breaks both;
+#: and torch already spreads one forward over every core, so overlapping two gains nothing.
+#: Decoding (the other half of a task) runs outside it, in parallel.
+_TRACE_LOCK = threading.RLock()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,7 +91,6 @@ class ModelAdapter:
     traceable: bool
     default_layers: list[str] = field(default_factory=list)
     device: str = "cpu"
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _extractors: dict[tuple[str, ...], Callable[[torch.Tensor], dict[str, torch.Tensor]]] = field(
         default_factory=dict, repr=False)
 
@@ -99,10 +106,14 @@ class ModelAdapter:
     # -------------------------------------------------------------------- layers
     def layer_names(self) -> list[str]:
         """Every node (fx) or named submodule (hooks) that can be asked for."""
+        if isinstance(self.module, torch.jit.ScriptModule):
+            probe = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
+            with torch.inference_mode():
+                return list(_ScriptedOutputs(self.module)(self.normalization.apply(probe, self.device)))
         if self.traceable:
             from torchvision.models.feature_extraction import get_graph_node_names
 
-            with warnings.catch_warnings():
+            with _TRACE_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 return list(get_graph_node_names(self.module)[1])
         return [name for name, _ in self.module.named_modules() if name]
@@ -124,6 +135,10 @@ class ModelAdapter:
         cached = self._extractors.get(layers)
         if cached is not None:
             return cached
+        with _TRACE_LOCK:
+            return self._extractors.setdefault(layers, self._new_extractor(layers))
+
+    def _new_extractor(self, layers: tuple[str, ...]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         if self.traceable:
             from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -131,20 +146,20 @@ class ModelAdapter:
                 warnings.simplefilter("ignore", UserWarning)  # "eval nodes are a subsequence…"
                 fx = create_feature_extractor(self.module, return_nodes=list(layers)).eval()
             extractor: Callable[[torch.Tensor], dict[str, torch.Tensor]] = lambda x: dict(fx(x))  # noqa: E731
+        elif isinstance(self.module, torch.jit.ScriptModule):
+            extractor = _ScriptedOutputs(self.module)
         else:
             extractor = _HookExtractor(self.module, layers)
-        self._extractors[layers] = extractor
         return extractor
 
     def extract(self, pixels: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         """uint8 (B, S, S, 3) -> {layer: float32 (B, H, W, D)} activations, channels last.
 
-        Forward passes hold a per-model lock: torch already uses every core inside one
-        forward, so overlapping two only thrashes caches; decoding overlaps instead.
+        Forward passes hold the process-wide model lock (see ``_TRACE_LOCK``).
         """
         x = self.normalization.apply(pixels, self.device)
         extractor = self._extractor(tuple(layers))
-        with self._lock, torch.inference_mode():
+        with _TRACE_LOCK, torch.inference_mode():
             out = extractor(x)
         return {name: to_channels_last(out[name]) for name in layers}
 
@@ -163,19 +178,34 @@ class ModelAdapter:
             if self.traceable:
                 from torchvision.models.feature_extraction import create_feature_extractor
 
-                with warnings.catch_warnings():
+                with _TRACE_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     fx = create_feature_extractor(self.module, return_nodes=names)
                 out = fx(probe)
             else:
-                out = _HookExtractor(self.module, tuple(names))(probe)
+                out = self._extractor(tuple(names))(probe)
         return [(n, tuple(out[n].shape[1:]) if isinstance(out.get(n), torch.Tensor) else None)
                 for n in names]
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of the full model, for sanity checks."""
-        with self._lock, torch.inference_mode():
+        with _TRACE_LOCK, torch.inference_mode():
             return self.module(self.normalization.apply(pixels, self.device)).float().cpu().numpy()
+
+
+class _ScriptedOutputs:
+    """A TorchScript module's own outputs, named: ``output``, ``0``/``1``/… or dict keys."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.module(x)
+        if isinstance(out, torch.Tensor):
+            return {"output": out}
+        if isinstance(out, dict):
+            return {str(k): v for k, v in out.items()}
+        return {str(i): v for i, v in enumerate(out)}
 
 
 class _HookExtractor:
@@ -239,7 +269,11 @@ def _load_torchvision(name: str, weights: str) -> nn.Module:
     if weights.lower() == "none":
         if name in ("googlenet", "inception_v3"):
             kwargs.update(aux_logits=False, init_weights=False)
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        # seeded: every worker process must build the same random network, or a distributed
+        # build would mix activations of different models in one store
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return torchvision.models.get_model(name, weights=None, **kwargs)
     if weights.upper() == "DEFAULT" or weights.upper().startswith("IMAGENET"):
         w = torchvision.models.get_model_weights(name)
         return torchvision.models.get_model(name, weights=w.DEFAULT if weights.upper() == "DEFAULT" else w[weights])
@@ -256,8 +290,9 @@ def _load_torchvision(name: str, weights: str) -> nn.Module:
 
 
 def load_model(spec: str = DEFAULT_MODEL, weights: str | None = None, device: str = "cpu") -> ModelAdapter:
-    """Resolve a spec string (see module docstring) to a ready :class:`ModelAdapter`."""
-    return _load_model_cached(spec, weights, device)
+    """Resolve a spec string (see module docstring) to a ready :class:`ModelAdapter` (cached)."""
+    with _TRACE_LOCK:
+        return _load_model_cached(spec, weights, device)
 
 
 @functools.lru_cache(maxsize=8)

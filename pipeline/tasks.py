@@ -53,6 +53,19 @@ def decode_item(item: TaskItem, size: int, storage_options: dict[str, Any] | Non
         return None, "out of memory while decoding (image too large)"
 
 
+def pad_batch(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pad a short batch with black images to ``batch_size``.
+
+    Convolution kernels pick algorithms by batch shape, so a fixed shape makes every image's
+    activations bit-identical however the images happened to be grouped — which is what
+    makes resumed and incremental runs equal to a single uninterrupted run.
+    """
+    if len(batch) >= batch_size:
+        return batch
+    pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+    return np.concatenate([batch, pad])
+
+
 def process_partition(store_url: str, start: int, items: list[TaskItem], model: ModelRef,
                       layers: list[str], size: int, batch_size: int,
                       storage_options: dict[str, Any] | None = None,
@@ -83,8 +96,8 @@ def process_partition(store_url: str, start: int, items: list[TaskItem], model: 
             for name, g in geometry.items() if name in layers}
     for b in range(0, len(ok), batch_size):
         idx = ok[b:b + batch_size]
-        out = adapter.extract(pixels[idx], layers)
+        out = adapter.extract(pad_batch(pixels[idx], batch_size), layers)
         for name in layers:
-            acts[name][idx] = out[name]
+            acts[name][idx] = out[name][: len(idx)]
     write_image_block(group, start, pixels, acts, geometry)
     return rows

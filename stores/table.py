@@ -64,4 +64,8 @@ class ImageTable:
         return self.columns["status"] == STATUS_OK
 
     def row(self, image: int) -> dict[str, Any]:
-        return {col: values[image].item() for col, values in self.columns.items()}
+        out: dict[str, Any] = {}
+        for col, values in self.columns.items():
+            v = values[image]
+            out[col] = v.item() if isinstance(v, np.generic) else v
+        return out

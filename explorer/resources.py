@@ -1,0 +1,73 @@
+"""Per-process shared resources: store readers, layer searches and layer statistics.
+
+Opening a store, memory-mapping a FAISS index or sampling a layer's norms costs far more than a
+hover, so each is done once per server process and shared by every browser session through
+``pn.state.as_cached`` (which also serialises the first construction under a lock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import panel as pn
+
+from stores import StoreReader, open_store
+from stores.search import LayerSearch
+
+#: How many images :func:`layer_stats` reads to estimate a layer's norm distribution.
+STATS_SAMPLE_IMAGES = 128
+#: How many images it reads to decide whether a layer's vectors are non-negative.
+SIGN_SAMPLE_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What fixes a layer's colour ranges and RBF scale, estimated from a sample of images."""
+
+    nonnegative: bool  # post-ReLU layers: cosine in [0, 1]
+    norm_median: float  # default RBF sigma
+    norm_hi: float  # 99th percentile norm: dot-product colour range is [0, norm_hi²]
+
+
+def sample_ids(n_images: int, k: int) -> np.ndarray:
+    """``k`` image ids spread evenly over the store (deterministic: every process agrees)."""
+    if n_images <= 0:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n_images - 1, num=min(k, n_images)).round().astype(np.int64))
+
+
+def compute_layer_stats(reader: StoreReader, layer: str) -> LayerStats:
+    """Estimate :class:`LayerStats` from a spread-out sample of committed images."""
+    ids = sample_ids(reader.n_images, STATS_SAMPLE_IMAGES)
+    norms = reader.norms(layer, ids).ravel() if ids.size else np.ones(1, np.float32)
+    nonzero = norms[norms > 0]
+    if nonzero.size == 0:
+        nonzero = np.ones(1, np.float32)
+    sign_ids = sample_ids(reader.n_images, SIGN_SAMPLE_IMAGES)
+    nonneg = bool(sign_ids.size == 0 or float(reader.vectors(layer, sign_ids).min()) >= 0)
+    return LayerStats(nonnegative=nonneg, norm_median=float(np.median(nonzero)),
+                      norm_hi=float(np.percentile(nonzero, 99)))
+
+
+def get_reader(url: str) -> StoreReader:
+    """The process-wide reader of a store."""
+    return pn.state.as_cached("hoverlay-reader", open_store, url=str(url))
+
+
+def get_search(url: str, layer: str) -> LayerSearch:
+    """The process-wide :class:`LayerSearch` of one layer (FAISS index memory-mapped once)."""
+    return pn.state.as_cached("hoverlay-search", _make_search, url=str(url), layer=layer)
+
+
+def get_layer_stats(url: str, layer: str) -> LayerStats:
+    """The process-wide :class:`LayerStats` of one layer."""
+    return pn.state.as_cached("hoverlay-stats", _make_stats, url=str(url), layer=layer)
+
+
+def _make_search(url: str, layer: str) -> LayerSearch:
+    return LayerSearch(get_reader(url), layer)
+
+
+def _make_stats(url: str, layer: str) -> LayerStats:
+    return compute_layer_stats(get_reader(url), layer)

@@ -1,0 +1,73 @@
+"""The top-k panel's content: dataset-wide nearest patches as labelled crops.
+
+Search is delegated to :class:`stores.search.LayerSearch` (FAISS candidates re-ranked exactly,
+or an exact scan); this module turns hits into small PNG crops around each patch with the
+patch outlined, and into the HTML cards the panel shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from stores import StoreReader
+from stores.search import LayerSearch
+
+from .kernels import QueryVector, cell_bounds, crop_box
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One dataset-wide neighbour of the query patch."""
+
+    image: int
+    y: int
+    x: int
+    score: float  # exact cosine
+    label: str
+
+
+def search_hits(search: LayerSearch, query: QueryVector, k: int) -> tuple[list[Hit], bool]:
+    """Top-k patches of the store for a query vector; (hits, exact) with exact cosine scores."""
+    top = search.search(query.unit, int(k))
+    image, y, x = search.reader.patch_coords(search.layer, top.ids)
+    labels = search.reader.table()["label"]
+    hits = [Hit(int(i), int(yy), int(xx), float(s), str(labels[int(i)]))
+            for i, yy, xx, s in zip(image, y, x, top.scores, strict=True)]
+    return hits, top.exact
+
+
+def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes:
+    """PNG of the neighbourhood of a hit's patch, scaled to ``size`` px, patch outlined."""
+    g = reader.geometry(layer)
+    s = reader.image_size
+    hw = (g.height, g.width)
+    x0, y0, x1, y1 = crop_box(hit.y, hit.x, hw, s)
+    img = PILImage.fromarray(np.asarray(reader.pixels(hit.image))[y0:y1, x0:x1])
+    scale = size / (x1 - x0)
+    img = img.resize((size, size), PILImage.NEAREST if scale >= 2 else PILImage.BILINEAR)
+    bx0, by0, bx1, by1 = cell_bounds(hit.y, hit.x, hw, s)
+    box = [(bx0 - x0) * scale, (by0 - y0) * scale, (bx1 - x0) * scale - 1, (by1 - y0) * scale - 1]
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(box, outline=(0, 0, 0), width=3)
+    draw.rectangle(box, outline=(255, 255, 255), width=1)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hit_card(hit: Hit, png: bytes, rank: int) -> str:
+    """HTML of one result; data-* attributes make the panel machine-readable (browser tests)."""
+    src = "data:image/png;base64," + base64.b64encode(png).decode()
+    label = html.escape(hit.label)
+    return (f'<div class="topk-item" data-rank="{rank}" data-image="{hit.image}" data-y="{hit.y}" '
+            f'data-x="{hit.x}" data-score="{hit.score:.6f}" style="font-size:11px;line-height:1.2">'
+            f'<img src="{src}" width="96" height="96" style="display:block;image-rendering:pixelated" '
+            f'alt="image {hit.image} patch {hit.y},{hit.x}"/>'
+            f'<b>{hit.score:.3f}</b> #{hit.image} ({hit.y},{hit.x})<br/>{label}</div>')

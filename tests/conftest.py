@@ -1,0 +1,60 @@
+"""Shared fixtures: small real inputs (generated images, scikit-image demo files)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def write_generated_images(folder: str, n: int, seed: int = 0, size: tuple[int, int] = (96, 80),
+                           label: str = "gen") -> list[str]:
+    """n distinct small RGB PNGs in folder/label/ (distinct content -> distinct hashes)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    os.makedirs(os.path.join(folder, label), exist_ok=True)
+    for i in range(n):
+        yy, xx = np.mgrid[0:size[1], 0:size[0]]
+        base = rng.integers(0, 255, size=3)
+        img = (base + 60 * np.sin((xx * (i + 1) + yy * rng.integers(1, 5)) / 7.0)[..., None]) % 255
+        path = os.path.join(folder, label, f"img_{seed}_{i:04d}.png")
+        Image.fromarray(img.astype(np.uint8)).save(path)
+        out.append(path)
+    return out
+
+
+@pytest.fixture
+def generated_images(tmp_path):
+    def make(n: int, seed: int = 0, sub: str = "images", label: str = "gen") -> str:
+        folder = str(tmp_path / sub)
+        write_generated_images(folder, n, seed=seed, label=label)
+        return folder
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_subset(tmp_path_factory) -> str:
+    """Four scikit-image demo images in label folders (chelsea among them)."""
+    from pipeline.demo import skimage_data_dir
+
+    root = tmp_path_factory.mktemp("demo")
+    for label, name in [("animals", "chelsea.png"), ("people", "astronaut.png"),
+                        ("objects", "coffee.png"), ("objects", "rocket.jpg")]:
+        os.makedirs(root / label, exist_ok=True)
+        shutil.copyfile(os.path.join(skimage_data_dir(), name), root / label / name)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def demo_store(demo_subset, tmp_path_factory) -> str:
+    """A real store built by the pipeline from the demo subset with the default model."""
+    from pipeline.build import build
+
+    path = str(tmp_path_factory.mktemp("stores") / "demo.zarr")
+    build(demo_subset, path, quiet=True)
+    return path

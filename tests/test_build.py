@@ -1,0 +1,174 @@
+"""The Dask pipeline end to end on real files, real models and real Zarr stores."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.build import build
+from pipeline.cli import EXIT_INPUT, EXIT_LOCKED, main
+from stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
+from stores.index import PatchIndex
+from stores.lock import StoreLock
+
+from conftest import write_generated_images
+
+GOOGLENET = {"model": "torchvision:googlenet", "weights": "none", "layers": ["inception4d"]}
+
+
+def assert_same_store(a: str, b: str, layers) -> None:
+    ra, rb = open_store(a), open_store(b)
+    assert ra.n_images == rb.n_images
+    for col in ("source", "label", "hash", "status", "reason"):
+        assert list(ra.table()[col]) == list(rb.table()[col]), col
+    np.testing.assert_array_equal(ra.pixels(slice(None)), rb.pixels(slice(None)))
+    for layer in layers:
+        np.testing.assert_array_equal(ra.vectors(layer, slice(None)), rb.vectors(layer, slice(None)))
+        np.testing.assert_array_equal(ra.norms(layer, slice(None)), rb.norms(layer, slice(None)))
+        ia, ib = PatchIndex.load(a, layer), PatchIndex.load(b, layer)
+        assert ia.ntotal == ib.ntotal == ra.table().ok.sum() * ra.geometry(layer).patches_per_image
+
+
+def test_two_runs_equal_one_run(tmp_path):
+    src = tmp_path / "src"
+    write_generated_images(str(src), 5, seed=0)
+    build(str(src), str(tmp_path / "inc"), chunk=4, quiet=True, **GOOGLENET)
+    write_generated_images(str(src), 4, seed=1)  # names sort after the first batch
+    s2 = build(str(src), str(tmp_path / "inc"), chunk=4, quiet=True, **GOOGLENET)
+    assert (s2.added, s2.skipped) == (4, 5)
+    build(str(src), str(tmp_path / "one"), chunk=4, quiet=True, **GOOGLENET)
+    assert_same_store(str(tmp_path / "inc"), str(tmp_path / "one"), ["inception4d"])
+    # a third run finds nothing to do
+    s3 = build(str(src), str(tmp_path / "inc"), chunk=4, quiet=True, **GOOGLENET)
+    assert (s3.added, s3.skipped) == (0, 9)
+
+
+def _committed(store: str) -> int:
+    try:
+        with open(os.path.join(store, "zarr.json")) as f:
+            return int(json.load(f)["attributes"]["hoverlay"]["committed"])
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return 0
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    src = tmp_path / "src"
+    write_generated_images(str(src), 40, seed=3)
+    args = ["--images", str(src), "--chunk", "2", "--workers", "1", "--batch-size", "2", "-q"]
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--store", killed, *args],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 120
+    while _committed(killed) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = _committed(killed)
+    assert 0 < at_kill < 40, f"kill landed at {at_kill} committed images; expected mid-run"
+    assert open_store(killed).n_images == at_kill  # the last commit is readable
+    assert main(["build", "--store", killed, *args]) == 0
+    full = str(tmp_path / "full")
+    assert main(["build", "--store", full, *args]) == 0
+    assert_same_store(killed, full, open_store(full).layers)
+
+
+def _write_bad_files(folder):
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, "zero.png"), "wb").close()
+    good = os.path.join(folder, "good.png")
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(good)
+    data = open(good, "rb").read()
+    open(os.path.join(folder, "truncated.png"), "wb").write(data[: len(data) // 2])
+    open(os.path.join(folder, "text.jpg"), "w").write("this is not an image\n" * 10)
+    Image.new("L", (3000, 3000)).save(os.path.join(folder, "bomb.png"))  # 9 Mpx, tiny file
+    os.symlink(os.path.join(folder, "gone.png"), os.path.join(folder, "dangling.png"))
+    open(os.path.join(folder, "README.txt"), "w").write("ignored: not an image extension")
+    # odd but valid modes: all must become RGB and succeed
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(os.path.join(folder, "gray16.png"))
+    Image.new("RGBA", (50, 70), (10, 200, 30, 128)).save(os.path.join(folder, "rgba.png"))
+    Image.new("CMYK", (40, 40), (0, 255, 0, 0)).save(os.path.join(folder, "cmyk.jpg"))
+    Image.new("P", (40, 40)).save(os.path.join(folder, "palette.gif"))
+
+
+def test_bad_files_are_reported_and_the_run_goes_on(tmp_path, capsys):
+    folder = str(tmp_path / "bad")
+    _write_bad_files(folder)
+    store = str(tmp_path / "s")
+    summary = build(folder, store, chunk=4, max_pixels=4_000_000, **GOOGLENET)
+    reasons = {os.path.basename(u): r for u, r in summary.failed}
+    assert set(reasons) == {"zero.png", "truncated.png", "text.jpg", "bomb.png", "dangling.png"}
+    assert "empty" in reasons["zero.png"]
+    assert "truncated" in reasons["truncated.png"] or "corrupt" in reasons["truncated.png"]
+    assert "not an image" in reasons["text.jpg"]
+    assert "too large" in reasons["bomb.png"]
+    assert "cannot read" in reasons["dangling.png"]
+    assert summary.ignored == 1 and summary.added == 10
+    err = capsys.readouterr().err
+    assert "failed: " in err and "5 failed" in err
+    table = open_store(store).table()
+    assert int(table.ok.sum()) == 5 and set(table["reason"][~table.ok]) == set(reasons.values())
+    index = PatchIndex.load(store, "inception4d")
+    assert index.ntotal == 5 * 14 * 14  # failed images are not searchable
+
+
+def test_distributed_cluster_gives_the_same_store(tmp_path):
+    from distributed import LocalCluster
+
+    src = str(tmp_path / "src")
+    write_generated_images(src, 6, seed=5)
+    build(src, str(tmp_path / "threads"), chunk=2, quiet=True, **GOOGLENET)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        build(src, str(tmp_path / "dist"), chunk=2, quiet=True, scheduler=cluster.scheduler_address,
+              **GOOGLENET)
+    assert_same_store(str(tmp_path / "threads"), str(tmp_path / "dist"), ["inception4d"])
+
+
+def test_errors_before_any_work(tmp_path, generated_images):
+    src = generated_images(2)
+    with pytest.raises(UnknownLayerError, match="'nope'"):
+        build(src, str(tmp_path / "s"), layers="nope", quiet=True)
+    assert not os.path.exists(tmp_path / "s" / "zarr.json")
+    build(src, str(tmp_path / "s"), quiet=True, index=False, **GOOGLENET)
+    with pytest.raises(StoreMismatchError, match="inception4d"):
+        build(src, str(tmp_path / "s"), model="torchvision:googlenet", weights="none",
+              layers="inception5b", quiet=True)
+    with pytest.raises(StoreMismatchError, match="efficientnet"):
+        build(src, str(tmp_path / "s"), quiet=True)
+    with StoreLock(str(tmp_path / "s")):
+        with pytest.raises(StoreLockedError, match="another build"):
+            build(src, str(tmp_path / "s"), quiet=True, **GOOGLENET)
+        code = main(["build", "--images", src, "--store", str(tmp_path / "s"), "--model",
+                     "torchvision:googlenet", "--weights", "none", "--layers", "inception4d"])
+        assert code == EXIT_LOCKED
+    assert main(["build", "--images", src, "--store", str(tmp_path / "t"), "--layers", "zzz"]) == EXIT_INPUT
+    assert main(["build", "--images", str(tmp_path / "missing"), "--store", str(tmp_path / "t")]) == EXIT_INPUT
+
+
+def test_config_file_and_flag_override(tmp_path, generated_images, capsys):
+    src = generated_images(3)
+    cfg = tmp_path / "nightly.toml"
+    cfg.write_text(f'images = "{src}"\nstore = "{tmp_path / "cfg"}"\nmodel = "torchvision:googlenet"\n'
+                   f'weights = "none"\nlayers = ["inception4d"]\nchunk = 2\nquiet = true\n')
+    assert main(["build", "--config", str(cfg), "--chunk", "3"]) == 0
+    r = open_store(tmp_path / "cfg")
+    assert r.n_images == 3 and r.attrs.chunk == 3 and r.layers == ["inception4d"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('imagez = "x"\n')
+    assert main(["build", "--config", str(bad)]) == 2
+    assert "imagez" in capsys.readouterr().err
+
+
+def test_info_and_layers_commands(demo_store, capsys):
+    assert main(["info", demo_store]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet-lite0" in out and "4 committed" in out and "H=14  W=14  D=112" in out
+    assert "IDMap,Flat" in out and "MB on disk" in out
+    assert main(["layers", "efficientnet-lite0", "--spatial"]) == 0
+    out = capsys.readouterr().out
+    assert "_blocks.10.add" in out and "D=112 H=14 W=14" in out
