@@ -1,0 +1,66 @@
+"""Index choice, IVF recall after exact re-rank, incremental adds without retraining."""
+
+import time
+
+import numpy as np
+
+from pipeline.indexing import update_index
+from stores import LayerGeometry, PatchIndex, choose_factory, open_store
+from stores.index import FLAT_MAX_VECTORS, nlist_for
+from stores.search import LayerSearch
+from stores.synthetic import make_synthetic_store
+
+
+def test_choose_factory_by_size_and_budget():
+    assert choose_factory(10_000, 112) == "IDMap,Flat"
+    k = nlist_for(4_000_000)
+    assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k},Flat"
+    # 10M x 512 float32 = 20 GB: over an 8 GB budget -> compressed codes that fit it
+    f = choose_factory(10_000_000, 512, memory_budget=8 * 10**9)
+    assert f.startswith("OPQ") and "_HNSW32,PQ" in f
+    m = int(f.split(",")[-1].removeprefix("PQ"))
+    assert 512 % m == 0 and 10_000_000 * (m + 8) <= 8 * 10**9
+
+
+def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
+    layers = {"l": LayerGeometry(8, 8, 16)}
+    n_images = FLAT_MAX_VECTORS // 64 + 200  # just large enough for IVF to be chosen
+    make_synthetic_store(tmp_path / "s", n_images, layers=layers, image_size=8, chunk=64, block=1024)
+    reader = open_store(tmp_path / "s")
+    meta = update_index(reader, "l", n_queries=60)
+    assert meta["factory"].startswith("IVF") and meta["factory"].endswith(",Flat")
+    assert meta["ntotal"] == n_images * 64
+    assert meta["recall"]["value"] >= 0.95, meta["recall"]
+    # the explorer's view: a fresh index, hover query finds itself first
+    s = LayerSearch(reader, "l")
+    assert s.warning is None and s.index is not None
+    top = s.search(s.query_vector(123, 4, 5), 10)
+    assert top.ids[0] == reader.patch_id("l", 123, 4, 5) and abs(top.scores[0] - 1) < 2e-3
+    assert np.all(np.diff(top.scores) <= 1e-7)
+
+    # append images; the index is extended, not retrained (the quantizer is unchanged)
+    before = PatchIndex.load(reader.url, "l")
+    import faiss
+
+    centroids = faiss.extract_index_ivf(before.index).quantizer.reconstruct_n(0, 100)
+    from stores import StoreWriter
+    from stores.synthetic import clustered_activations, synthetic_pixels
+
+    w = StoreWriter.open(tmp_path / "s")
+    rng = np.random.default_rng(7)
+    start = w.reserve(10)
+    w.write_block(start, synthetic_pixels(rng, 10, 8), {"l": clustered_activations(rng, (10, 8, 8, 16))})
+    w.write_table(start, [{"hash": f"new{i}"} for i in range(10)])
+    w.commit(start + 10)
+    reader.refresh()
+    assert LayerSearch(reader, "l").warning  # stale until extended
+    t0 = time.perf_counter()
+    meta2 = update_index(reader, "l", n_queries=20)
+    after = PatchIndex.load(reader.url, "l")
+    assert meta2["added"] == 640 and after.ntotal == (n_images + 10) * 64
+    np.testing.assert_array_equal(
+        faiss.extract_index_ivf(after.index).quantizer.reconstruct_n(0, 100), centroids)
+    assert time.perf_counter() - t0 < 60
+    s = LayerSearch(reader, "l")
+    assert s.warning is None
+    assert s.search(s.query_vector(n_images + 3, 0, 0), 5).ids[0] == reader.patch_id("l", n_images + 3, 0, 0)
