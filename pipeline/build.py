@@ -32,6 +32,7 @@ from .preprocess import MAX_PIXELS
 from .progress import Progress
 from .sources import discover, hash_source
 from .tasks import ModelRef, TaskItem, process_partition
+from .transforms import transform_list
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,17 @@ def build(
     max_pixels: int = MAX_PIXELS,
     quiet: bool = False,
     storage_options: dict[str, Any] | None = None,
+    rotate: str | None = None,
+    scale: str | None = None,
     stop_after_waves: int | None = None,
 ) -> BuildSummary:
     """Add every new image under ``images`` to ``store`` and bring its indexes up to date.
 
     Errors that make the whole run pointless (unknown model or layer, a store built with
     another model, a locked store) are raised before any image is read.
+
+    ``rotate="0:360:15"`` / ``scale="0.5:1.0:0.1"`` also store, for every image, its rotated /
+    rescaled copies as images of their own (table: base_id, transform, param).
     """
     t0 = time.perf_counter()
     url = normalize_url(store)
@@ -175,9 +181,11 @@ def build(
         progress = Progress(quiet=quiet)
 
         hashed = _hash_all(found.images, sched, storage_options)
-        new_pos, summary.skipped, summary.duplicates = select_new([h for h, _ in hashed], writer.known_hashes())
-        items = [TaskItem(found.images[p].uri, found.images[p].label, *hashed[p]) for p in new_pos]
-        start = writer.reserve(len(items))
+        known = writer.known_hashes()
+        new_pos, summary.skipped, summary.duplicates = select_new([h for h, _ in hashed], known)
+        start = writer.committed
+        items = _expand_transforms(found.images, hashed, new_pos, known, start, transform_list(rotate, scale))
+        writer.reserve(len(items))
         parts = plan_partitions(start, len(items), chunk)
         ref = ModelRef(model, weights, device, sched.torch_threads)
         progress.start(len(items))
@@ -209,6 +217,36 @@ def build(
     if not quiet:
         print(summary.line(), file=sys.stderr)
     return summary
+
+
+def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_pos: list[int],
+                       known: dict[str, int], start: int, sweep: list[tuple[str, float]]) -> list[TaskItem]:
+    """Rows to add: each new image followed by its missing transformed copies.
+
+    Copies of an image stored by an earlier run (e.g. a wider sweep this time) point at its
+    existing row; copies already stored are skipped like any other content hash.
+    """
+    items: list[TaskItem] = []
+    new_set = set(new_pos)
+    seen = set(known)
+    positions = range(len(sources)) if sweep else new_pos
+    for p in positions:
+        h, err = hashed[p]
+        src = sources[p]
+        if p in new_set:
+            base_id = start + len(items)
+            items.append(TaskItem(src.uri, src.label, h, err))
+        elif h in known:
+            base_id = known[h]
+        else:
+            continue  # a duplicate within this run
+        for kind, param in sweep:
+            ch = f"{h}|{kind}:{param:g}"
+            if ch in seen:
+                continue
+            seen.add(ch)
+            items.append(TaskItem(src.uri, src.label, ch, err, kind, float(param), base_id))
+    return items
 
 
 def _has_indexes(url: str, layers: list[str], storage_options: dict[str, Any] | None) -> bool:

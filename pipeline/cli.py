@@ -60,6 +60,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip building/extending FAISS indexes")
     p.add_argument("--rebuild-index", action="store_const", const=True,
                    help="retrain indexes from scratch instead of extending them")
+    p.add_argument("--rotate", help="also store rotated copies, degrees start:stop:step (e.g. 0:360:15)")
+    p.add_argument("--scale", help="also store centre-crop-rescaled copies, start:stop:step (e.g. 0.5:1.0:0.1)")
     p.add_argument("--quiet", "-q", action="store_const", const=True, help="no progress (cron)")
     p.add_argument("--config", help="TOML file with any of these options as keys")
 
@@ -71,7 +73,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else {}
     flags = {k: getattr(args, k) for k in ("images", "store", "model", "weights", "layers", "size",
                                            "batch_size", "chunk", "scheduler", "workers", "device",
-                                           "index_memory", "index", "rebuild_index", "quiet")}
+                                           "index_memory", "index", "rebuild_index", "quiet", "rotate",
+                                           "scale")}
     options = merge(config, flags)
     missing = [k for k in ("images", "store") if not options.get(k)]
     if missing:

@@ -19,6 +19,7 @@ from stores.writer import write_image_block
 from .models import load_model
 from .preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
 from .sources import read_bytes
+from .transforms import apply_transform
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class TaskItem:
     label: str
     hash: str
     error: str = ""  # set when the file could not even be read while hashing
+    transform: str = "none"  # none | rotate | scale (a copy of the base image)
+    param: float = 0.0
+    base_id: int = -1  # row of the untransformed image, for copies
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,15 @@ def process_partition(store_url: str, start: int, items: list[TaskItem], model: 
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     rows: list[dict[str, Any]] = []
     ok: list[int] = []
+    decoded: dict[str, tuple[np.ndarray | None, str]] = {}  # copies reuse their base's decode
     for i, item in enumerate(items):
-        px, reason = decode_item(item, size, storage_options, max_pixels)
+        if item.uri not in decoded:
+            decoded[item.uri] = decode_item(item, size, storage_options, max_pixels)
+        px, reason = decoded[item.uri]
+        if px is not None and item.transform != "none":
+            px = apply_transform(px, item.transform, item.param)
         row = {"source": item.uri, "label": item.label, "hash": item.hash,
+               "base_id": item.base_id, "transform": item.transform, "param": item.param,
                "status": STATUS_OK if px is not None else STATUS_FAILED, "reason": reason}
         rows.append(row)
         if px is not None:
