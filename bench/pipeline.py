@@ -41,11 +41,12 @@ def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: 
     """images/s of extract() alone on pre-decoded, pre-resized pixels."""
     from pipeline.models import load_model
     from pipeline.preprocess import load_pixels
+    from pipeline.sources import read_bytes
 
     adapter = load_model(model)
     layers = layers or adapter.default_layers
     files = sorted(os.listdir(folder))
-    pixels = np.stack([load_pixels(open(os.path.join(folder, f), "rb").read(), adapter.image_size)
+    pixels = np.stack([load_pixels(read_bytes(os.path.join(folder, f)), adapter.image_size)
                        for f in files])
     adapter.extract(pixels[:batch_size], layers)  # warm-up (tracing, allocator)
     t0 = time.perf_counter()

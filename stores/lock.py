@@ -8,6 +8,7 @@ taken over, because object stores have no way to know the owner died.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -46,10 +47,10 @@ class StoreLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
                 os.close(fd)
                 raise StoreLockedError(f"store {self.url!r} is being written by another build "
-                                       f"({owner or 'unknown owner'}); wait for it to finish") from None
+                                       f"({holder or 'unknown owner'}); wait for it to finish") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(self._owner()).encode(), 0)
             self._fd = fd
@@ -57,10 +58,9 @@ class StoreLock:
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         path = f"{root.rstrip('/')}/{LOCK_NAME}"
         if fs.exists(path):
-            try:
-                owner = json.loads(fs.cat_file(path))
-            except Exception:
-                owner = {}
+            owner: dict[str, Any] = {}
+            with contextlib.suppress(Exception):
+                owner = dict(json.loads(fs.cat_file(path)))
             age = time.time() - float(owner.get("time", 0))
             if age < self.stale_after:
                 raise StoreLockedError(f"store {self.url!r} is locked by {owner} since {age:.0f}s; "

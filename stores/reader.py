@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from ._zarr import normalize_url, open_root, read_attrs
+from ._zarr import array, normalize_url, open_root, read_attrs
 from .errors import OutOfRangeError, UnknownLayerError
 from .format import PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
@@ -78,8 +78,7 @@ class StoreReader:
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self.group[path]
-            assert isinstance(arr, zarr.Array)
+            arr = array(self.group, path)
             self._arrays[path] = arr
         return arr
 
@@ -103,8 +102,8 @@ class StoreReader:
         if isinstance(sel, np.ndarray):
             if sel.size == 0:
                 return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
-            return arr.get_orthogonal_selection((sel,))
-        return arr[sel]
+            return np.asarray(arr.get_orthogonal_selection((sel,)))
+        return np.asarray(arr[sel])  # type: ignore[index]
 
     def pixels(self, images: ImageSelection) -> np.ndarray:
         """uint8 (S, S, 3) for one image id, (n, S, S, 3) for several: the exact model input."""
@@ -137,7 +136,7 @@ class StoreReader:
             return np.empty((0, g.dim), dtype=np.float16)
         arr = self._array(layer_path(layer, "vectors"))
         uniq, inverse = np.unique(image, return_inverse=True)
-        blocks = arr.get_orthogonal_selection((uniq,))  # (u, H, W, D), one inner chunk each
+        blocks = np.asarray(arr.get_orthogonal_selection((uniq,)))  # (u, H, W, D), one chunk each
         return blocks[inverse, y, x]
 
     def patch_id(self, layer: str, image: int, y: int, x: int) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from ._zarr import normalize_url, open_root, read_attrs
+from ._zarr import array, normalize_url, open_root, read_attrs
 from .errors import StoreError, StoreMismatchError, UnknownLayerError
 from .format import (
     FORMAT_NAME,
@@ -146,13 +146,13 @@ class StoreWriter:
         n = self.committed
         if n == 0:
             return {}
-        hashes = self.group[f"{TABLE}/hash"][:n]
+        hashes = np.asarray(array(self.group, f"{TABLE}/hash")[:n])
         return {str(h): i for i, h in enumerate(hashes)}
 
     def _per_image_arrays(self) -> list[zarr.Array]:
-        arrays = [self.group[PIXELS]] + [self.group[f"{TABLE}/{c}"] for c in TABLE_COLUMNS]
+        arrays = [array(self.group, PIXELS)] + [array(self.group, f"{TABLE}/{c}") for c in TABLE_COLUMNS]
         for name in self.layers:
-            arrays += [self.group[layer_path(name, "vectors")], self.group[layer_path(name, "norms")]]
+            arrays += [array(self.group, layer_path(name, "vectors")), array(self.group, layer_path(name, "norms"))]
         return arrays
 
     def reserve(self, n: int) -> int:
@@ -171,7 +171,7 @@ class StoreWriter:
     def write_table(self, start: int, rows: Sequence[Mapping[str, Any]]) -> None:
         columns = rows_to_columns(rows)
         for col, values in columns.items():
-            arr = self.group[f"{TABLE}/{col}"]
+            arr = array(self.group, f"{TABLE}/{col}")
             if start + len(values) > arr.shape[0]:
                 raise StoreError(f"table rows {start}..{start + len(values)} exceed reserved "
                                  f"{arr.shape[0]} rows; call reserve() first")
@@ -179,7 +179,7 @@ class StoreWriter:
 
     def commit(self, committed: int, extra: Mapping[str, Any] | None = None) -> None:
         """Publish the first ``committed`` rows to readers; this write is the last of an append."""
-        reserved = self.group[PIXELS].shape[0]
+        reserved = array(self.group, PIXELS).shape[0]
         if not self.committed <= committed <= reserved:
             raise StoreError(f"cannot commit {committed} rows: committed={self.committed}, "
                              f"reserved={reserved}")
@@ -202,12 +202,12 @@ def write_image_block(group: zarr.Group, start: int, pixels: np.ndarray,
     unknown = set(activations) - set(layers)
     if unknown:
         raise UnknownLayerError(f"unknown layer(s) {sorted(unknown)}; store has {list(layers)}")
-    group[PIXELS][start:start + b] = np.asarray(pixels, dtype=np.uint8)
+    array(group, PIXELS)[start:start + b] = np.asarray(pixels, dtype=np.uint8)
     for name, acts in activations.items():
         g = layers[name]
         if acts.shape != (b, g.height, g.width, g.dim):
             raise StoreMismatchError(f"layer {name!r}: activations of shape {acts.shape}, store "
                                      f"expects {(b, g.height, g.width, g.dim)}")
         unit, norms = normalize_patches(acts)
-        group[layer_path(name, "vectors")][start:start + b] = unit
-        group[layer_path(name, "norms")][start:start + b] = norms
+        array(group, layer_path(name, "vectors"))[start:start + b] = unit
+        array(group, layer_path(name, "norms"))[start:start + b] = norms

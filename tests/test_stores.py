@@ -53,7 +53,7 @@ def test_round_trip_vectors_norms_table(tmp_path):
     r = open_store(tmp_path / "s")
     assert r.n_images == n and r.layers == ["a", "b"]
     np.testing.assert_array_equal(r.pixels(slice(None)), pixels)
-    for name, g in LAYERS.items():
+    for name in LAYERS:
         v = r.vectors(name, slice(None)).astype(np.float64)
         assert v.dtype == np.float64 and r.vectors(name, 0).dtype == np.float16
         norms = np.linalg.norm(acts[name].astype(np.float64), axis=-1)
