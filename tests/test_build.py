@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import write_generated_images
 from PIL import Image
 
 from pipeline.build import build
@@ -16,8 +17,6 @@ from pipeline.cli import EXIT_INPUT, EXIT_LOCKED, main
 from stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
 from stores.index import PatchIndex
 from stores.lock import StoreLock
-
-from conftest import write_generated_images
 
 GOOGLENET = {"model": "torchvision:googlenet", "weights": "none", "layers": ["inception4d"]}
 
@@ -172,3 +171,10 @@ def test_info_and_layers_commands(demo_store, capsys):
     assert main(["layers", "efficientnet-lite0", "--spatial"]) == 0
     out = capsys.readouterr().out
     assert "_blocks.10.add" in out and "D=112 H=14 W=14" in out
+
+
+def test_shipped_nightly_config_is_valid():
+    from pipeline.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "deploy", "nightly.toml"))
+    assert cfg["quiet"] is True and cfg["store"].endswith(".zarr")

@@ -1,0 +1,100 @@
+"""P4 top-k latency/recall and P5 store bytes per patch, on synthetic clustered stores.
+
+For each size: write a store through ``stores`` in chunks (never the whole set in memory),
+build the layer index the way ``hoverlay build`` does (factory chosen by size and budget),
+then time k=32 queries (FAISS + exact re-rank from the stored fp16 vectors) and measure
+recall@32 against an exact scan on held-out stored patches.
+
+    python -m bench.index [--sizes 100000,1000000] [--dim 112] [--budget 2G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import report
+
+
+def store_bytes_per_patch(url: str, layer: str, n_patches: int) -> tuple[float, float]:
+    """(vectors+norms bytes per patch, vectors-only bytes per patch) on disk."""
+    from stores.format import layer_path
+
+    def du(p: str) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+
+    vec = du(os.path.join(url, layer_path(layer, "vectors")))
+    norms = du(os.path.join(url, layer_path(layer, "norms")))
+    return (vec + norms) / n_patches, vec / n_patches
+
+
+def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, n_queries: int) -> dict:
+    from pipeline.indexing import measure_recall, update_index
+    from stores import LayerGeometry, PatchIndex, open_store
+    from stores.search import LayerSearch
+    from stores.synthetic import make_synthetic_store
+
+    hw = 14 * 14
+    n_images = max(1, n_vectors // hw)
+    url = os.path.join(work, f"s{n_vectors}_{dim}.zarr")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(url, "zarr.json")):
+        make_synthetic_store(url, n_images, layers={"l": LayerGeometry(14, 14, dim)}, image_size=8,
+                             chunk=64, block=2048)
+    t_write = time.perf_counter() - t0
+    reader = open_store(url)
+    t0 = time.perf_counter()
+    meta = update_index(reader, "l", memory_budget=budget, rebuild=True, k=k, n_queries=n_queries)
+    t_index = time.perf_counter() - t0
+    index_bytes = os.path.getsize(os.path.join(url, "index", "l.faiss"))
+    search = LayerSearch(reader, "l")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, n_images * hw, size=200)
+    queries = reader.patch_vectors("l", ids).astype(np.float32)
+    lat, faiss_lat = [], []
+    for q in queries:
+        t = time.perf_counter()
+        search.search(q, k)
+        lat.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        search.index.search(q, 4 * k)  # type: ignore[union-attr]
+        faiss_lat.append((time.perf_counter() - t) * 1e3)
+    recall = meta["recall"]["value"]
+    if search.index is not None and meta["factory"] != "IDMap,Flat":
+        recall = measure_recall(reader, "l", PatchIndex.load(url, "l"), k=k, n_queries=n_queries, seed=11)
+    per_patch, vec_only = store_bytes_per_patch(url, "l", n_images * hw)
+    return {"vectors": n_images * hw, "dim": dim, "factory": meta["factory"],
+            "nprobe": meta.get("params", {}).get("nprobe"), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "faiss_p50_ms": float(np.percentile(faiss_lat, 50)),
+            f"recall@{k}": recall, "index_MB": index_bytes / 1e6, "build_s": t_index, "write_s": t_write,
+            "store_B_per_patch": per_patch, "vs_2D": per_patch / (2 * dim), "vectors_B_per_patch": vec_only}
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1e3, "m": 1e6, "g": 1e9}
+    t = text.lower().rstrip("b")
+    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="100000,1000000")
+    p.add_argument("--dim", type=int, default=112)
+    p.add_argument("--budget", type=_bytes, default=None, help="index memory budget, e.g. 2G")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args(argv)
+    work = a.workdir or tempfile.mkdtemp(prefix="hoverlay-index-")
+    rows = [bench_size(work, int(n), a.dim, a.budget, a.k, a.queries) for n in a.sizes.split(",")]
+    report(f"index_d{a.dim}", rows, {"target": {"P4": "p50 <= 10 ms, recall@32 >= 0.95",
+                                                "P5": "<= 1.05 x 2D bytes per patch"},
+                                     "compressor": "blosc zstd clevel 3 + byte shuffle (vectors, norms)"})
+
+
+if __name__ == "__main__":
+    main()
