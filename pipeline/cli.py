@@ -163,6 +163,12 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--spatial", action="store_true", help="only (D, H, W) outputs")
     la.set_defaults(func=cmd_layers)
 
+    from pipeline.factorize import add_factorize_arguments, cmd_factorize
+
+    f = sub.add_parser("factorize", help="NMF groups of a layer's patch activations, stored in the store")
+    add_factorize_arguments(f)
+    f.set_defaults(func=cmd_factorize)
+
     try:
         from explorer.serve import add_serve_arguments
     except ImportError:

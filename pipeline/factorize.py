@@ -32,7 +32,8 @@ import zarr
 import zarr.codecs
 
 from stores import StoreReader, StoreWriter, open_store
-from stores.format import TABLE_COLUMNS, layer_path
+from stores.errors import OutOfRangeError
+from stores.format import STATUS_OK, TABLE, TABLE_COLUMNS, layer_path
 from stores.groups import GROUP_WEIGHTS, GROUPS, GROUPS_FORMAT_VERSION, NO_GROUP
 from stores.lock import StoreLock
 from stores.table import ImageTable
@@ -72,18 +73,34 @@ def parse_ids(text: str) -> list[int]:
 def describe_ids(ids: np.ndarray) -> str:
     """Sorted ids as compact ranges ('ids=0-9,12'), shortened to fit in the stored attributes."""
     ids = np.unique(ids)
-    runs: list[str] = []
-    if ids.size:
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        for run in np.split(ids, breaks):
-            runs.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    runs = [str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}" for lo, hi in _runs(ids)]
     text = "ids=" + ",".join(runs)
     if len(text) > MAX_DESCRIPTION:
         text = f"ids={len(ids)} images from {ids[0]} to {ids[-1]} (list shortened)"
     return text
 
 
-def _filter_mask(table: ImageTable, text: str) -> np.ndarray:
+class _TableColumns:
+    """Table columns read one at a time, on demand: a filter on labels must not load every
+    column (sources, hashes) of a million-image table as Python strings."""
+
+    def __init__(self, reader: StoreReader):
+        self.reader = reader
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.reader.n_images
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        if column not in self._cache:
+            arr = self.reader.group[f"{TABLE}/{column}"]
+            assert isinstance(arr, zarr.Array)
+            # object, like ImageTable: zarr returns numpy's StringDType, which few numpy functions take
+            self._cache[column] = np.asarray(arr[: self.reader.n_images]).astype(object)
+        return self._cache[column]
+
+
+def _filter_mask(table: ImageTable | _TableColumns, text: str) -> np.ndarray:
     """'label=a,b&transform=none' -> boolean mask over the table (string columns only)."""
     mask = np.ones(len(table), dtype=bool)
     for condition in filter(None, (c.strip() for c in text.split("&"))):
@@ -94,12 +111,12 @@ def _filter_mask(table: ImageTable, text: str) -> np.ndarray:
             raise FactorizeUsageError(f"bad image filter {condition!r}: expected COLUMN=VALUE[,VALUE] "
                                       f"with COLUMN one of {names}, or ids like 0-99,120")
         wanted = {v.strip() for v in values.split(",")}
-        mask &= np.isin(table[column].astype(str), list(wanted))
+        mask &= np.isin(np.asarray(table[column], dtype=object), list(wanted))
     return mask
 
 
-def select_images(table: ImageTable, images: str | Sequence[int] | np.ndarray | None
-                  ) -> tuple[np.ndarray, str, int]:
+def select_images(table: ImageTable | _TableColumns,
+                  images: str | Sequence[int] | np.ndarray | None) -> tuple[np.ndarray, str, int]:
     """(sorted ok image ids, description for the attributes, failed images left out).
 
     ``images``: None or "all" for every ok image; a filter like ``"label=animals"`` (several
@@ -119,16 +136,16 @@ def select_images(table: ImageTable, images: str | Sequence[int] | np.ndarray | 
     else:
         chosen = _id_mask([int(i) for i in np.asarray(images).reshape(-1)], n)
         description = describe_ids(np.flatnonzero(chosen))
-    ok = chosen & table.ok
+    good = np.asarray(table["status"], dtype=object) == STATUS_OK
+    ok = chosen & good
     if not np.any(ok):
         raise FactorizeUsageError(f"no ok images match {description!r} "
                                   f"({int(chosen.sum())} selected, {n} in the store)")
-    return np.flatnonzero(ok), description, int((chosen & ~table.ok).sum())
+    return np.flatnonzero(ok), description, int((chosen & ~good).sum())
 
 
 def _id_mask(ids: Sequence[int], n: int) -> np.ndarray:
-    from stores.errors import OutOfRangeError
-
+    """Boolean mask of explicit ids; an id outside the store is an error, not silently dropped."""
     arr = np.asarray(ids, dtype=np.int64)
     bad = (arr < 0) | (arr >= n)
     if np.any(bad):
@@ -139,11 +156,32 @@ def _id_mask(ids: Sequence[int], n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- I/O
+def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted ids -> [(start, stop)) runs of consecutive ids."""
+    if ids.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [ids.size]])
+    return [(int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
 def _read_block(reader: StoreReader, layer: str, ids: np.ndarray) -> np.ndarray:
-    """Raw activations (len(ids)·H·W, D) float32 of some images: one minibatch in memory."""
+    """Raw activations (len(ids)·H·W, D) float32 of some sorted images: one minibatch in memory.
+
+    Reads runs of consecutive ids as slices: Zarr's integer-array (orthogonal) selection on the
+    sharded vectors allocates ~50x the bytes it returns and is slower than a few slice reads.
+    """
     from .nmf_kernels import activations
 
-    return activations(reader.vectors(layer, ids), reader.norms(layer, ids))
+    geo = reader.geometry(layer)
+    out = np.empty((len(ids) * geo.patches_per_image, geo.dim), dtype=np.float32)
+    row = 0
+    for lo, hi in _runs(ids):
+        part = activations(reader.vectors(layer, slice(lo, hi)), reader.norms(layer, slice(lo, hi)))
+        out[row:row + len(part)] = part
+        row += len(part)
+    return out
 
 
 def _batches(ids: np.ndarray, size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
@@ -203,7 +241,9 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
 
     Memory is O(batch_images · H · W · D), whatever the store size. Holds the store's writer
     lock (no build can append meanwhile). Negative activations follow ``negative`` (module
-    docstring); the default ``clip`` means the groups are an NMF of ReLU(a).
+    docstring); the default ``clip`` means the groups are an NMF of ReLU(a). ``epochs`` is the
+    most fitting passes; fitting stops earlier once the components move less than ``tol``
+    (relative) over a pass.
     """
     from . import nmf_kernels as nk
 
@@ -212,39 +252,20 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
     if batch_images < 1 or epochs < 1:
         raise FactorizeUsageError(f"batch_images and epochs must be >= 1, got {batch_images}, {epochs}")
     t0 = time.perf_counter()
-    with StoreLock(os.fspath(store), storage_options=storage_options):
-        reader = open_store(store, storage_options=storage_options)
-        geo = reader.geometry(layer)
-        if not 1 <= k <= geo.dim:
-            raise FactorizeUsageError(f"k must be between 1 and the layer's {geo.dim} channels, got {k}")
-        ids, description, skipped = select_images(reader.table(), images)
+    reader = open_store(store, storage_options=storage_options)  # before locking: must exist
+    geo = reader.geometry(layer)
+    if not 1 <= k <= min(geo.dim, np.iinfo(np.int16).max):
+        raise FactorizeUsageError(f"k must be between 1 and the layer's {geo.dim} channels, got {k}")
+    with StoreLock(reader.url, storage_options=storage_options):
+        reader.refresh()  # a build may have committed before we got the lock
+        ids, description, skipped = select_images(_TableColumns(reader), images)
         progress = Progress(quiet=quiet)
-        rows_per_block = batch_images * geo.patches_per_image
-        stats = nk.InputStats()
-        shift = None
-        if negative == "shift":
-            progress.note(f"layer {layer}: measuring the per-channel minimum of {len(ids)} images")
-            for batch in _batches(ids, batch_images):
-                stats.update(_read_block(reader, layer, batch))
-            shift = nk.channel_shift(stats.channel_min)
-
-        def epoch_blocks(epoch: int) -> Iterator[np.ndarray]:
-            progress.note(f"layer {layer}: fitting k={k}, epoch {epoch + 1} of at most {epochs}")
-            progress.start(len(ids))
-            for batch in _batches(ids, batch_images, np.random.default_rng([seed, epoch])):
-                block = _read_block(reader, layer, batch)
-                if epoch == 0 and negative != "shift":
-                    stats.update(block)
-                yield nk.make_nonnegative(block, negative, shift=shift, layer=layer)
-                progress.update(len(batch))
-            progress.finish()
-
-        fit = nk.fit_blocks(epoch_blocks, k, total_rows=len(ids) * geo.patches_per_image,
-                            rows_per_block=rows_per_block, epochs=epochs, tol=tol, seed=seed)
+        fit, stats, shift = _fit(reader, layer, ids, k, negative, batch_images, epochs, tol, seed,
+                                 progress)
         components, _ = nk.unit_components(fit.model)
         group = StoreWriter.open(reader.url, storage_options=storage_options).group
-        result = _transform_and_write(reader, group, layer, ids, fit.model, components, negative,
-                                      shift, batch_images, progress)
+        written = _transform_and_write(reader, group, layer, ids, fit.model, components, negative,
+                                       shift, batch_images, progress)
         meta = {
             "format_version": GROUPS_FORMAT_VERSION,
             "k": k,
@@ -260,10 +281,10 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
             "images_skipped_failed": skipped,
             "images_total": reader.n_images,
             "patches": int(len(ids) * geo.patches_per_image),
-            "reconstruction_error": result["reconstruction_error"],
+            "reconstruction_error": written["reconstruction_error"],
             "reconstruction_error_kind": "relative Frobenius ||X - WH|| / ||X|| over factorised patches",
-            "group_sizes": result["group_sizes"],
-            "patches_without_group": result["patches_without_group"],
+            "group_sizes": written["group_sizes"],
+            "patches_without_group": written["patches_without_group"],
             "epochs": fit.epochs,
             "steps": fit.steps,
             "last_epoch_change": fit.change if np.isfinite(fit.change) else None,
@@ -272,14 +293,50 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
             "tool_version": _tool_version(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        result["groups"].attrs.update(meta)  # last: from here on readers see the new groups
-    summary = {k_: v for k_, v in meta.items() if k_ not in ("components", "shift")}
+        written["groups"].attrs.update(meta)  # last: from here on readers see the new groups
+    summary = {key: v for key, v in meta.items() if key not in ("components", "shift")}
     return summary | {"store": reader.url, "layer": layer, "seconds": time.perf_counter() - t0}
 
 
+def _fit(reader: StoreReader, layer: str, ids: np.ndarray, k: int, negative: str,
+         batch_images: int, epochs: int, tol: float, seed: int, progress: Progress) -> tuple[Any, Any, np.ndarray | None]:
+    """(FitResult, InputStats of the raw activations, shift or None): all passes before writing.
+
+    Statistics come from the first fitting epoch (one pass less), except for ``shift``, which
+    needs the minima before the first block is fitted. The ``error`` policy raises during the
+    first epoch, so nothing has been written when it does.
+    """
+    from . import nmf_kernels as nk
+
+    geo = reader.geometry(layer)
+    stats = nk.InputStats()
+    shift = None
+    if negative == "shift":
+        progress.note(f"layer {layer}: measuring the per-channel minimum of {len(ids)} images")
+        for batch in _batches(ids, batch_images):
+            stats.update(_read_block(reader, layer, batch))
+        assert stats.channel_min is not None  # ids is never empty (select_images)
+        shift = nk.channel_shift(stats.channel_min)
+
+    def epoch_blocks(epoch: int) -> Iterator[np.ndarray]:
+        progress.note(f"layer {layer}: fitting k={k}, epoch {epoch + 1} of at most {epochs}")
+        progress.start(len(ids))
+        for batch in _batches(ids, batch_images, np.random.default_rng([seed, epoch])):
+            block = _read_block(reader, layer, batch)
+            if epoch == 0 and negative != "shift":
+                stats.update(block)
+            yield nk.make_nonnegative(block, negative, shift=shift, layer=layer)
+            progress.update(len(batch))
+        progress.finish()
+
+    fit = nk.fit_blocks(epoch_blocks, k, total_rows=len(ids) * geo.patches_per_image,
+                        rows_per_block=batch_images * geo.patches_per_image, epochs=epochs,
+                        tol=tol, seed=seed)
+    return fit, stats, shift
+
+
 def _transform_and_write(reader: StoreReader, group: zarr.Group, layer: str, ids: np.ndarray,
-                         model: Any,
-                         components: np.ndarray, negative: str, shift: np.ndarray | None,
+                         model: Any, components: np.ndarray, negative: str, shift: np.ndarray | None,
                          batch_images: int, progress: Progress) -> dict[str, Any]:
     """Last pass: weights and groups of every selected image, written shard by shard."""
     from . import nmf_kernels as nk
@@ -342,7 +399,7 @@ def add_factorize_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_factorize(args: argparse.Namespace) -> int:
     """Run :func:`factorize` from parsed flags; prints one summary line on success."""
     from pipeline.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
-    from pipeline.nmf_kernels import NegativeActivationsError
+    from pipeline.nmf_kernels import NegativeActivationsError, NothingToFactorizeError
 
     try:
         s = factorize(args.store, args.layer, k=args.k, images=args.images, negative=args.negative,
@@ -351,7 +408,7 @@ def cmd_factorize(args: argparse.Namespace) -> int:
     except FactorizeUsageError as exc:
         print(f"hoverlay factorize: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except NegativeActivationsError as exc:
+    except (NegativeActivationsError, NothingToFactorizeError) as exc:
         print(f"hoverlay factorize: {exc}", file=sys.stderr)
         return EXIT_INPUT
     print(f"factorised layer {s['layer']} of {s['store']}: k={s['k']} over "

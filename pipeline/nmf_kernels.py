@@ -35,6 +35,10 @@ class NegativeActivationsError(ValueError):
     """The input has negative values and the policy is ``error``."""
 
 
+class NothingToFactorizeError(ValueError):
+    """Every selected value is zero after the negative policy: NMF has nothing to explain."""
+
+
 def activations(unit: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """Stored float16 unit vectors (..., D) × float32 norms (...) -> float32 rows (n, D).
 
@@ -99,7 +103,8 @@ def make_nonnegative(block: np.ndarray, policy: str, *, shift: np.ndarray | None
         if block.size and float(block.min()) < 0:
             raise NegativeActivationsError(
                 f"layer {layer!r} has negative activations (minimum {float(block.min()):.4g}); "
-                f"NMF needs non-negative input: use negative='clip' (NMF of ReLU(a)) or 'shift'")
+                f"NMF needs non-negative input: use negative='clip' (--negative clip: NMF of "
+                f"ReLU(a)) or negative='shift' (--negative shift)")
         return block
     raise ValueError(f"unknown negative policy {policy!r}; choose one of {NEGATIVE_POLICIES}")
 
@@ -166,11 +171,11 @@ def fit_blocks(epoch_blocks: Callable[[int], Iterable[np.ndarray]], k: int, *, t
                 model.partial_fit(block)
             steps += 1
         if steps == 0:
-            raise ValueError("no positive values to factorise: every selected patch is zero "
-                             "after the negative policy")
+            raise NothingToFactorizeError("no positive values to factorise: every selected patch "
+                                          "is zero after the negative policy")
         current = unit_components(model)[0]
         if previous is not None:
-            change = float(np.linalg.norm(current - previous) / max(np.linalg.norm(previous), 1e-30))
+            change = float(np.linalg.norm(current - previous) / max(float(np.linalg.norm(previous)), 1e-30))
             if change < tol:
                 break
         previous = current

@@ -1,0 +1,130 @@
+"""NMF groups of a layer: names, the attributes contract and the read side (numpy + Zarr only).
+
+``hoverlay factorize`` (``pipeline.factorize``) writes, per layer::
+
+    layers/<layer>/groups          int16   (N, H, W)     argmax of the weights; -1 = no group
+    layers/<layer>/group_weights   float16 (N, H, W, k)  weights against unit components
+
+and sets the attributes of ``groups`` **last**. A ``groups`` array without those attributes is
+being (re)written, so readers treat it as absent. The explorer reads groups through this module
+and never imports the pipeline (torch, scikit-learn).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import FormatVersionError, OutOfRangeError, StoreMismatchError
+from .format import layer_path
+
+if TYPE_CHECKING:
+    import zarr
+
+    from .reader import ImageSelection, StoreReader
+
+GROUPS = "groups"
+GROUP_WEIGHTS = "group_weights"
+GROUPS_FORMAT_VERSION = 1
+NO_GROUP = -1
+
+#: Attributes every complete ``groups`` array has; any missing means "not (fully) written".
+REQUIRED_ATTRS = ("format_version", "k", "components", "method", "negative", "images",
+                  "images_factorized", "reconstruction_error")
+
+
+def _open(reader: StoreReader, layer: str, name: str) -> zarr.Array | None:
+    """The array, re-opened on every call so a new factorisation is seen without reopening."""
+    import zarr
+
+    try:
+        node = reader.group[layer_path(layer, name)]
+    except (KeyError, FileNotFoundError):
+        return None
+    return node if isinstance(node, zarr.Array) else None
+
+
+def _meta(reader: StoreReader, layer: str, arr: zarr.Array | None) -> dict[str, Any] | None:
+    """Attributes of one opened ``groups`` array if they are complete, else None.
+
+    Reading them from the same opened array as the data means the metadata and the array
+    belong to the same write.
+    """
+    g = reader.geometry(layer)
+    if arr is None:
+        return None
+    meta: dict[str, Any] = dict(arr.attrs)
+    if any(key not in meta for key in REQUIRED_ATTRS):
+        return None
+    version = meta["format_version"]
+    if not isinstance(version, int) or not 1 <= version <= GROUPS_FORMAT_VERSION:
+        raise FormatVersionError(f"groups of layer {layer!r} in {reader.url!r} have format_version "
+                                 f"{version!r}; this hoverlay reads 1..{GROUPS_FORMAT_VERSION}")
+    if tuple(arr.shape[1:]) != (g.height, g.width):
+        raise StoreMismatchError(f"groups of layer {layer!r} have shape {arr.shape}, the layer is "
+                                 f"{g.height}x{g.width}")
+    meta["components"] = np.asarray(meta["components"], dtype=np.float32).reshape(int(meta["k"]), -1)
+    meta["images_covered"] = int(arr.shape[0])
+    return meta
+
+
+def read_group_meta(reader: StoreReader, layer: str) -> dict[str, Any] | None:
+    """Attributes of a complete ``groups`` array, ``components`` as float32 (k, D); else None.
+
+    ``images_covered`` (added here) is the array's length: images appended to the store after
+    factorising are not covered.
+    """
+    return _meta(reader, layer, _open(reader, layer, GROUPS))
+
+
+def _image_ids(reader: StoreReader, images: ImageSelection) -> tuple[np.ndarray, bool]:
+    """Selection -> (ids, scalar?) with the reader's rule: ids outside the committed images raise."""
+    n = reader.n_images
+    if isinstance(images, slice):
+        return np.arange(n)[images], False
+    ids = np.asarray(images)
+    if ids.dtype.kind not in "iu":
+        raise OutOfRangeError(f"image ids must be integers, got {images!r}")
+    bad = (ids < 0) | (ids >= n)
+    if np.any(bad):
+        raise OutOfRangeError(f"image id {int(ids[bad].flat[0])} is outside the {n} committed "
+                              f"images of {reader.url!r}")
+    return ids.reshape(-1).astype(np.int64), ids.ndim == 0
+
+
+def _read_rows(arr: zarr.Array, ids: np.ndarray, fill: Any) -> np.ndarray:
+    """Rows ``ids`` of an array; ids past its end (images appended after factorising) get ``fill``."""
+    out = np.full((len(ids), *arr.shape[1:]), fill, dtype=arr.dtype)
+    inside = ids < arr.shape[0]
+    if np.any(inside):
+        out[inside] = arr.get_orthogonal_selection((ids[inside],))
+    return out
+
+
+def read_groups(reader: StoreReader, layer: str,
+                images: ImageSelection) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """int16 groups (…, H, W) of the selected images and the metadata, or None if not factorised.
+
+    Like :meth:`StoreReader.norms`: one id gives (H, W), a list/array/slice gives (n, H, W).
+    Images that were not factorised (failed, filtered out, or appended later) are all -1.
+    """
+    arr = _open(reader, layer, GROUPS)
+    meta = _meta(reader, layer, arr)
+    if meta is None or arr is None:
+        return None
+    ids, scalar = _image_ids(reader, images)
+    groups = _read_rows(arr, ids, NO_GROUP)
+    return (groups[0] if scalar else groups), meta
+
+
+def read_group_weights(reader: StoreReader, layer: str, images: ImageSelection) -> np.ndarray | None:
+    """float16 weights (…, H, W, k) of the selected images (zeros where not factorised), or None."""
+    if read_group_meta(reader, layer) is None:
+        return None
+    arr = _open(reader, layer, GROUP_WEIGHTS)
+    if arr is None:
+        return None
+    ids, scalar = _image_ids(reader, images)
+    weights = _read_rows(arr, ids, 0)
+    return weights[0] if scalar else weights
