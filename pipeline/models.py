@@ -93,6 +93,7 @@ class ModelAdapter:
     device: str = "cpu"
     _extractors: dict[tuple[str, ...], Callable[[torch.Tensor], dict[str, torch.Tensor]]] = field(
         default_factory=dict, repr=False)
+    _layer_names: list[str] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> dict[str, Any]:
@@ -105,7 +106,12 @@ class ModelAdapter:
 
     # -------------------------------------------------------------------- layers
     def layer_names(self) -> list[str]:
-        """Every node (fx) or named submodule (hooks) that can be asked for."""
+        """Every node (fx) or named submodule (hooks) that can be asked for (traced once)."""
+        if self._layer_names is None:
+            self._layer_names = self._list_layers()
+        return list(self._layer_names)
+
+    def _list_layers(self) -> list[str]:
         if isinstance(self.module, torch.jit.ScriptModule):
             probe = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
             with torch.inference_mode():
