@@ -89,6 +89,12 @@ class PatchIndex:
             self.set_params(nprobe=default_nprobe(nlist))
 
     @property
+    def stores_exact_vectors(self) -> bool:
+        """True when the index keeps full float32 vectors (scores it returns are exact)."""
+        last = str(self.meta.get("factory", "")).split(",")[-1]
+        return last == "Flat" and "PQ" not in str(self.meta.get("factory", ""))
+
+    @property
     def nlist(self) -> int | None:
         try:
             ivf = faiss.extract_index_ivf(self.index)
@@ -190,7 +196,18 @@ def exact_rerank(query: np.ndarray, candidate_ids: np.ndarray,
 def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
                     fetch: Callable[[np.ndarray], np.ndarray],
                     candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k patch ids for one query: ``candidates`` (default 4·k) from FAISS, exact re-rank."""
+    """Top-k patch ids for one query, always with exact scores.
+
+    Indexes that keep the vectors themselves (``Flat``, ``IVF…,Flat``) already return exact
+    inner products of the stored vectors, so their k results are final. Compressed indexes (PQ,
+    SQ) propose ``candidates`` (default 4·k) that are re-scored from the stored fp16 vectors.
+    """
+    if index.stores_exact_vectors:
+        scores, ids = index.search(query, k)
+        keep = ids[0] >= 0
+        s, i = scores[0][keep], ids[0][keep]
+        order = np.lexsort((i, -s))  # ties broken by id, like exact_rerank
+        return s[order].astype(np.float32), i[order].astype(np.int64)
     n_cand = max(k, candidates or 4 * k)
     _, ids = index.search(query, n_cand)
     return exact_rerank(query, ids[0], fetch, k)

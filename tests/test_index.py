@@ -64,3 +64,17 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     s = LayerSearch(reader, "l")
     assert s.warning is None
     assert s.search(s.query_vector(n_images + 3, 0, 0), 5).ids[0] == reader.patch_id("l", n_images + 3, 0, 0)
+
+
+def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
+    layers = {"l": LayerGeometry(4, 4, 32)}
+    make_synthetic_store(tmp_path / "pq", 300, layers=layers, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "pq")
+    meta = update_index(reader, "l", factory="OPQ8,IVF16,PQ8", n_queries=30)
+    s = LayerSearch(reader, "l")
+    assert not s.index.stores_exact_vectors and meta["recall"]["value"] >= 0.8
+    q = s.query_vector(17, 2, 3).astype(np.float32)
+    top = s.search(q, 10)
+    stored = reader.patch_vectors("l", top.ids).astype(np.float32)
+    np.testing.assert_allclose(top.scores, stored @ q, rtol=1e-6, atol=1e-6)  # true cosines, not PQ estimates
+    assert top.ids[0] == reader.patch_id("l", 17, 2, 3)
