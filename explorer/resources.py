@@ -7,6 +7,7 @@ hover, so each is done once per server process and shared by every browser sessi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,8 @@ import panel as pn
 
 from stores import StoreReader, open_store
 from stores.search import LayerSearch
+
+log = logging.getLogger(__name__)
 
 #: How many images :func:`layer_stats` reads to estimate a layer's norm distribution.
 STATS_SAMPLE_IMAGES = 128
@@ -56,8 +59,23 @@ def get_reader(url: str) -> StoreReader:
 
 
 def get_search(url: str, layer: str) -> LayerSearch:
-    """The process-wide :class:`LayerSearch` of one layer (FAISS index memory-mapped once)."""
-    return pn.state.as_cached("hoverlay-search", _make_search, url=str(url), layer=layer)
+    """The process-wide :class:`LayerSearch` of one layer (FAISS index memory-mapped once).
+
+    Keyed by the committed image count too: after a new commit (see :func:`refresh_reader`) the
+    next search re-checks whether the index still covers the store instead of using it stale.
+    """
+    n = get_reader(url).n_images
+    return pn.state.as_cached("hoverlay-search", _make_search, url=str(url), layer=layer, n_images=n)
+
+
+def refresh_reader(url: str) -> StoreReader:
+    """The shared reader, after picking up a newer commit if one was published (a small JSON read)."""
+    reader = get_reader(url)
+    try:
+        reader.refresh()
+    except Exception:  # a store being rewritten right now: keep serving the last commit
+        log.warning("could not refresh %s; serving its last commit", url, exc_info=True)
+    return reader
 
 
 def get_layer_stats(url: str, layer: str) -> LayerStats:
@@ -65,7 +83,7 @@ def get_layer_stats(url: str, layer: str) -> LayerStats:
     return pn.state.as_cached("hoverlay-stats", _make_stats, url=str(url), layer=layer)
 
 
-def _make_search(url: str, layer: str) -> LayerSearch:
+def _make_search(url: str, layer: str, n_images: int) -> LayerSearch:
     return LayerSearch(get_reader(url), layer)
 
 

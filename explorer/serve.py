@@ -62,12 +62,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--tile-px", type=int, default=None, help="tile size in pixels (default 110)")
     parser.add_argument("-k", "--k", type=int, default=None, help="top-k neighbours shown (default 8)")
     parser.add_argument("--cmap", default=None, help="overlay colour map (default viridis)")
+    parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
+                        help="search top-k only on pin / button, not whenever the pointer rests "
+                             "(for large stores without an index)")
     return parser
 
 
 def main_serve(args: argparse.Namespace) -> int:
     """Run ``hoverlay serve`` from parsed arguments; blocks until interrupted."""
-    options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap")
+    options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk")
                if getattr(args, name, None) is not None}
     extra: dict[str, Any] = {}
     if args.allow_websocket_origin:

@@ -51,7 +51,7 @@ def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes
     x0, y0, x1, y1 = crop_box(hit.y, hit.x, hw, s)
     img = PILImage.fromarray(np.asarray(reader.pixels(hit.image))[y0:y1, x0:x1])
     scale = size / (x1 - x0)
-    img = img.resize((size, size), PILImage.NEAREST if scale >= 2 else PILImage.BILINEAR)
+    img = img.resize((size, size), PILImage.Resampling.NEAREST if scale >= 2 else PILImage.Resampling.BILINEAR)
     bx0, by0, bx1, by1 = cell_bounds(hit.y, hit.x, hw, s)
     box = [(bx0 - x0) * scale, (by0 - y0) * scale, (bx1 - x0) * scale - 1, (by1 - y0) * scale - 1]
     draw = ImageDraw.Draw(img)

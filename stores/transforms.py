@@ -32,7 +32,7 @@ def transform_point(px: float, py: float, size: float, kind: str, param: float) 
         dx, dy = px - c, py - c
         return c + dx * math.cos(t) + dy * math.sin(t), c - dx * math.sin(t) + dy * math.cos(t)
     if kind == "scale":
-        if not 0 < param:
+        if not param > 0:
             raise ValueError(f"scale factor must be > 0, got {param}")
         return c + (px - c) / param, c + (py - c) / param
     raise ValueError(f"unknown transform {kind!r}; known: {TRANSFORM_KINDS}")

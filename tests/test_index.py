@@ -70,7 +70,7 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
     layers = {"l": LayerGeometry(4, 4, 32)}
     make_synthetic_store(tmp_path / "pq", 300, layers=layers, image_size=8, chunk=16)
     reader = open_store(tmp_path / "pq")
-    meta = update_index(reader, "l", factory="OPQ8,IVF16,PQ8", n_queries=30)
+    meta = update_index(reader, "l", factory="IVF16,PQ8x4", n_queries=30)
     s = LayerSearch(reader, "l")
     assert not s.index.stores_exact_vectors and meta["recall"]["value"] >= 0.8
     q = s.query_vector(17, 2, 3).astype(np.float32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.build import build
-from pipeline.transforms import apply_transform, parse_sweep, transform_list
+from pipeline.transforms import apply_transform, parse_sweep
 from stores import open_store
 from stores.transforms import copies_of, map_patch, sweep_similarity
 

@@ -1,0 +1,237 @@
+"""The explorer's engine and app without a browser: numbers, validation, state transitions.
+
+The browser tests (tests/ui) prove the same numbers reach Chromium; these run in a second and
+pin down what the server computes and how bad input is handled.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from explorer.engine import OverlayEngine, Query, parse_query_text
+from stores import LayerGeometry, OutOfRangeError, open_store
+from stores.synthetic import make_synthetic_store
+
+S = 32
+LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(2, 2, 8)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("explorer") / "store")
+    make_synthetic_store(url, 24, layers=LAYERS, image_size=S, chunk=8, labels=("x", "y", "z"))
+    return url
+
+
+@pytest.fixture
+def app(store):
+    from explorer.app import create_app
+
+    layout = create_app(store, page_size=6, ncols=3, k=4)
+    return layout.app
+
+
+def _cosines(reader, layer, image, y, x, ids):
+    q = reader.vectors(layer, image)[y, x].astype(np.float64)
+    return np.einsum("nhwd,d->nhw", reader.vectors(layer, np.asarray(ids)).astype(np.float64), q)
+
+
+def test_engine_page_maps_match_reference_with_layer_mapping(store):
+    reader = open_store(store)
+    engine = OverlayEngine(reader, ["fine", "coarse"])
+    ids = np.array([3, 7, 1, 20])
+    engine.set_page(ids)
+    maps = engine.page_maps(Query(7, 6, 1, "fine"), "cosine")
+    np.testing.assert_allclose(maps["fine"], _cosines(reader, "fine", 7, 6, 1, ids), atol=1e-5)
+    # fine (6, 1) has centre (6.5, 1.5)/8 of the image -> coarse cell (1, 0)
+    assert engine.mapped(Query(7, 6, 1, "fine"), "coarse") == (1, 0)
+    np.testing.assert_allclose(maps["coarse"], _cosines(reader, "coarse", 7, 1, 0, ids), atol=1e-5)
+    assert engine.page_maps(Query(7, 6, 1, "fine"), "cosine") is maps  # memoised
+    engine.set_page([1, 2])
+    assert engine.page_maps(Query(7, 6, 1, "fine"), "cosine")["fine"].shape == (2, 8, 8)
+
+
+def test_engine_rejects_bad_queries_and_pages(store):
+    engine = OverlayEngine(open_store(store), ["fine"])
+    with pytest.raises(OutOfRangeError, match="image 24"):
+        engine.validate(Query(24, 0, 0, "fine"))
+    with pytest.raises(OutOfRangeError, match="x 8"):
+        engine.validate(Query(0, 0, 8, "fine"))
+    with pytest.raises(OutOfRangeError, match="image id 99"):
+        engine.set_page([0, 99])
+    assert parse_query_text(" 3, 4,5") == (3, 4, 5)
+    with pytest.raises(ValueError, match="'3,4'"):
+        parse_query_text("3,4")
+
+
+def _overlay(fig) -> np.ndarray:
+    """Per-tile maps cut out of a figure's overlay mosaic, located from the image tiles' positions."""
+    data, rgb = fig.source.data, fig.shared.rgb.data
+    mosaic = np.asarray(data["image"][0])[::-1]  # Bokeh row 0 is the bottom
+    (rows, cols), s = mosaic.shape, S
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(s / cell_h), round(s / cell_w)
+    out = []
+    for x0, y0 in zip(rgb[f"x:{fig.layer}"], rgb[f"y:{fig.layer}"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - s) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def test_pointer_event_updates_overlays_in_place(app):
+    reader = app.reader
+    fine = next(f for f in app._figures if f.layer == "fine")
+    source_before = fine.source
+    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
+    ids = app.page_ids()
+    assert ids.tolist() == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_allclose(_overlay(fine), _cosines(reader, "fine", 4, 2, 5, ids), atol=1e-5)
+    assert fine.source is source_before  # same model, new data: no plot rebuild
+    mosaic = fine.source.data["image"]
+    assert len(mosaic) == 1 and mosaic[0].dtype == np.float32 and mosaic[0].flags.c_contiguous
+    assert np.isnan(mosaic[0]).sum() == mosaic[0].size - 6 * 8 * 8  # gaps are transparent
+    # the layer view shows the query image with the mapped patch outlined
+    mapped = dict(zip(app.mapped_source.data["fig"], zip(app.mapped_source.data["y"],
+                                                          app.mapped_source.data["x"], strict=True),
+                      strict=True))
+    assert mapped == {"fine": (2, 5), "coarse": (0, 1)}
+    # top-k (synchronous without a server): k hits, the hovered patch first
+    cards = app._topk_items.objects
+    assert len(cards) == 4
+    assert 'data-image="4" data-y="2" data-x="5"' in cards[0][0].object
+
+
+def test_click_pins_then_unpins(app):
+    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
+    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [1]})
+    assert app.query == "1,0,0"
+    pinned = _overlay(app._figures[0]).copy()
+    app._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [1]})  # move only
+    np.testing.assert_array_equal(_overlay(app._figures[0]), pinned)
+    assert app.shared.pin.data["fig"] == ["fine", "coarse"]
+    app._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [2]})
+    assert app.query == "" and app._current == Query(3, 7, 7, "fine")
+    assert app.shared.pin.data["fig"] == []
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("layer", "bogus", "unknown layer 'bogus'"),
+    ("query", "5,9,0", "y 9 is outside"),
+    ("query", "77,0,0", "image 77 is outside"),
+    ("query", "a,b", "is not 'image,y,x'"),
+    ("function", "manhattan", "unknown similarity function 'manhattan'"),
+    ("page", 99, "page 99 does not exist"),
+])
+def test_bad_state_gives_a_message_and_keeps_a_valid_state(app, name, value, message):
+    setattr(app, name, value)
+    assert message in app.message
+    assert app.layer in app.reader.layers and app.function == "cosine"
+    assert 1 <= app.page <= 4
+    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
+    assert app._current is not None  # still hovering fine
+
+
+def test_layer_switch_remaps_pinned_query_and_function_changes_colour_range(app):
+    app.query = "2,6,1"
+    app.layer = "coarse"
+    assert app.query == "2,1,0" and app.message == ""
+    coarse = next(f for f in app._figures if f.layer == "coarse")
+    app.function = "dot"
+    from explorer.resources import get_layer_stats
+
+    hi = get_layer_stats(app.store, "coarse").norm_hi
+    assert (coarse.mapper.low, coarse.mapper.high) == pytest.approx((0.0, hi * hi))
+
+
+def test_paging_and_similarity_order(app):
+    app.page = 2
+    assert app.page_ids().tolist() == [6, 7, 8, 9, 10, 11]
+    app.label = "y"
+    assert app.page == 1 and all(app.reader.table()["label"][i] == "y" for i in app.page_ids())
+    app.label = "(all)"
+    app._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
+    app.sort_by_similarity()
+    assert app.order == "similar" and app.page_ids()[0] == 0  # the query image is most similar
+
+
+def test_export_png_is_the_page_grid(app):
+    from PIL import Image
+
+    app._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
+    img = Image.open(io.BytesIO(app.export_png().getvalue()))
+    ncols, gap, band, title = 3, 6, 14, 16
+    grid_w = ncols * (S + gap) - gap
+    assert img.size == (2 * grid_w + 3 * gap, title + 2 * (S + gap + band) - gap)
+
+
+def test_explorer_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, explorer.app, explorer.serve, explorer.kernels; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_scheduler_runs_deferred_work_in_a_running_loop_and_inline_without_one():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explorer.session import Scheduler
+
+    ran = []
+    sync = Scheduler(None)
+    assert sync.synchronous
+    sync.later(lambda: ran.append("now"), 500)
+    sync.in_thread(ThreadPoolExecutor(1), lambda a: a * 2, 21, done=lambda r, e: ran.append(r))
+    assert ran == ["now", 42]
+
+    async def main() -> list:
+        out: list = []
+        sched = Scheduler(None)  # a notebook kernel: a running loop, no server session
+        assert not sched.synchronous
+        cancelled = sched.later(lambda: out.append("cancelled"), 10)
+        sched.cancel(cancelled)
+        sched.later(lambda: out.append("timer"), 10)
+        with ThreadPoolExecutor(1) as pool:
+            sched.in_thread(pool, lambda: 1 / 0, done=lambda r, e: out.append(type(e).__name__))
+            await asyncio.sleep(0.2)
+        return out
+
+    assert sorted(asyncio.run(main())) == ["ZeroDivisionError", "timer"]
+
+
+def test_numeric_inputs_pin_an_exact_query(app):
+    qimage, qy, qx = app.controls.query_inputs
+    qimage.value, qy.value, qx.value = 5, 7, 2
+    app.controls.pin_button.clicks += 1  # what a click in the browser does
+    assert app.query == "5,7,2" and app._current == Query(5, 7, 2, "fine")
+    assert "pinned" in app.controls.pin_state.object
+    np.testing.assert_allclose(_overlay(app._figures[0]),
+                               _cosines(app.reader, "fine", 5, 7, 2, app.page_ids()), atol=1e-5)
+
+
+def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
+    from explorer.app import create_app
+    from stores import StoreWriter
+    from stores.synthetic import clustered_activations, synthetic_pixels
+
+    url = str(tmp_path / "growing")
+    make_synthetic_store(url, 8, layers=LAYERS, image_size=S, chunk=8)
+    first = create_app(url).app
+    assert first.reader.n_images == 8
+    writer = StoreWriter.open(url)  # a scheduled pipeline run appends 8 more images
+    rng = np.random.default_rng(5)
+    start = writer.reserve(8)
+    writer.write_block(start, synthetic_pixels(rng, 8, S),
+                       {n: clustered_activations(rng, (8, g.height, g.width, g.dim)) for n, g in LAYERS.items()})
+    writer.write_table(start, [{"hash": f"new-{i}", "label": "new"} for i in range(8)])
+    writer.commit(start + 8)
+    second = create_app(url, page_size=16).app
+    assert second.reader.n_images == 16 and second.page_ids().tolist() == list(range(16))
+    assert "new" in second.param.label.objects
+    second._on_pointer("data", None, {"tile": [12], "y": [0], "x": [0], "click": [0]})
+    assert second._topk_items.objects  # the exact search covers the new images too

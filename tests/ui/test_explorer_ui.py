@@ -1,0 +1,337 @@
+"""The explorer in a real Chromium against a real Panel server (no mocks).
+
+One server process and one browser serve the whole module to keep it fast. Expected overlay
+values are computed here, independently of the app, from the store's vectors in float64; what
+is compared is what the browser's Bokeh document holds after a real pointer move.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+S = 64
+FINE, COARSE = (8, 8), (4, 4)
+PAGE_SIZE, K = 8, 5
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from stores import LayerGeometry, PatchIndex, open_store
+    from stores.synthetic import make_synthetic_store
+
+    url = str(tmp_path_factory.mktemp("ui") / "store")
+    make_synthetic_store(url, 40, layers={"fine": LayerGeometry(*FINE, 16), "coarse": LayerGeometry(*COARSE, 32)},
+                         image_size=S, chunk=8, labels=("cat", "dog"))
+    reader = open_store(url)  # a FAISS index for "fine" (the index path); "coarse" uses exact search
+    g = reader.geometry("fine")
+    vecs = reader.vectors("fine", slice(None)).reshape(-1, g.dim).astype(np.float32)
+    index = PatchIndex.create(g.dim, "IDMap,Flat")
+    index.train(vecs)
+    index.add(vecs, np.arange(len(vecs), dtype=np.int64))
+    index.meta["images_indexed"] = reader.n_images
+    index.save(url, "fine")
+    return url
+
+
+@pytest.fixture(scope="module")
+def reader(store):
+    from stores import open_store
+
+    return open_store(store)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server process and wait until it answers HTTP."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}") from None
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = _start([sys.executable, "-m", "explorer.serve", store, "--port", str(port), "--page-size",
+                   str(PAGE_SIZE), "--ncols", "4", "-k", str(K), "--tile-px", "90"], url)
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1300})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    yield pg
+    ctx.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+def open_app(page, server: str, query: str = "", layer: str = "fine") -> None:
+    page.goto(server + query)
+    page.locator(".bk-events").first.wait_for()
+    page.wait_for_function(f"""() => window.Bokeh && Bokeh.documents.length > 0
+        && Bokeh.index.query_one(v => v.model.name === 'grid:{layer}') != null
+        && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0""")
+
+
+def model_data(page, name: str) -> dict:
+    """Columns of a named ColumnDataSource in the browser's document (arrays as nested lists)."""
+    return page.evaluate("""(name) => {
+        const src = Bokeh.documents[0].get_model_by_name(name);
+        const out = {};
+        for (const [k, v] of Object.entries(src.data)) {
+            out[k] = Array.from(v, (e) => (e != null && e.shape !== undefined)
+                                      ? {shape: Array.from(e.shape), values: Array.from(e)} : e);
+        }
+        return out;
+    }""", name)
+
+
+def overlays(page, layer: str) -> np.ndarray:
+    """Per-tile maps the browser holds for a layer (n, H, W), cut out of the layer's overlay image
+    at the places where the browser draws the image tiles."""
+    data = model_data(page, f"grid-overlay:{layer}")
+    rgb = model_data(page, "grid-rgb")
+    img = data["image"][0]
+    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
+    rows, cols = mosaic.shape
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(S / cell_h), round(S / cell_w)
+    out = []
+    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def tile_point(page, tile: int, py: float, px: float) -> tuple[float, float]:
+    """Viewport coordinates of image pixel (px, py) of a tile, from the browser's own layout."""
+    return page.evaluate("""([tile, px, py]) => {
+        const pv = Bokeh.index.query_one(v => v.model.name === 'grid:fine');
+        const rgb = Bokeh.documents[0].get_model_by_name('grid-rgb').data;
+        const x = rgb['x:fine'][tile] + px, y = rgb['y:fine'][tile] + rgb.dh[tile] - py;
+        const r = pv.el.getBoundingClientRect();
+        return [r.left + pv.frame.x_scale.compute(x), r.top + pv.frame.y_scale.compute(y)];
+    }""", [tile, px, py])
+
+
+def hover_cell(page, tile: int, cell: tuple[int, int], grid=FINE, steps: int = 5) -> None:
+    """Move the pointer to the centre of cell (y, x) of a tile, waiting for the overlays to update."""
+    before = page.evaluate("window.hoverlay_updates || 0")
+    y, x = cell
+    sx, sy = tile_point(page, tile, (y + 0.5) * S / grid[0], (x + 0.5) * S / grid[1])
+    page.mouse.move(sx, sy, steps=steps)
+    page.wait_for_function(f"""() => {{
+        const d = Bokeh.documents[0].get_model_by_name('grid-pointer').data;
+        return d.tile[0] === {tile} && d.y[0] === {y} && d.x[0] === {x}
+               && (window.hoverlay_updates || 0) > {before}; }}""")
+    settle(page)
+
+
+def settle(page, quiet_ms: int = 250) -> None:
+    """Wait until no overlay update arrived for ``quiet_ms`` (intermediate cells of a move also update)."""
+    page.wait_for_function(f"""() => {{
+        const n = window.hoverlay_updates || 0;
+        if (window.__settle_n !== n) {{ window.__settle_n = n; window.__settle_t = performance.now(); }}
+        return performance.now() - window.__settle_t > {quiet_ms};
+    }}""", polling=50)
+
+
+def expected_maps(reader, image: int, cell: tuple[int, int], layer: str, ids) -> np.ndarray:
+    """Independent float64 cosine maps: query = the (mapped) patch's stored vector."""
+    g = reader.geometry(layer)
+    y, x = cell
+    if (g.height, g.width) != FINE:  # mapped by receptive-field centre from the fine grid
+        y = int(((y + 0.5) * S / FINE[0]) * g.height // S)
+        x = int(((x + 0.5) * S / FINE[1]) * g.width // S)
+    q = reader.vectors(layer, image)[y, x].astype(np.float64)
+    return np.einsum("nhwd,d->nhw", reader.vectors(layer, np.asarray(ids)).astype(np.float64), q)
+
+
+def page_ids(page) -> list[int]:
+    return [int(t.split()[0][1:]) for t in model_data(page, "grid-labels")["text"]]
+
+
+# ------------------------------------------------------------------------------- tests
+def test_hover_updates_every_overlay_to_the_true_similarities(page, server, reader):
+    open_app(page, server)
+    ids = page_ids(page)
+    assert ids == list(range(PAGE_SIZE))
+    first = None
+    for tile, cell in ((2, (1, 6)), (5, (7, 0))):
+        hover_cell(page, tile, cell)
+        for layer in ("fine", "coarse"):
+            got = overlays(page, layer)
+            want = expected_maps(reader, ids[tile], cell, layer, ids)
+            np.testing.assert_allclose(got, want, atol=2e-3, err_msg=f"{layer} after hovering {tile} {cell}")
+        fine = overlays(page, "fine")
+        assert fine[tile][cell] == pytest.approx(1.0, abs=2e-3)  # the hovered patch matches itself
+        if first is None:
+            first = fine
+        else:
+            assert not np.allclose(first, fine)  # a second patch really changed the maps
+    # the hovered patch is outlined client-side, the mapped patch in the other layer too
+    ptr = model_data(page, "grid-pointer")
+    rows = dict(zip(ptr["fig"], zip(ptr["y"], ptr["x"], ptr["w"], strict=True), strict=True))
+    assert rows["fine"][:2] == (7, 0) and rows["fine"][2] == pytest.approx(S / FINE[1])
+    assert rows["coarse"][2] == pytest.approx(S / COARSE[1])
+
+
+def test_layer_view_outlines_the_mapped_patch(page, server, reader):
+    open_app(page, server)
+    hover_cell(page, 3, (5, 2))
+    page.wait_for_function("""() => {
+        const d = Bokeh.documents[0].get_model_by_name('query-mapped').data;
+        return d.fig.length === 2 && d.y[d.fig.indexOf('fine')] === 5 && d.x[d.fig.indexOf('fine')] === 2;
+    }""")
+    mapped = model_data(page, "query-mapped")
+    by_layer = {f: (y, x, cx, cy) for f, y, x, cx, cy in
+                zip(mapped["fig"], mapped["y"], mapped["x"], mapped["cx"], mapped["cy"], strict=True)}
+    # fine cell (5, 2): centre (5.5, 2.5)*8 px = (44, 20) -> coarse cell (44//16, 20//16) = (2, 1)
+    assert by_layer["coarse"][:2] == (2, 1)
+    assert by_layer["coarse"][2:] == pytest.approx((1.5 * 16, S - 2.5 * 16))
+    assert by_layer["fine"][2:] == pytest.approx((2.5 * 8, S - 5.5 * 8))
+    qimg = model_data(page, "query-overlay:coarse")["image"][0]  # one tile: the mosaic is the map
+    got = np.asarray(qimg["values"]).reshape(qimg["shape"])[::-1]
+    np.testing.assert_allclose(got, expected_maps(reader, 3, (5, 2), "coarse", [3])[0], atol=2e-3)
+
+
+def test_topk_panel_lists_k_hits_led_by_the_hovered_patch(page, server):
+    open_app(page, server)
+    hover_cell(page, 6, (4, 4))
+    items = page.locator(".topk-item")
+    items.nth(K - 1).wait_for()
+    first = items.first
+    deadline = time.monotonic() + 20
+    while (first.get_attribute("data-image"), first.get_attribute("data-y"), first.get_attribute("data-x")) \
+            != ("6", "4", "4"):
+        assert time.monotonic() < deadline, "top-k never showed the hovered patch first"
+        page.wait_for_timeout(100)
+    assert items.count() == K
+    scores = [float(items.nth(i).get_attribute("data-score")) for i in range(K)]
+    assert scores[0] == pytest.approx(1.0, abs=2e-3)
+    assert scores == sorted(scores, reverse=True)
+    # opening a hit that is not on this page brings its image onto the page
+    images = [int(items.nth(i).get_attribute("data-image")) for i in range(K)]
+    assert page.get_by_text("index + exact re-rank").count() == 1  # "fine" has a FAISS index
+    target = next((i for i in images if i >= PAGE_SIZE), None)
+    assert target is not None, f"all hits {images} on the first page: pick another query"
+    page.get_by_role("button", name=f"open #{target}").first.click()
+    page.wait_for_function(f"""() => Bokeh.documents[0].get_model_by_name('grid-labels')
+        .data.text.some(t => t.startsWith('#{target} '))""")
+
+
+def test_click_pins_and_unpins_the_query(page, server, reader):
+    open_app(page, server)
+    hover_cell(page, 1, (2, 3))
+    pinned = overlays(page, "fine")
+    sx, sy = tile_point(page, 1, 2.5 * 8, 3.5 * 8)
+    page.mouse.click(sx, sy)
+    page.wait_for_function("() => window.location.search.includes('query=1%2C2%2C3')")
+    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2""")
+    # while pinned, moving to another patch changes the client-side outline but not the overlays
+    sx2, sy2 = tile_point(page, 4, 0.5 * 8, 0.5 * 8)
+    page.mouse.move(sx2, sy2, steps=5)
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile[0] === 4")
+    page.wait_for_timeout(400)
+    np.testing.assert_allclose(overlays(page, "fine"), pinned)
+    # a second click unpins: the overlays follow the pointer again (the clicked patch)
+    page.mouse.click(sx2, sy2)
+    page.wait_for_function("() => !window.location.search.includes('query=1')")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 0")
+    want = expected_maps(reader, 4, (0, 0), "fine", list(range(PAGE_SIZE)))
+    deadline = time.monotonic() + 10
+    while not np.allclose(overlays(page, "fine"), want, atol=2e-3):
+        assert time.monotonic() < deadline, "overlays did not follow the pointer after unpinning"
+        page.wait_for_timeout(100)
+
+
+def test_url_state_sets_layer_query_and_page(page, server, reader):
+    open_app(page, server, "?layer=coarse&query=9,1,2&page=2&function=cosine")
+    ids = page_ids(page)
+    assert ids == list(range(PAGE_SIZE, 2 * PAGE_SIZE))
+    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2""")
+    q = reader.vectors("coarse", 9)[1, 2].astype(np.float64)
+    want = np.einsum("nhwd,d->nhw", reader.vectors("coarse", np.asarray(ids)).astype(np.float64), q)
+    np.testing.assert_allclose(overlays(page, "coarse"), want, atol=2e-3)
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("?layer=bogus", "unknown layer 'bogus'"),
+    ("?query=999,0,0", "image 999 is outside"),
+    ("?query=1,8,0", "y 8 is outside"),
+])
+def test_bad_url_shows_a_message_and_the_app_keeps_working(page, server, reader, query, message):
+    open_app(page, server, query)
+    alert = page.locator(".hoverlay-message")
+    alert.get_by_text(message).wait_for()
+    assert alert.is_visible()
+    hover_cell(page, 0, (3, 3))
+    want = expected_maps(reader, 0, (3, 3), "fine", list(range(PAGE_SIZE)))
+    np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
+
+
+def test_plain_panel_serve_of_the_app_module(page, store, reader):
+    """``HOVERLAY_STORE=... panel serve explorer/app_module.py`` serves the same app."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/app_module"
+    proc = _start([sys.executable, "-m", "panel", "serve", "explorer/app_module.py", "--port", str(port),
+                   "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"], url,
+                  env={**os.environ, "HOVERLAY_STORE": store})
+    try:
+        open_app(page, url, "?query=2,3,1")
+        page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+        want = expected_maps(reader, 2, (3, 1), "fine", page_ids(page))
+        np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
+    finally:
+        _stop(proc)
