@@ -36,13 +36,14 @@ def make_images(folder: str, n: int, size: int = 320, seed: int = 0) -> str:
     return folder
 
 
-def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: int) -> float:
+def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: int,
+                 device: str = "cpu") -> float:
     """images/s of extract() alone on pre-decoded, pre-resized pixels."""
     from pipeline.models import load_model
     from pipeline.preprocess import load_pixels
     from pipeline.sources import read_bytes
 
-    adapter = load_model(model)
+    adapter = load_model(model, device=device)
     layers = layers or adapter.default_layers
     files = sorted(os.listdir(folder))
     pixels = np.stack([load_pixels(read_bytes(os.path.join(folder, f)), adapter.image_size)
@@ -54,16 +55,17 @@ def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: 
     return len(pixels) / (time.perf_counter() - t0)
 
 
-def build_rate(folder: str, store: str, model: str, batch_size: int, **kw: object) -> float:
+def build_rate(folder: str, store: str, model: str, batch_size: int, device: str = "cpu",
+               **kw: object) -> float:
     from pipeline.build import build
     from pipeline.models import load_model
 
-    adapter = load_model(model)  # loading the weights and tracing are start-up, not throughput
+    adapter = load_model(model, device=device)  # loading the weights and tracing are start-up, not throughput
     adapter.extract(np.zeros((1, adapter.image_size, adapter.image_size, 3), np.uint8),
                     adapter.default_layers)
     adapter.check_layers(adapter.default_layers)
     s = build(folder, store, model=model, batch_size=batch_size, chunk=batch_size, index=False,
-              quiet=True, **kw)
+              quiet=True, device=device, **kw)
     return s.added / s.seconds
 
 
@@ -84,19 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model", default="efficientnet-lite0")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-processes", action="store_true", help="skip the 2-worker LocalCluster case")
     a = p.parse_args(argv)
     work = a.workdir or tempfile.mkdtemp(prefix="hoverlay-bench-")
     small = make_images(os.path.join(work, "small"), a.images)
     rows = []
-    bare = bare_forward(small, a.model, None, a.batch_size)
-    threads = build_rate(small, os.path.join(work, "s-threads.zarr"), a.model, a.batch_size)
+    bare = bare_forward(small, a.model, None, a.batch_size, a.device)
+    threads = build_rate(small, os.path.join(work, "s-threads.zarr"), a.model, a.batch_size, a.device)
     rows.append({"case": "P1 bare forward", "images": a.images, "img_per_s": bare, "ratio": 1.0})
     rows.append({"case": "P1 hoverlay build (threads)", "images": a.images, "img_per_s": threads,
                  "ratio": threads / bare})
-    procs = build_rate(small, os.path.join(work, "s-procs.zarr"), a.model, a.batch_size,
-                       scheduler="processes", workers=2)
-    rows.append({"case": "P1 hoverlay build (2 Dask workers)", "images": a.images, "img_per_s": procs,
-                 "ratio": procs / bare})
+    if not a.no_processes:
+        procs = build_rate(small, os.path.join(work, "s-procs.zarr"), a.model, a.batch_size, a.device,
+                           scheduler="processes", workers=2)
+        rows.append({"case": "P1 hoverlay build (2 Dask workers)", "images": a.images, "img_per_s": procs,
+                     "ratio": procs / bare})
     if a.large:
         large = make_images(os.path.join(work, "large"), a.large, seed=1)
         for index in (False, True):
@@ -105,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
             rss_large = peak_rss_mb(large, os.path.join(work, f"rss-large-{index}.zarr"), a.batch_size, index)
             rows.append({"case": what, "images": a.images, "rss_mb": rss_small})
             rows.append({"case": what, "images": a.large, "rss_mb": rss_large, "ratio": rss_large / rss_small})
-    report("pipeline", rows, {"target": {"P1_ratio": ">= 0.9", "P6": "flat in N"}})
+    for row in rows:
+        row["device"] = a.device
+    report("pipeline" if a.device == "cpu" else f"pipeline-{a.device.replace(':', '')}", rows, {"target": {"P1_ratio": ">= 0.9", "P6": "flat in N"}})
 
 
 if __name__ == "__main__":

@@ -96,3 +96,20 @@ def test_bad_specs_and_layers_name_the_value():
         load_model().check_layers(["no_such_layer"])
     with pytest.raises(ModelSpecError, match="'cuda:7'|'tpu'"):
         load_model(device="tpu")
+
+
+def test_device_selection_on_a_cpu_machine():
+    from pipeline.models import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelSpecError, match="'cuda'"):
+            resolve_device("cuda")
+        with pytest.raises(ModelSpecError, match="'cuda'"):
+            load_model(device="cuda")
+    m = load_model(device="auto")
+    acts = m.extract(np.zeros((1, 224, 224, 3), np.uint8), m.default_layers[:1])
+    assert next(m.module.parameters()).device.type == expected
+    assert acts[m.default_layers[0]].dtype == np.float32  # stores get float32 whatever the device
