@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,30 +40,72 @@ def _sample_patches(reader: StoreReader, layer: str, n: int, rng: np.random.Gene
     return ids, vecs
 
 
+@dataclass
+class RecallProbe:
+    """Held-out queries (stored patches, exactly what a hover sends) with their exact top-k."""
+
+    queries: np.ndarray
+    truth: np.ndarray
+    k: int
+
+    @classmethod
+    def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
+               exclude: set[int] | None = None, seed: int = 1) -> RecallProbe:
+        rng = np.random.default_rng(seed)
+        _, queries = _sample_patches(reader, layer, n_queries, rng, exclude)
+        _, truth = exact_topk(queries, iter_vector_blocks(reader, layer), k)
+        return cls(queries, truth, k)
+
+    def recall(self, reader: StoreReader, layer: str, index: PatchIndex) -> float:
+        """recall@k of index search + exact re-rank against the exact scan."""
+        if len(self.queries) == 0:
+            return 1.0
+        fetch = lambda ids: reader.patch_vectors(layer, ids)  # noqa: E731
+        found = np.full_like(self.truth, -1)
+        for i, q in enumerate(self.queries):
+            _, ids = search_reranked(index, q, self.k, fetch)
+            found[i, : len(ids)] = ids
+        return recall_at_k(found, self.truth)
+
+
 def measure_recall(reader: StoreReader, layer: str, index: PatchIndex, k: int = 10,
                    n_queries: int = 100, exclude: set[int] | None = None, seed: int = 1) -> float:
-    """recall@k of index search + exact re-rank vs exact search, on patches held out of training.
+    """recall@k of index search + exact re-rank vs exact search, on patches held out of training."""
+    return RecallProbe.sample(reader, layer, k, n_queries, exclude, seed).recall(reader, layer, index)
 
-    Queries are stored patches, exactly what the explorer sends when a user hovers.
+
+def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
+                target_recall: float = 0.95) -> tuple[int, float]:
+    """Smallest nprobe whose recall meets the target, by binary search over 1..nlist.
+
+    Recall grows with nprobe and so does latency, so the smallest sufficient nprobe is also
+    the fastest setting that keeps the promised recall. Returns (nprobe, recall at it).
     """
-    rng = np.random.default_rng(seed)
-    qids, queries = _sample_patches(reader, layer, n_queries, rng, exclude)
-    if len(qids) == 0:
-        return 1.0
-    _, truth = exact_topk(queries, iter_vector_blocks(reader, layer), k)
-    fetch = lambda ids: reader.patch_vectors(layer, ids)  # noqa: E731
-    found = np.full_like(truth, -1)
-    for i, q in enumerate(queries):
-        _, ids = search_reranked(index, q, k, fetch)
-        found[i, : len(ids)] = ids
-    return recall_at_k(found, truth)
+    nlist = index.nlist or 1
+    lo, hi = 1, nlist
+    index.set_params(nprobe=hi)
+    best = (hi, probe.recall(reader, layer, index))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        index.set_params(nprobe=mid)
+        r = probe.recall(reader, layer, index)
+        if r >= target_recall:
+            best, hi = (mid, r), mid
+        else:
+            lo = mid + 1
+    index.set_params(nprobe=best[0])
+    return best
 
 
 def update_index(reader: StoreReader, layer: str, memory_budget: int | None = None,
                  rebuild: bool = False, k: int = 10, n_queries: int = 100,
-                 factory: str | None = None, seed: int = 0) -> dict[str, Any]:
+                 factory: str | None = None, seed: int = 0, tune: bool = True,
+                 target_recall: float = 0.95) -> dict[str, Any]:
     """Extend the layer's index with images committed since it was saved (no retraining),
-    or build one (choosing the factory by size) when there is none or ``rebuild`` is set."""
+    or build one (choosing the factory by size) when there is none or ``rebuild`` is set.
+
+    For IVF indexes ``nprobe`` is tuned (``tune``) to the smallest value reaching
+    ``target_recall`` on held-out queries, and both are recorded in ``index/<layer>.json``."""
     t0 = time.perf_counter()
     g = reader.geometry(layer)
     index: PatchIndex | None = None
@@ -100,8 +143,12 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     needs_recall = added > 0 or "recall" not in index.meta
     if needs_recall:
         exact = index.meta["factory"] == "IDMap,Flat" and index.ntotal <= FLAT_MAX_VECTORS
-        recall = measure_recall(reader, layer, index, k=k, n_queries=n_queries,
-                                exclude=train_ids, seed=seed + 1)
+        probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
+        if index.nlist and index.nlist > 1 and tune:
+            nprobe, recall = tune_nprobe(reader, layer, index, probe, target_recall)
+            index.meta["tuned"] = {"nprobe": nprobe, "target_recall": target_recall}
+        else:
+            recall = probe.recall(reader, layer, index)
         index.meta["recall"] = {"k": k, "value": recall, "queries": n_queries, "exact_index": exact,
                                 "measured": "index search + exact re-rank vs exact scan"}
     index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)

@@ -31,6 +31,16 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     assert meta["factory"].startswith("IVF") and meta["factory"].endswith(",Flat")
     assert meta["ntotal"] == n_images * 64
     assert meta["recall"]["value"] >= 0.95, meta["recall"]
+    # nprobe was tuned down to the smallest value meeting the recall target
+    nprobe = meta["tuned"]["nprobe"]
+    assert meta["params"]["nprobe"] == nprobe and 1 <= nprobe < meta["nlist"]
+    if nprobe > 1:
+        from pipeline.indexing import RecallProbe
+
+        idx = PatchIndex.load(reader.url, "l")
+        idx.set_params(nprobe=nprobe - 1)
+        probe = RecallProbe.sample(reader, "l", 10, 60, seed=1)
+        assert probe.recall(reader, "l", idx) < 0.95 + 0.03  # one less is (about) below target
     # the explorer's view: a fresh index, hover query finds itself first
     s = LayerSearch(reader, "l")
     assert s.warning is None and s.index is not None
