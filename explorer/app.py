@@ -32,10 +32,12 @@ from holoviews.plotting.util import process_cmap
 
 from stores import StoreError
 
+from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls
 from .engine import OverlayEngine, Query, parse_query_text
 from .export import compose_grid_png
 from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs
+from .groups_view import GroupsOverlay
 from .kernels import SIMILARITY_FUNCTIONS, QueryVector, color_range, images_by_best_patch
 from .paging import (
     ALL_LABELS,
@@ -47,7 +49,8 @@ from .paging import (
     page_of,
 )
 from .resources import get_layer_stats, get_search, refresh_reader
-from .session import Scheduler, set_nodelay
+from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
+from .sweep_view import SweepView, has_sweeps
 from .topk import Hit, crop_png, hit_card, search_hits
 from .widgets import button
 
@@ -98,6 +101,9 @@ class ExplorerApp(param.Parameterized):
     live_topk = param.Boolean(default=True, doc="Search top-k whenever the pointer rests (else on pin / button).")
     topk_delay_ms = param.Integer(default=120, bounds=(0, None), doc="Pointer rest before the slow views update.")
     message = param.String(default="")
+    compare = param.Boolean(default=None, allow_None=True, doc="""
+        Show a 'Compare models' tab for two stores with the same images (paired by content hash);
+        None: whenever two of the given stores share images.""")
 
     def __init__(self, stores: Sequence[str], **params: Any):
         urls = [str(s) for s in stores]
@@ -133,10 +139,13 @@ class ExplorerApp(param.Parameterized):
         self._query_row = pn.Row()
         self._topk_head = pn.pane.Markdown("**Top-k**: hover a patch", margin=(0, 10))
         self._topk_items = pn.FlexBox(css_classes=["topk-panel"])
+        self.groups = GroupsOverlay(self)
         self.layout = pn.Row(self.controls.sidebar, pn.Column(margin=(0, 0, 0, 16), objects=[
             self.controls.message,
             self.controls.navigation,
+            self.groups.panel,
             self._grid_row,
+            self.groups.legend,
             pn.pane.Markdown("**Query patch in every shown layer** (outline: the mapped patch)",
                              margin=(10, 10, 0, 10)),
             self._query_row,
@@ -153,6 +162,7 @@ class ExplorerApp(param.Parameterized):
         self.param.watch(lambda e: self.search_topk(), ["k"])
         self.param.watch(self._on_message, ["message"])
         self.param.watch(lambda *e: self._sync_widgets(), ["layer", "function", "query"])
+        self._add_views(urls)  # after the watchers above: the views react to already-applied state
         self._apply_state(initial=True)
 
     # ======================================================================= store & state
@@ -348,6 +358,7 @@ class ExplorerApp(param.Parameterized):
                                                    clim=clim, alpha=self.alpha, title=title, prefix="query",
                                                    hover=False, outline_source=self.mapped_source))
         self._grid_row.objects = [pn.pane.Bokeh(f.plot) for f in self._figures]
+        self.groups.attach(self._figures)
         self._query_row.objects = [pn.pane.Bokeh(f.plot) for f in self._query_figures]
         self._shown_images = np.empty(0, dtype=np.int64)
         self._query_image = -1
@@ -363,6 +374,7 @@ class ExplorerApp(param.Parameterized):
                 pixels = self.reader.pixels(ids) if ids.size else np.zeros((0, s, s, 3), np.uint8)
                 self.shared.set_images(self.specs, pixels, [f"#{i} {self._labels[i]}" for i in ids])
                 self._shown_images = ids
+                self.groups.show_page(ids)
             self.shared.set_config(self.specs, self.active_layer, len(ids))
             for fig in self._figures + self._query_figures:
                 fig.set_colors(clim=self._clim(fig.layer))  # the similarity function may have changed
@@ -437,12 +449,39 @@ class ExplorerApp(param.Parameterized):
         self._rebuild()
         self._apply_state()
 
+    def _add_views(self, urls: list[str]) -> None:
+        """Tabs for the case studies the stores support: transform sweeps, comparing models."""
+        tabs: list[tuple[str, pn.viewable.Viewable]] = []
+        self.sweep_view = SweepView(self) if has_sweeps(self) else None
+        if self.sweep_view is not None:
+            tabs.append(("Transform sweep", self.sweep_view.layout))
+        self.compare_view = None
+        if self.compare is not False and len(urls) > 1:
+            pair = find_compare_pair(urls)
+            if pair is not None:
+                self.compare_view = CompareView(self, *pair)
+                tabs.append(("Compare models", self.compare_view.layout))
+            elif self.compare:
+                self._say(f"no two of the stores {urls} share images (content hashes): nothing to compare")
+        elif self.compare:
+            self._say("comparing models needs two stores built from the same images")
+        if tabs:
+            main = self.layout[1]
+            main.margin = (0, 0, 0, 0)
+            self.tabs = pn.Tabs(("Explorer", main), *tabs, dynamic=False, margin=(0, 0, 0, 16))
+            self.layout[1] = self.tabs
+            views = [None, *(v for v in (self.sweep_view, self.compare_view) if v is not None)]
+            # a view builds its figures when its tab is first shown, not at session start
+            self.tabs.param.watch(lambda e: views[e.new] and views[e.new].activate(), "active")
+
     # ============================================================================ pointer
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:
         """The browser reports a new patch under the pointer, or a click (pin / unpin)."""
         if not self._nodelay:
             self._nodelay = True
             set_nodelay(self._doc)
+        if pointer_cell(new, len(self._shown_images), self._hw(self.active_layer)) is None:  # serving hook
+            return  # (explorer/session.py) a pointer row no page can write: bad types, off the page/grid
         if not new.get("tile") or new["tile"][0] < 0:
             return
         tile, y, x, click = (int(new[c][0]) for c in ("tile", "y", "x", "click"))

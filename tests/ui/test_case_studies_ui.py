@@ -1,0 +1,302 @@
+"""The case-study views in a real Chromium against a real Panel server, on stores the real pipeline built.
+
+Two stores from the same two generated images: GoogLeNet (random weights, ``inception4d``,
+14×14) with rotated / rescaled copies and NMF groups (k=4) of its first six images, and
+ResNet-18 (random weights, ``layer2``, 28×28) without copies. One server serves both (the
+"Compare models" tab appears by itself: the stores share the images' content hashes).
+
+Expected numbers are computed here from the stores with ``stores`` functions and numpy, never
+with the explorer's own helpers; what is compared is what the browser's Bokeh document holds
+after a real pointer move. Set ``HOVERLAY_SCREENSHOTS=DIR`` to keep a screenshot of each view.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+LAYER_A, LAYER_B = "inception4d", "layer2"
+PAGE_SIZE, NCOLS = 8, 4
+FACTORIZED = list(range(6))
+SHOTS = os.environ.get("HOVERLAY_SCREENSHOTS")
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory) -> tuple[str, str]:
+    from conftest import write_generated_images
+
+    from pipeline.build import build
+    from pipeline.factorize import factorize
+
+    root = tmp_path_factory.mktemp("case_studies")
+    images = str(root / "images")
+    write_generated_images(images, 2, seed=3)
+    a, b = str(root / "googlenet.zarr"), str(root / "resnet18.zarr")
+    build(images, a, model="torchvision:googlenet", weights="none", layers=[LAYER_A], quiet=True, index=False,
+          rotate="0:360:30", scale="0.5:1.0:0.1")
+    factorize(a, LAYER_A, k=4, images=FACTORIZED, quiet=True)
+    build(images, b, model="torchvision:resnet18", weights="none", layers=[LAYER_B], quiet=True, index=False)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def readers(stores):
+    from stores import open_store
+
+    return tuple(open_store(s) for s in stores)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(stores):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", *stores, "--port", str(port),
+                             "--page-size", str(PAGE_SIZE), "--ncols", str(NCOLS), "--tile-px", "90",
+                             "--no-live-topk"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}") from None
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    """One session for the module (a session start is seconds here); each test opens its tab."""
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    pg.goto(server)
+    pg.wait_for_function(f"""() => window.Bokeh && Bokeh.documents.length > 0
+        && Bokeh.index.query_one(v => v.model.name === 'grid:{LAYER_A}') != null
+        && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0""")
+    yield pg
+    ctx.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+def model_data(page, name: str) -> dict:
+    """Columns of a named ColumnDataSource in the browser's document (arrays as nested lists)."""
+    return page.evaluate("""(name) => {
+        const src = Bokeh.documents[0].get_model_by_name(name);
+        const out = {};
+        for (const [k, v] of Object.entries(src.data)) {
+            out[k] = Array.from(v, (e) => (e != null && e.shape !== undefined)
+                                      ? {shape: Array.from(e.shape), values: Array.from(e)} : e);
+        }
+        return out;
+    }""", name)
+
+
+def open_tab(page, title: str, figure: str) -> None:
+    page.locator(".bk-tab", has_text=title).click()
+    page.wait_for_function(f"""() => {{
+        const v = Bokeh.index.query_one(v => v.model.name === '{figure}');
+        return v != null && v.el.getBoundingClientRect().width > 0; }}""")
+
+
+def tile_point(page, figure: str, rgb: str, key: str, tile: int, py: float, px: float) -> tuple[float, float]:
+    """Viewport coordinates of image pixel (px, py) of a tile, from the browser's own layout."""
+    return page.evaluate("""([figure, rgb, key, tile, px, py]) => {
+        const pv = Bokeh.index.query_one(v => v.model.name === figure);
+        const d = Bokeh.documents[0].get_model_by_name(rgb).data;
+        const x = d['x:' + key][tile] + px, y = d['y:' + key][tile] + d.dh[tile] - py;
+        const r = pv.el.getBoundingClientRect();
+        return [r.left + pv.frame.x_scale.compute(x), r.top + pv.frame.y_scale.compute(y)];
+    }""", [figure, rgb, key, tile, px, py])
+
+
+def move_and_wait(page, xy: tuple[float, float], sources: list[str]) -> None:
+    """Move the pointer, then wait until every named overlay source changed after the move and
+    nothing changed for 300 ms (intermediate cells of the move also update)."""
+    page.evaluate("window.__t0 = performance.now()")
+    page.mouse.move(*xy, steps=4)
+    names = repr(sources)
+    page.wait_for_function(f"""() => {names}.every(n => ((window.hoverlay_update_times || {{}})[n] || 0) > window.__t0)""")
+    page.wait_for_function("""() => {
+        const n = window.hoverlay_updates || 0;
+        if (window.__settle_n !== n) { window.__settle_n = n; window.__settle_t = performance.now(); }
+        return performance.now() - window.__settle_t > 300; }""", polling=50)
+
+
+def tiles(page, overlay: str, rgb: str, key: str, size: int) -> np.ndarray:
+    """Per-tile arrays (n, H, W) cut out of a figure's mosaic where the browser draws the tiles."""
+    data = model_data(page, overlay)
+    pos = page.evaluate("""([rgb, key]) => {  // only the positions: the images are large
+        const d = Bokeh.documents[0].get_model_by_name(rgb).data;
+        return {x: Array.from(d['x:' + key]), y: Array.from(d['y:' + key])}; }""", [rgb, key])
+    img = data["image"][0]
+    mosaic = np.asarray(img["values"]).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
+    rows, cols = mosaic.shape
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(size / cell_h), round(size / cell_w)
+    out = []
+    for x0, y0 in zip(pos["x"], pos["y"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - size) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def cosines(reader, layer: str, image: int, cell: tuple[int, int], ids) -> np.ndarray:
+    q = reader.vectors(layer, image)[cell].astype(np.float64)
+    return np.einsum("nhwd,d->nhw", reader.vectors(layer, np.asarray(ids)).astype(np.float64), q)
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+# ------------------------------------------------------------------------------- tests
+def test_sweep_chart_follows_the_hovered_patch(page, readers):
+    from stores.transforms import copies_of, map_patch, sweep_similarity
+
+    reader = readers[0]
+    table = reader.table()
+    g = reader.geometry(LAYER_A)
+    s = reader.image_size
+    open_tab(page, "Transform sweep", f"sweep:{LAYER_A}")
+    copies = copies_of(table["base_id"], 0)
+    base = reader.vectors(LAYER_A, 0)
+    for cell in ((7, 3), (1, 1)):
+        xy = tile_point(page, f"sweep:{LAYER_A}", "sweep-rgb", LAYER_A, 0, (cell[0] + 0.5) * s / g.height,
+                        (cell[1] + 0.5) * s / g.width)
+        move_and_wait(page, xy, [f"sweep-overlay:{LAYER_A}"])
+        ptr = model_data(page, "sweep-pointer")
+        assert (ptr["tile"][0], ptr["y"][0], ptr["x"][0]) == (0, *cell)
+        direct = sweep_similarity(base, [reader.vectors(LAYER_A, int(i)) for i in copies],
+                                  table["transform"][copies], table["param"][copies], *cell)
+        for kind, identity in (("rotate", 0.0), ("scale", 1.0)):
+            mine = table["transform"][copies] == kind
+            want = {identity: float(base[cell].astype(np.float32) @ base[cell].astype(np.float32))}
+            want.update(zip(table["param"][copies][mine].astype(np.float64).tolist(), direct[mine].tolist(),
+                            strict=True))
+            curve = model_data(page, f"sweep-curve:{kind}")
+            got = dict(zip(curve["param"], curve[LAYER_A], strict=True))
+            assert sorted(got) == pytest.approx(sorted(want))
+            for p, value in zip(sorted(got), [want[p] for p in sorted(want)], strict=True):
+                if np.isnan(value):
+                    assert got[p] is None or np.isnan(got[p]), f"{kind} {p}: patch left the canvas"
+                else:
+                    assert got[p] == pytest.approx(value, abs=1e-5), f"{kind} {p} at {cell}"
+        # the corresponding patch is outlined on every copy it stays on
+        mapped = model_data(page, "sweep-mapped")
+        outlined = {t: (y, x) for t, y, x in zip(mapped["tile"], mapped["y"], mapped["x"], strict=True)}
+        expected = {t: map_patch(*cell, g.height, g.width, str(table["transform"][i]), float(table["param"][i]))
+                    for t, i in enumerate(copies, start=1)}
+        assert outlined == {t: c for t, c in expected.items() if c is not None}
+        if cell == (1, 1):
+            assert any(c is None for c in expected.values())  # zooming in pushes the corner off
+    shot(page, "sweep")
+
+
+def test_groups_overlay_colours_patches_by_group_and_hover_keeps_similarity(page, readers):
+    from explorer.groups_view import GROUP_PALETTE  # the fixed palette is the specification
+    from stores.groups import read_groups
+
+    reader = readers[0]
+    s = reader.image_size
+    open_tab(page, "Explorer", f"grid:{LAYER_A}")
+    page.get_by_role("button", name="groups", exact=True).click()
+    page.wait_for_function(f"""() => Bokeh.documents[0].get_model_by_name('grid-groups:{LAYER_A}')
+        .data.image[0].shape[0] > 1""")
+    got = tiles(page, f"grid-groups:{LAYER_A}", "grid-rgb", LAYER_A, s).astype(np.uint32)
+    stored, meta = read_groups(reader, LAYER_A, np.arange(PAGE_SIZE))
+    assert meta["k"] == 4
+    rgba = got.view(np.uint8).reshape(*got.shape, 4)
+    for i in range(PAGE_SIZE):
+        for y, x in ((0, 0), (7, 3), (13, 13), (5, 9)):
+            group = int(stored[i, y, x])
+            if i in FACTORIZED:
+                c = GROUP_PALETTE[group % len(GROUP_PALETTE)].lstrip("#")
+                assert rgba[i, y, x].tolist() == [int(c[j:j + 2], 16) for j in (0, 2, 4)] + [255], (i, y, x)
+            else:
+                assert group == -1 and rgba[i, y, x, 3] == 0  # not factorised: transparent
+    assert len({int(v) for v in got[: len(FACTORIZED)].ravel()}) > 1  # more than one group on the page
+    legend = page.locator(".group-legend-item")
+    legend.nth(3).wait_for()
+    assert legend.count() == 4
+    assert [legend.nth(i).get_attribute("data-color") for i in range(4)] == list(GROUP_PALETTE[:4])
+    assert page.locator(".group-patch").count() == 16
+    shot(page, "groups")
+    # groups + similarity: group outlines over the similarity fill, which follows the pointer
+    page.get_by_role("button", name="groups + similarity", exact=True).click()
+    g = reader.geometry(LAYER_A)
+    xy = tile_point(page, f"grid:{LAYER_A}", "grid-rgb", LAYER_A, 2, 5.5 * s / g.height, 8.5 * s / g.width)
+    move_and_wait(page, xy, [f"grid-overlay:{LAYER_A}"])
+    want = cosines(reader, LAYER_A, 2, (5, 8), range(PAGE_SIZE))
+    np.testing.assert_allclose(tiles(page, f"grid-overlay:{LAYER_A}", "grid-rgb", LAYER_A, s), want, atol=2e-3)
+    shot(page, "groups-similarity")
+
+
+def test_compare_view_updates_both_stores_on_one_hover(page, readers):
+    ra, rb = readers
+    sa, sb = ra.image_size, rb.image_size
+    ga, gb = ra.geometry(LAYER_A), rb.geometry(LAYER_B)
+    open_tab(page, "Compare models", "compare:A")
+    ids_a = [int(t.split()[0][1:]) for t in model_data(page, "compare-A-labels")["text"]]
+    ids_b = [int(t.split()[0][1:]) for t in model_data(page, "compare-B-labels")["text"]]
+    assert len(ids_a) == len(ids_b) == 2
+    for i, j in zip(ids_a, ids_b, strict=True):  # paired by content, not by id
+        assert ra.table()["hash"][i] == rb.table()["hash"][j]
+        np.testing.assert_array_equal(ra.pixels(i), rb.pixels(j))
+    for figure, key, size, tile, (py, px) in (("compare:A", "A", sa, 1, (150.0, 60.0)),
+                                               ("compare:B", "B", sb, 0, (30.0, 200.0))):
+        xy = tile_point(page, figure, f"compare-{key}-rgb", key, tile, py, px)
+        move_and_wait(page, xy, ["compare-overlay:A", "compare-overlay:B"])
+        ptr = model_data(page, "compare-pointer")
+        v, u = ptr["v"][0], ptr["u"][0]
+        assert ptr["tile"][0] == tile and (v * size, u * size) == pytest.approx((py, px), abs=2.0)
+        for reader, layer, g, ids, k in ((ra, LAYER_A, ga, ids_a, "A"), (rb, LAYER_B, gb, ids_b, "B")):
+            cell = (min(g.height - 1, int(np.floor(v * g.height))), min(g.width - 1, int(np.floor(u * g.width))))
+            row = ptr["fig"].index(k)
+            assert (ptr["y"][row], ptr["x"][row]) == cell  # the outline the browser draws
+            got = tiles(page, f"compare-overlay:{k}", f"compare-{k}-rgb", k, reader.image_size)
+            np.testing.assert_allclose(got, cosines(reader, layer, ids[tile], cell, ids), atol=2e-3,
+                                       err_msg=f"store {k} after hovering {figure}")
+    shot(page, "compare")
