@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FormatVersionError, OutOfRangeError, StoreMismatchError
+from .errors import FormatVersionError, StoreMismatchError
 from .format import layer_path
 
 if TYPE_CHECKING:
@@ -78,21 +78,6 @@ def read_group_meta(reader: StoreReader, layer: str) -> dict[str, Any] | None:
     return _meta(reader, layer, _open(reader, layer, GROUPS))
 
 
-def _image_ids(reader: StoreReader, images: ImageSelection) -> tuple[np.ndarray, bool]:
-    """Selection -> (ids, scalar?) with the reader's rule: ids outside the committed images raise."""
-    n = reader.n_images
-    if isinstance(images, slice):
-        return np.arange(n)[images], False
-    ids = np.asarray(images)
-    if ids.dtype.kind not in "iu":
-        raise OutOfRangeError(f"image ids must be integers, got {images!r}")
-    bad = (ids < 0) | (ids >= n)
-    if np.any(bad):
-        raise OutOfRangeError(f"image id {int(ids[bad].flat[0])} is outside the {n} committed "
-                              f"images of {reader.url!r}")
-    return ids.reshape(-1).astype(np.int64), ids.ndim == 0
-
-
 def _read_rows(arr: zarr.Array, ids: np.ndarray, fill: Any) -> np.ndarray:
     """Rows ``ids`` of an array; ids past its end (images appended after factorising) get ``fill``."""
     out = np.full((len(ids), *arr.shape[1:]), fill, dtype=arr.dtype)
@@ -113,7 +98,7 @@ def read_groups(reader: StoreReader, layer: str,
     meta = _meta(reader, layer, arr)
     if meta is None or arr is None:
         return None
-    ids, scalar = _image_ids(reader, images)
+    ids, scalar = reader.image_ids(images)
     groups = _read_rows(arr, ids, NO_GROUP)
     return (groups[0] if scalar else groups), meta
 
@@ -125,6 +110,6 @@ def read_group_weights(reader: StoreReader, layer: str, images: ImageSelection) 
     arr = _open(reader, layer, GROUP_WEIGHTS)
     if arr is None:
         return None
-    ids, scalar = _image_ids(reader, images)
+    ids, scalar = reader.image_ids(images)
     weights = _read_rows(arr, ids, 0)
     return weights[0] if scalar else weights

@@ -96,6 +96,14 @@ class StoreReader:
                                   f"images of {self.url!r}")
         return int(arr) if arr.ndim == 0 else arr
 
+    def image_ids(self, images: ImageSelection) -> tuple[np.ndarray, bool]:
+        """Selection -> (int64 ids, whether it was a single id); out-of-range ids raise."""
+        sel = self._check_images(images)
+        if isinstance(sel, slice):
+            return np.arange(self.n_images)[sel], False
+        ids = np.asarray(sel)
+        return ids.reshape(-1).astype(np.int64), ids.ndim == 0
+
     def _read(self, path: str, images: ImageSelection) -> np.ndarray:
         sel = self._check_images(images)
         arr = self._array(path)
