@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def build_rate(folder: str, store: str, model: str, batch_size: int, device: str
     adapter.extract(np.zeros((1, adapter.image_size, adapter.image_size, 3), np.uint8),
                     adapter.default_layers)
     adapter.check_layers(adapter.default_layers)
+    shutil.rmtree(store, ignore_errors=True)  # a reused store would skip every image
     s = build(folder, store, model=model, batch_size=batch_size, chunk=batch_size, index=False,
               quiet=True, device=device, **kw)
     return s.added / s.seconds
@@ -71,6 +73,7 @@ def build_rate(folder: str, store: str, model: str, batch_size: int, device: str
 
 def peak_rss_mb(folder: str, store: str, batch_size: int, index: bool) -> float:
     """Peak RSS of a fresh build process, read from /proc by the child itself (VmHWM)."""
+    shutil.rmtree(store, ignore_errors=True)
     code = ("from pipeline.build import build; "
             f"build({folder!r}, {store!r}, batch_size={batch_size}, chunk={batch_size}, quiet=True, "
             f"index={index}); "
