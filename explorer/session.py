@@ -1,4 +1,5 @@
-"""Where deferred work of one explorer session runs, and per-session transport tweaks.
+"""Where deferred work of one explorer session runs, per-session transport tweaks, and the
+registry of this process's sessions.
 
 The slow parts of a hover (layer view, top-k search) wait for the pointer to rest and run off
 the event loop. How to "wait" and how to come back depends on where the app lives:
@@ -8,15 +9,45 @@ the event loop. How to "wait" and how to come back depends on where the app live
 - a notebook kernel (a running asyncio loop, no server session): ``loop.call_later`` and
   ``loop.call_soon_threadsafe``;
 - no loop at all (scripts, unit tests): run at once, synchronously.
+
+Process-wide events have to reach sessions too: a new commit of a store (:mod:`explorer.reload`)
+and a client update the app refused (a widget value no real page can send). Served sessions are
+therefore registered here, keyed by their Bokeh document, and forgotten when Bokeh destroys them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+import numbers
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Served sessions of this process: Bokeh document -> the session's app (an ``ExplorerApp``).
+_SESSIONS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def in_document(doc: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with Panel's current document set to ``doc``.
+
+    Bokeh runs a session callback with *its* current document set, but Panel asks its own
+    context variable first, and a callback inherits the context it was scheduled from — a worker
+    thread, a task started while another session was being created — so without this Panel can
+    resolve shared models (stylesheets) of another session's document and Bokeh refuses the
+    update ("Models must be owned by only a single document").
+    """
+    from panel.io.state import set_curdoc
+
+    def run() -> Any:
+        with set_curdoc(doc):
+            return fn()
+
+    return run
 
 
 class Scheduler:
@@ -36,7 +67,7 @@ class Scheduler:
     def later(self, fn: Callable[[], None], delay_ms: int) -> Any:
         """Run ``fn`` after ``delay_ms`` (at once when there is no loop); returns a handle."""
         if self.doc is not None:
-            return self.doc.add_timeout_callback(fn, delay_ms)
+            return self.doc.add_timeout_callback(in_document(self.doc, fn), delay_ms)
         if self.loop is not None:
             return self.loop.call_later(delay_ms / 1000, fn)
         fn()
@@ -69,8 +100,8 @@ class Scheduler:
             done(None if exc else future.result(), exc)
 
         if self.doc is not None:
-            doc = self.doc
-            future.add_done_callback(lambda f: doc.add_next_tick_callback(back))
+            doc, callback = self.doc, in_document(self.doc, back)
+            future.add_done_callback(lambda f: doc.add_next_tick_callback(callback))
         else:
             loop = self.loop
             assert loop is not None
@@ -94,3 +125,74 @@ def set_nodelay(doc: Any) -> None:
         if socket is not None and hasattr(socket, "set_nodelay"):
             with contextlib.suppress(Exception):  # a stream closing meanwhile
                 socket.set_nodelay(True)
+
+
+# ================================================================== sessions of this process
+def register_session(app: Any, doc: Any) -> bool:
+    """Remember a served session's app until Bokeh destroys its document.
+
+    Returns False (and remembers nothing) outside a server session: a notebook's app has no
+    document lock to take and no server loop to be called back on.
+    """
+    if doc is None or getattr(doc, "session_context", None) is None:
+        return False
+    _SESSIONS[doc] = app
+    doc.on_session_destroyed(lambda context: _SESSIONS.pop(doc, None))
+    return True
+
+
+def sessions() -> list[tuple[Any, Any]]:
+    """(document, app) of every live session of this process."""
+    return list(_SESSIONS.items())
+
+
+def app_of(doc: Any) -> Any | None:
+    return _SESSIONS.get(doc) if doc is not None else None
+
+
+def show_session_error(exc: BaseException) -> None:
+    """``pn.config.exception_handler`` of the explorer's server.
+
+    Panel calls it when a session callback raised, which in a working page means a client sent
+    an update its widget could never produce (a page size of 10**9, a store that is not served):
+    Panel has logged the traceback and reverted nothing else; we keep the server serving and tell
+    *that* session why its input was ignored instead of failing silently.
+    """
+    import panel as pn
+
+    app = app_of(pn.state.curdoc)
+    log.warning("session update rejected: %s: %s", type(exc).__name__, exc)
+    if app is not None:
+        with contextlib.suppress(Exception):  # the session may be closing
+            app.message = f"ignored an invalid update: {exc}"
+
+
+# ============================================================ input the browser writes
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    f = float(value)
+    return int(f) if f.is_integer() else None
+
+
+def pointer_cell(data: Mapping[str, Sequence[Any]], n_tiles: int,
+                 grid: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """``(tile, y, x, click)`` of the pointer row a page wrote, or None for anything else.
+
+    The ``grid-pointer`` source is written by the client, so it is input like a URL value: the
+    page's JavaScript only writes a tile of the page and a cell of the snapping layer's
+    ``grid = (H, W)`` (or tile -1 when the pointer leaves), but a hand-made websocket message can
+    carry strings, nulls, negative or huge numbers, which would otherwise raise inside Bokeh's
+    message handler or be clamped into a patch the user never pointed at.
+    """
+    try:
+        tile, y, x, click = (_as_int(data[c][0]) for c in ("tile", "y", "x", "click"))
+    except (KeyError, IndexError, TypeError):
+        return None
+    if tile is None or y is None or x is None or click is None:
+        return None
+    if not (0 <= tile < n_tiles and 0 <= y < grid[0] and 0 <= x < grid[1]):
+        return None
+    return tile, y, x, click
