@@ -1,7 +1,10 @@
 """Entry point for ``HOVERLAY_STORE=path panel serve explorer/app_module.py``.
 
-Several stores can be given separated by commas. Panel runs this file once per session; the
-store readers are shared across sessions through ``pn.state.as_cached``.
+Several stores are separated by ``os.pathsep`` (':' on POSIX; fsspec URLs such as ``s3://b/x``
+stay whole) or commas. Panel runs this file once per session; the store readers are shared
+across sessions through ``pn.state.as_cached``, and each session follows new commits of its
+store like under ``hoverlay serve`` (``HOVERLAY_RELOAD_INTERVAL`` seconds, default 2, 0: off).
+Server options (auth, prefix, processes, ``--liveness``) are ``panel serve``'s own flags.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ import os
 import panel as pn
 
 from explorer.app import create_app
+from explorer.reload import DEFAULT_INTERVAL
+from explorer.serve import attach_session, split_store_list
+from explorer.session import show_session_error
 
 pn.extension()
+pn.config.exception_handler = show_session_error
 
-_stores = [s.strip() for s in os.environ.get("HOVERLAY_STORE", "").split(",") if s.strip()]
+_stores = split_store_list(os.environ.get("HOVERLAY_STORE", ""))
+_interval = float(os.environ.get("HOVERLAY_RELOAD_INTERVAL", DEFAULT_INTERVAL))
 if _stores:
-    create_app(_stores).servable(title="hoverlay explorer")
+    attach_session(create_app(_stores), _interval).servable(title="hoverlay explorer")
 else:
     pn.pane.Alert("Set the environment variable `HOVERLAY_STORE` to a store path, e.g. "
                   "`HOVERLAY_STORE=demo-store panel serve explorer/app_module.py`.",

@@ -3,12 +3,24 @@
 ``serve()`` opens every store once in this process before the server starts, so a wrong path
 fails at once with the store layer's message instead of in the first browser session; the
 readers it opens are the ones the sessions share (``pn.state.as_cached``).
+
+Everything about the server itself is Panel's (``pn.serve``): processes, URL prefix, websocket
+origins, basic auth / OAuth, cookie secret, admin page, the ``/liveness`` endpoint (on by
+default, for container health checks and load balancers). What is added here is checking the
+options that fail *open* or late in Panel — a ``--basic-auth`` file that does not exist is taken
+as the password itself; OAuth without a cookie secret fails at the first login — and wiring each
+session to :mod:`explorer.reload` (new commits without a restart) and to
+:func:`explorer.session.show_session_error` (a refused client update shows a message).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import logging
+import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,36 +28,119 @@ from typing import Any
 import panel as pn
 
 from .app import ExplorerApp, create_app
+from .reload import DEFAULT_INTERVAL, watch_session
 from .resources import get_reader
+from .session import register_session, show_session_error
+
+log = logging.getLogger(__name__)
 
 #: Keyword arguments of :func:`serve` that configure the app rather than the server.
 APP_OPTIONS = frozenset(name for name in ExplorerApp.param if name not in ("name", "message"))
+#: Environment variables Panel reads a cookie secret from (kept out of ``ps`` output).
+COOKIE_SECRET_ENV = ("PANEL_COOKIE_SECRET", "BOKEH_COOKIE_SECRET")
 
 
-def session_factory(stores: list[str], options: dict[str, Any]) -> Callable[[], pn.viewable.Viewable]:
+class ServeConfigError(ValueError):
+    """A server option that would fail open or late (bad auth file, OAuth without secrets)."""
+
+
+def split_store_list(text: str) -> list[str]:
+    """Store URLs from ``HOVERLAY_STORE``: separated by ``os.pathsep`` (or commas).
+
+    On POSIX ``os.pathsep`` is ':', which also starts every fsspec URL's '://': a piece that
+    begins with '//' is glued back to the scheme before it, so ``s3://a:/data/b`` is two stores.
+    """
+    pieces = [p for chunk in text.split(",") for p in chunk.split(os.pathsep)]
+    out: list[str] = []
+    for piece in pieces:
+        if piece.startswith("//") and out and out[-1].isidentifier():
+            out[-1] += ":" + piece
+        elif piece.strip():
+            out.append(piece.strip())
+    return out
+
+
+def attach_session(layout: pn.viewable.Viewable,
+                   reload_interval: float = DEFAULT_INTERVAL) -> pn.viewable.Viewable:
+    """Register a served session (messages, new commits); returns ``layout`` for chaining."""
+    app = getattr(layout, "app", None)
+    if app is not None and register_session(app, pn.state.curdoc) and reload_interval > 0:
+        watch_session(app, reload_interval)
+    return layout
+
+
+def session_factory(stores: list[str], options: dict[str, Any],
+                    reload_interval: float = DEFAULT_INTERVAL) -> Callable[[], pn.viewable.Viewable]:
     """A plain function building one session's app (``pn.serve`` treats a partial as an object)."""
 
     def explorer_session() -> pn.viewable.Viewable:
-        return create_app(stores, **options)
+        return attach_session(create_app(stores, **options), reload_interval)
 
     return explorer_session
 
 
+def check_auth(kw: dict[str, Any]) -> None:
+    """Validate auth options in ``pn.serve`` keywords; default the cookie secret when needed.
+
+    - ``basic_auth`` must name a JSON file ``{"user": "password", ...}``: Panel takes any string
+      that is not a file as *the* password for every user name, so a typo in the path would
+      serve the app behind the path text.
+    - basic auth and OAuth both sign cookies: without a secret (argument or
+      ``PANEL_COOKIE_SECRET``) one is drawn per start, valid for this server only (forked
+      ``num_procs`` workers share it; separate servers behind a proxy need the same one).
+    - OAuth needs a key and a secret (arguments or ``PANEL_OAUTH_KEY`` / ``PANEL_OAUTH_SECRET``).
+    """
+    basic, oauth = kw.get("basic_auth"), kw.get("oauth_provider")
+    if basic and oauth:
+        raise ServeConfigError("use either basic auth or an OAuth provider, not both")
+    if basic:
+        path = os.fspath(basic)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                users = json.load(fh)
+        except FileNotFoundError:
+            raise ServeConfigError(f"basic auth file {path!r} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ServeConfigError(f"basic auth file {path!r} is not readable JSON: {exc}") from None
+        if not (isinstance(users, dict) and users
+                and all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in users.items())):
+            raise ServeConfigError(f'basic auth file {path!r} must hold {{"user": "password", ...}}')
+        kw["basic_auth"] = os.path.abspath(path)
+    if oauth:
+        missing = [name for name, env in (("oauth_key", "PANEL_OAUTH_KEY"), ("oauth_secret", "PANEL_OAUTH_SECRET"))
+                   if not (kw.get(name) or os.environ.get(env))]
+        if missing:
+            raise ServeConfigError(f"OAuth provider {oauth!r} needs {' and '.join(missing)} "
+                                   f"(argument or PANEL_{missing[0].upper()} environment variable)")
+    if (basic or oauth) and not (kw.get("cookie_secret") or any(os.environ.get(e) for e in COOKIE_SECRET_ENV)):
+        kw["cookie_secret"] = secrets.token_urlsafe(32)
+        log.warning("no cookie secret given: drew one for this server; logins end when it restarts, "
+                    "and servers behind one proxy need a shared --cookie-secret / PANEL_COOKIE_SECRET")
+
+
 def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1", show: bool = False,
-          **kw: Any) -> Any:
+          reload_interval: float = DEFAULT_INTERVAL, **kw: Any) -> Any:
     """Serve the explorer on ``address:port`` (0: any free port) with ``pn.serve``.
 
     Keyword arguments naming :class:`~explorer.app.ExplorerApp` parameters (``layer``,
     ``page_size``, ``k``, ``cmap``, ...) configure every session; the rest go to ``pn.serve``
-    (``threaded``, ``start``, ``websocket_origin``, ``num_procs``, ...). Blocks unless
-    ``threaded=True`` or ``start=False``; returns what ``pn.serve`` returns.
+    (``threaded``, ``start``, ``websocket_origin``, ``num_procs``, ``prefix``, ``basic_auth``,
+    ``oauth_provider``, ``cookie_secret``, ``admin``, ``liveness``, ...). ``reload_interval``:
+    seconds between checks for a new commit (0: never; see :mod:`explorer.reload`).
+    Blocks unless ``threaded=True`` or ``start=False``; returns what ``pn.serve`` returns.
     """
     urls = [stores] if isinstance(stores, str) else [str(s) for s in stores]
+    if kw.get("threaded") and int(kw.get("num_procs") or 1) != 1:
+        raise ServeConfigError("num_procs > 1 forks the server process: it cannot run threaded")
+    check_auth(kw)
     for url in urls:
         get_reader(url)  # fail fast, and warm the per-process cache the sessions share
     options = {k: kw.pop(k) for k in list(kw) if k in APP_OPTIONS}
     kw.setdefault("title", "hoverlay explorer")
-    return pn.serve(session_factory(urls, options), port=port, address=address, show=show, **kw)
+    kw.setdefault("liveness", True)
+    pn.config.exception_handler = show_session_error
+    return pn.serve(session_factory(urls, options, reload_interval), port=port, address=address,
+                    show=show, **kw)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,19 +160,75 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
                         help="search top-k only on pin / button, not whenever the pointer rests "
                              "(for large stores without an index)")
+    srv = parser.add_argument_group("server (passed to Panel's server)")
+    srv.add_argument("--num-procs", type=int, default=1, metavar="N",
+                     help="worker processes forked after the stores are opened (0: one per CPU); "
+                          "a browser session lives in one process, so a proxy in front must be sticky")
+    srv.add_argument("--prefix", default=None, help="URL prefix, e.g. 'hoverlay' behind a proxy at /hoverlay/")
+    srv.add_argument("--admin", action="store_true", help="Panel's admin page at /admin (behind the same auth)")
+    srv.add_argument("--reload-interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                     help=f"check for new commits every SECONDS (0: never; default {DEFAULT_INTERVAL:g})")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="server log level (default info)")
+    auth = parser.add_argument_group("authentication (Panel's; secrets are best given as environment "
+                                     "variables PANEL_COOKIE_SECRET, PANEL_OAUTH_KEY, PANEL_OAUTH_SECRET)")
+    auth.add_argument("--basic-auth", metavar="FILE", default=None,
+                      help='JSON file {"user": "password", ...}: a login page guards the app')
+    auth.add_argument("--oauth-provider", default=None,
+                      help="OAuth provider (github, google, azure, okta, generic, ...; see Panel's docs)")
+    auth.add_argument("--oauth-key", default=None, help="OAuth client id")
+    auth.add_argument("--oauth-secret", default=None, help="OAuth client secret")
+    auth.add_argument("--oauth-redirect-uri", default=None, help="OAuth redirect URI (behind a proxy)")
+    auth.add_argument("--oauth-extra-params", default=None, metavar="JSON",
+                      help="extra provider parameters as a JSON object")
+    auth.add_argument("--oauth-encryption-key", default=None, help="key encrypting OAuth tokens in cookies")
+    auth.add_argument("--cookie-secret", default=None,
+                      help="secret signing login cookies (default: PANEL_COOKIE_SECRET, else random per start)")
     return parser
+
+
+#: argparse destinations passed to ``pn.serve`` under the same name when given.
+SERVER_ARGUMENTS = ("prefix", "basic_auth", "oauth_provider", "oauth_key", "oauth_secret",
+                    "oauth_redirect_uri", "oauth_encryption_key", "cookie_secret")
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``pn.serve`` keywords from parsed ``hoverlay serve`` arguments."""
+    extra: dict[str, Any] = {name: getattr(args, name) for name in SERVER_ARGUMENTS
+                             if getattr(args, name, None) is not None}
+    if getattr(args, "allow_websocket_origin", None):
+        extra["websocket_origin"] = args.allow_websocket_origin
+    if getattr(args, "num_procs", 1) != 1:
+        extra["num_procs"] = args.num_procs
+    if getattr(args, "admin", False):
+        extra["admin"] = True
+    if getattr(args, "oauth_extra_params", None):
+        try:
+            extra["oauth_extra_params"] = dict(json.loads(args.oauth_extra_params))
+        except (ValueError, TypeError) as exc:
+            raise ServeConfigError(f"--oauth-extra-params is not a JSON object: {exc}") from None
+    return extra
 
 
 def main_serve(args: argparse.Namespace) -> int:
     """Run ``hoverlay serve`` from parsed arguments; blocks until interrupted."""
+    level = getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO)
+    logging.getLogger("explorer").setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk")
                if getattr(args, name, None) is not None}
-    extra: dict[str, Any] = {}
-    if args.allow_websocket_origin:
-        extra["websocket_origin"] = args.allow_websocket_origin
-    print(f"hoverlay explorer: http://{args.address}:{args.port}/", flush=True)
+    try:
+        extra = server_options(args)
+        check_auth(extra)
+    except ServeConfigError as exc:
+        print(f"hoverlay serve: {exc}", file=sys.stderr)
+        return 2
+    prefix = "/" + str(extra.get("prefix", "")).strip("/") if extra.get("prefix") else ""
+    print(f"hoverlay explorer: http://{args.address}:{args.port}{prefix}/", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
-        serve(args.stores, port=args.port, address=args.address, show=args.show, **options, **extra)
+        serve(args.stores, port=args.port, address=args.address, show=args.show,
+              reload_interval=getattr(args, "reload_interval", DEFAULT_INTERVAL), **options, **extra)
     return 0
 
 

@@ -33,7 +33,7 @@ class LayerGeometry:
 def patch_id(image: int | np.ndarray, y: int | np.ndarray, x: int | np.ndarray,
              geometry: LayerGeometry, n_images: int | None = None) -> np.ndarray | int:
     """Global patch id of (image, y, x); raises :class:`OutOfRangeError` naming the bad value."""
-    image_a, y_a, x_a = (np.asarray(v, dtype=np.int64) for v in (image, y, x))
+    image_a, y_a, x_a = (_as_int64(name, v) for name, v in (("image", image), ("y", y), ("x", x)))
     _check_range("y", y_a, geometry.height)
     _check_range("x", x_a, geometry.width)
     if n_images is not None:
@@ -56,6 +56,14 @@ def patch_coords(ids: int | np.ndarray, geometry: LayerGeometry,
     image, rest = np.divmod(ids_a, geometry.patches_per_image)
     y, x = np.divmod(rest, geometry.width)
     return image, y, x
+
+
+def _as_int64(name: str, values: int | np.ndarray) -> np.ndarray:
+    """int64 array, or :class:`OutOfRangeError` for values beyond int64 (e.g. from a URL)."""
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except OverflowError:
+        raise OutOfRangeError(f"{name} {values} is out of range") from None
 
 
 def _check_range(name: str, values: np.ndarray, upper: int) -> None:

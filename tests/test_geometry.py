@@ -30,6 +30,11 @@ def test_out_of_range_names_the_value(args, bad):
         patch_id(*args, G, n_images=4)
 
 
+def test_ids_beyond_int64_are_out_of_range():
+    with pytest.raises(OutOfRangeError, match="image 99999999999999999999"):
+        patch_id(99999999999999999999, 0, 0, G)
+
+
 def test_patch_coords_out_of_range():
     with pytest.raises(OutOfRangeError, match="patch id 140"):
         patch_coords(140, G, n_images=4)

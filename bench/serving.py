@@ -1,0 +1,286 @@
+"""Serving benchmarks: many sessions hovering at once, reload latency, kills during index saves.
+
+``python -m bench.serving [--sessions 20 40] [--seconds 12] [--kills 30]`` starts real servers
+(``python -m explorer.serve``) on synthetic stores, drives them with
+:class:`bench.wsclient.BokehSession` clients and writes ``bench/results/serving.json``. The
+lighter versions of the same checks are ``tests/test_serving.py``.
+
+What a client does (:func:`hover_like_a_user`): strokes of pointer moves at ``rate`` patch
+changes per second, sent without waiting for replies as a browser does, separated by rests long
+enough for the explorer's "pointer rests" work (layer view, top-k search and its cards). The
+latency of a move is the time from sending it to receiving the overlays it caused; the server
+answers a session's moves in order, so the n-th overlay update answers the n-th move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.common import report
+from bench.wsclient import BokehSession
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class ClientRun:
+    sent: list[float]  # perf_counter() of each move
+    got: list[float]  # arrival of each overlay update (in order)
+    cells: list[tuple[int, int, int]]  # (tile, y, x) of each move
+    topk: bool  # whether the session showed a top-k result
+
+    @property
+    def latencies(self) -> list[float]:
+        return [g - t for t, g in zip(self.sent, self.got, strict=False)]
+
+
+async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, moves: int = 8,
+                            rate: float = 6.0, rest: float = 0.6, drain: float = 7.0,
+                            tiles: int = 8, grid: tuple[int, int] = (8, 8)) -> ClientRun:
+    """Strokes of ``moves`` pointer moves at ``rate``/s, each followed by a ``rest``; then wait up
+    to ``drain`` seconds for the overlays of every move."""
+    rng = random.Random(seed)
+    ids = s.overlay_ids()
+    base = len(s.updates)
+    sent: list[float] = []
+    cells: list[tuple[int, int, int]] = []
+    for _ in range(strokes):
+        for _ in range(moves):
+            cell = cells[-1] if cells else (-1, -1, -1)
+            while cell[0] < 0 or (cells and cell == cells[-1]):  # the page only sends patch changes
+                cell = (rng.randrange(tiles), rng.randrange(grid[0]), rng.randrange(grid[1]))
+            cells.append(cell)
+            sent.append(time.perf_counter())
+            s.pointer(*cell)
+            await asyncio.sleep(1 / rate)
+        await asyncio.sleep(rest)
+
+    def answered() -> bool:  # every move's overlays, and the top-k of the last rest
+        return (sum(1 for u in s.updates[base:] if u.models & ids) >= len(sent)
+                and (rest < 0.2 or "patches of the store closest to" in s.texts()))
+
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):  # counted by the caller
+        await s.wait_for(answered, drain)
+    got = [u.time for u in s.updates[base:] if u.models & ids]
+    return ClientRun(sent, got, cells, "patches of the store closest to" in s.texts())
+
+
+def percentiles(runs: list[ClientRun]) -> dict[str, float]:
+    lat = np.array([x for r in runs for x in r.latencies]) * 1000
+    if lat.size == 0:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    p50, p95, p99, worst = np.percentile(lat, [50, 95, 99, 100])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(worst)}
+
+
+# ------------------------------------------------------------------------- plumbing
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(stores: list[str], *args: str, log: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", *stores, "--port", str(port), *args],
+                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "liveness", timeout=5).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                with open(log) as fh:
+                    raise RuntimeError(fh.read()) from None
+            time.sleep(0.3)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+# ---------------------------------------------------------------------------- load
+async def _load(url: str, n: int, seconds: float, rate: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    sessions = await asyncio.gather(*(BokehSession.open(url) for _ in range(n)))
+    opened = time.perf_counter() - t0
+    strokes = max(1, int(seconds / (8 / rate + 0.6)))
+    try:
+        t1 = time.perf_counter()
+        runs = await asyncio.gather(*(hover_like_a_user(s, i, strokes=strokes, rate=rate, drain=30)
+                                      for i, s in enumerate(sessions)))
+        wall = time.perf_counter() - t1
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    moves = sum(len(r.sent) for r in runs)
+    return {"sessions": n, "open_s": opened, "hover_wall_s": wall, "moves": moves,
+            "answered": sum(len(r.got) for r in runs), "topk_shown": sum(r.topk for r in runs),
+            **percentiles(runs)}
+
+
+def bench_load(store: str, sessions: list[int], seconds: float, rate: float, workdir: str) -> list[dict[str, Any]]:
+    rows = []
+    for live in (True, False):
+        for n in sessions:
+            log = os.path.join(workdir, f"load-{n}-{live}.log")
+            proc, url = start_server([store], "--page-size", "8", "-k", "5",
+                                     *([] if live else ["--no-live-topk"]), log=log)
+            try:
+                cpu0 = cpu_seconds(proc.pid)
+                row = asyncio.run(_load(url, n, seconds, rate))
+                row["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+            finally:
+                stop(proc)
+            with open(log) as fh:
+                text = fh.read()
+            row.update(live_topk=live, server_errors=text.count("ERROR") + text.count("Traceback"))
+            rows.append(row)
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows
+
+
+# -------------------------------------------------------------------------- reload
+async def _reload(url: str, store: str, commits: int, interval: float) -> list[float]:
+    from stores import StoreWriter
+    from stores.synthetic import clustered_activations, synthetic_pixels
+
+    s = await BokehSession.open(url)
+    delays = []
+    try:
+        for c in range(commits):
+            w = StoreWriter.open(store)
+            start = w.reserve(8)
+            rng = np.random.default_rng(100 + c)
+            w.write_block(start, synthetic_pixels(rng, 8, w.attrs.image_size),
+                          {k: clustered_activations(rng, (8, g.height, g.width, g.dim)) for k, g in w.layers.items()})
+            w.write_table(start, [{"source": f"r{c}-{i}", "label": "r", "hash": f"r{c}-{i}"} for i in range(8)])
+            w.commit(start + 8)
+            t = time.perf_counter()
+            await s.wait_for(lambda n=start + 8: f"· {n} images" in s.texts(), 10 * interval + 10)
+            delays.append(time.perf_counter() - t)
+            await asyncio.sleep(random.uniform(0, interval))
+    finally:
+        await s.close()
+    return delays
+
+
+def bench_reload(store: str, commits: int, interval: float, workdir: str) -> dict[str, Any]:
+    proc, url = start_server([store], "--page-size", "8", "--reload-interval", str(interval),
+                             log=os.path.join(workdir, "reload.log"))
+    try:
+        idle0 = cpu_seconds(proc.pid)
+        time.sleep(5)
+        idle = (cpu_seconds(proc.pid) - idle0) / 5
+        delays = asyncio.run(_reload(url, store, commits, interval))
+    finally:
+        stop(proc)
+    row = {"interval_s": interval, "commits": commits, "idle_cpu_fraction": idle,
+           "visible_after_p50_s": float(np.median(delays)), "visible_after_max_s": float(np.max(delays))}
+    print(row, flush=True)
+    return row
+
+
+# -------------------------------------------------------------------- kills in save
+SAVER = """
+import sys, numpy as np
+from stores import PatchIndex
+url, n = sys.argv[1], int(sys.argv[2])
+vecs = np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)
+versions = []
+for total in (n // 2, n):
+    index = PatchIndex.create(64, "IDMap,Flat")
+    index.add(vecs[:total], np.arange(total))
+    index.meta["images_indexed"] = total
+    versions.append(index)
+versions[0].save(url, "l")
+print("saved", flush=True)
+while True:
+    for index in versions[::-1] + versions:
+        print("saving", index.ntotal, flush=True)
+        index.save(url, "l")
+"""
+
+
+def bench_kills(kills: int, n: int, workdir: str) -> dict[str, Any]:
+    from stores import PatchIndex
+    from stores.errors import StoreError
+
+    url = os.path.join(workdir, "kill-store")
+    outcomes: dict[str, int] = {"old_or_new": 0, "stale_detected": 0, "unloadable": 0}
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, url, str(n)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        for _ in range(random.randint(1, 3)):
+            proc.stdout.readline()
+        time.sleep(random.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            index = PatchIndex.load(url, "l")
+            ok = index.ntotal in (n // 2, n) and index.meta["images_indexed"] == index.ntotal
+            outcomes["old_or_new" if ok else "unloadable"] += 1
+        except StoreError:
+            outcomes["stale_detected"] += 1
+        except Exception:
+            outcomes["unloadable"] += 1
+    row = {"kills": kills, "vectors": n, **outcomes}
+    print(row, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sessions", type=int, nargs="+", default=[10, 20, 40])
+    p.add_argument("--seconds", type=float, default=12, help="hovering time per load run")
+    p.add_argument("--rate", type=float, default=6.0, help="patch changes per second while moving")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--commits", type=int, default=8)
+    args = p.parse_args(argv)
+
+    from stores import LayerGeometry
+    from stores.synthetic import make_synthetic_store
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        store = os.path.join(tmp, "store")
+        make_synthetic_store(store, args.images, layers={"fine": LayerGeometry(8, 8, 16),
+                                                         "coarse": LayerGeometry(4, 4, 32)}, image_size=64)
+        load = bench_load(store, args.sessions, args.seconds, args.rate, tmp)
+        reload_row = bench_reload(store, args.commits, 1.0, tmp)
+        kills = bench_kills(args.kills, 200_000, tmp)
+    report("serving", load, extra={"reload": reload_row, "kills": kills})
+
+
+if __name__ == "__main__":
+    main()

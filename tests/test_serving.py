@@ -1,0 +1,714 @@
+"""The explorer's server as deployed: real server processes on 127.0.0.1, real stores, no mocks.
+
+Sessions are driven by :class:`bench.wsclient.BokehSession`, a websocket client that speaks the
+Bokeh protocol the way the page's JavaScript does (20 Chromium pages do not fit two cores; the
+server cannot tell the difference). Three servers start together when the module starts:
+
+- ``main``: ``python -m explorer.serve`` over stores A (default; "fine" indexed, "coarse" not),
+  B (index stale) and C (appended to while serving), checking for commits every 0.5 s;
+- ``auth``: ``hoverlay serve`` (``python -m pipeline.cli``) with basic auth, a URL prefix and two
+  forked processes;
+- ``plain``: ``panel serve explorer/app_module.py`` with the stores in ``HOVERLAY_STORE``.
+
+Every server writes its log to a file, and tests that must not provoke errors read the part of
+the log written while they ran. Heavier variants (more sessions, longer runs, many kills) are in
+``bench/serving.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.serving import hover_like_a_user, percentiles  # noqa: E402
+from bench.wsclient import BokehSession, SessionRefused  # noqa: E402
+from stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
+from stores.errors import StoreError  # noqa: E402
+from stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+S = 64
+LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(4, 4, 32)}
+PAGE_SIZE, K = 8, 5
+PASSWD = "root:x:0:0"  # what /etc/passwd starts with: it must never reach a client
+USERS = {"alice": "correct horse battery"}
+
+
+# ============================================================================ stores
+def _index(url: str, layer: str, images: int) -> None:
+    """An exact FAISS index over the first ``images`` images of a layer."""
+    r = open_store(url)
+    g = r.geometry(layer)
+    vecs = r.vectors(layer, slice(0, images)).reshape(-1, g.dim).astype(np.float32)
+    index = PatchIndex.create(g.dim, "IDMap,Flat")
+    index.add(vecs, np.arange(len(vecs), dtype=np.int64))
+    index.meta["images_indexed"] = images
+    index.save(url, layer)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("serving")
+    out = {}
+    for name, n, seed in (("a", 64, 0), ("b", 24, 3), ("c", 32, 5), ("unserved", 8, 7)):
+        out[name] = str(base / name)
+        make_synthetic_store(out[name], n, layers=LAYERS, image_size=S, chunk=8, seed=seed,
+                             labels=("cat", "dog"))
+    _index(out["a"], "fine", 64)  # fresh; "coarse" of A has none (missing)
+    _index(out["b"], "fine", 16)  # covers 16 of 24 images: stale
+    return out
+
+
+# =========================================================================== servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A server process, its base URL and its log file."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+    ready_path: str = "liveness"
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+    def log(self, since: int = 0) -> str:
+        return self.log_path.read_text(errors="replace")[since:]
+
+    def mark(self) -> int:
+        return len(self.log_path.read_text(errors="replace"))
+
+    def wait(self, timeout: float = 120) -> Server:
+        while not self.ready:
+            try:
+                urllib.request.urlopen(self.url + self.ready_path, timeout=5).read()
+                self.ready = True
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() - self.started > timeout:
+                    raise RuntimeError(f"{self.name} server did not start:\n{self.log()}") from None
+                time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does; forked workers follow
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def launch(name: str, cmd: list[str], url: str, log_dir: Path, env: dict[str, str] | None = None,
+           ready_path: str = "liveness") -> Server:
+    log_path = log_dir / f"{name}.log"
+    fh = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    fh.close()
+    return Server(name, proc, url, log_path, ready_path)
+
+
+def errors_in(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "ERROR" in line or "Traceback" in line]
+
+
+@pytest.fixture(scope="module")
+def servers(stores, tmp_path_factory):
+    """Start the three servers at once (they start in parallel; tests wait for the one they use)."""
+    logs = tmp_path_factory.mktemp("logs")
+    users = logs / "users.json"
+    users.write_text(json.dumps(USERS))
+    main_port, auth_port, plain_port = free_port(), free_port(), free_port()
+    py = sys.executable
+    out = {
+        "main": launch("main", [py, "-m", "explorer.serve", stores["a"], stores["b"], stores["c"],
+                                "--port", str(main_port), "--page-size", str(PAGE_SIZE), "-k", str(K),
+                                "--reload-interval", "0.5"],
+                       f"http://127.0.0.1:{main_port}/", logs),
+        "auth": launch("auth", [py, "-m", "pipeline.cli", "serve", stores["a"], "--port", str(auth_port),
+                                "--basic-auth", str(users), "--prefix", "hv", "--num-procs", "2",
+                                "--page-size", str(PAGE_SIZE)],
+                       f"http://127.0.0.1:{auth_port}/hv/", logs,
+                       env={"PANEL_COOKIE_SECRET": secrets.token_urlsafe(24)}),
+        "plain": launch("plain", [py, "-m", "panel", "serve", "explorer/app_module.py", "--port", str(plain_port),
+                                  "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{plain_port}",
+                                  "--liveness"],
+                        f"http://127.0.0.1:{plain_port}/", logs,
+                        env={"HOVERLAY_STORE": os.pathsep.join([stores["a"], stores["b"]])}),
+    }
+    yield out
+    for server in out.values():  # all at once: each takes a moment to wind down
+        server.proc.send_signal(signal.SIGINT)
+    for server in out.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def main(servers) -> Server:
+    return servers["main"].wait()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def text(session: BokehSession) -> str:
+    """All prose of the client's document, unescaped (Panel escapes Markdown/HTML panes' text)."""
+    return html.unescape(html.unescape(session.texts()))
+
+
+def page_info(session: BokehSession) -> str:
+    m = re.search(r"page (?:<strong>)?(\d+)(?:</strong>)? / (\d+) · (\d+) images", text(session))
+    return m.group(0) if m else ""
+
+
+def n_images(session: BokehSession) -> int:
+    m = re.search(r"· (\d+) images", text(session))
+    return int(m.group(1)) if m else -1
+
+
+def expected_maps(url: str, layer: str, ids: list[int], image: int, y: int, x: int) -> np.ndarray:
+    """Independent float64 cosine maps of the page's images to one stored patch."""
+    r = open_store(url)
+    q = r.vectors(layer, image)[y, x].astype(np.float64)
+    return np.einsum("nhwd,d->nhw", r.vectors(layer, np.asarray(ids)).astype(np.float64), q)
+
+
+async def use_store(session: BokehSession, url: str, images: int) -> None:
+    """Switch a session to another served store with the store selector, as a user would."""
+    session.change(session.widget("Store"), "value", url)
+    await session.wait_for(lambda: n_images(session) == images, 20)
+
+
+async def rest_and_topk(session: BokehSession, tile: int, y: int, x: int) -> str:
+    """Hover a patch and let the pointer rest: the top-k heading for that patch."""
+    await session.hover(tile, y, x)
+    image = session.page_image_ids()[tile]
+    await session.wait_for(lambda: f"closest to #{image} ({y},{x})" in text(session), 20)
+    return next(line for line in text(session).splitlines() if f"closest to #{image} ({y},{x})" in line)
+
+
+# ================================================================================ CLI
+def test_hoverlay_serve_passes_server_options_to_panel(tmp_path):
+    from explorer.serve import ServeConfigError, check_auth, server_options, split_store_list
+    from pipeline.cli import parser
+
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps(USERS))
+    args = parser().parse_args(["serve", "s1", "s2", "--port", "0", "--num-procs", "3", "--prefix", "hv",
+                                "--allow-websocket-origin", "example.org", "--basic-auth", str(users),
+                                "--cookie-secret", "x" * 32, "--admin", "--reload-interval", "5"])
+    assert args.stores == ["s1", "s2"] and args.reload_interval == 5
+    assert server_options(args) == {"prefix": "hv", "basic_auth": str(users), "cookie_secret": "x" * 32,
+                                    "websocket_origin": ["example.org"], "num_procs": 3, "admin": True}
+    oauth = parser().parse_args(["serve", "s", "--oauth-provider", "github", "--oauth-key", "k",
+                                 "--oauth-secret", "s", "--oauth-extra-params", '{"scope": "read"}'])
+    opts = server_options(oauth)
+    assert opts["oauth_provider"] == "github" and opts["oauth_extra_params"] == {"scope": "read"}
+    check_auth(opts)
+    assert opts["cookie_secret"]  # drawn when none is given: logins need signed cookies
+    # options that would fail open or late are refused up front
+    for bad, message in [({"basic_auth": str(tmp_path / "typo.json")}, "does not exist"),
+                         ({"basic_auth": str(tmp_path)}, "not readable"),
+                         ({"basic_auth": str(users), "oauth_provider": "github"}, "not both"),
+                         ({"oauth_provider": "github"}, "needs oauth_key and oauth_secret")]:
+        with pytest.raises(ServeConfigError, match=message):
+            check_auth(dict(bad))
+    (tmp_path / "list.json").write_text('["alice"]')
+    with pytest.raises(ServeConfigError, match="must hold"):
+        check_auth({"basic_auth": str(tmp_path / "list.json")})
+    assert split_store_list(os.pathsep.join(["/d/a", "s3://bucket/b", "/d/c"])) == ["/d/a", "s3://bucket/b", "/d/c"]
+    assert split_store_list("/d/a,/d/b") == ["/d/a", "/d/b"]
+
+
+# ====================================================================== liveness, selector
+def test_liveness_and_the_store_selector(main, stores):
+    assert json.loads(urllib.request.urlopen(main.url + "liveness", timeout=10).read()) == {"/liveness": True}
+
+    async def go():
+        s = await BokehSession.open(main.url)
+        try:
+            options = [o[0] if isinstance(o, list) else o for o in s.widget("Store").attributes["options"]]
+            assert options == [stores["a"], stores["b"], stores["c"]]
+            assert n_images(s) == 64
+            await use_store(s, stores["b"], 24)
+            assert s.page_image_ids() == list(range(PAGE_SIZE))
+            await s.hover(3, 2, 5)  # tile 3 of page 1 is image 3
+            want = expected_maps(stores["b"], "fine", s.page_image_ids(), 3, 2, 5)
+            np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
+        finally:
+            await s.close()
+
+    run(go())
+
+
+# ====================================================================== build while serving
+def _append(writer: StoreWriter, start: int, n: int, seed: int) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    acts = {name: clustered_activations(rng, (n, g.height, g.width, g.dim)) for name, g in writer.layers.items()}
+    pixels = synthetic_pixels(rng, n, S)
+    return acts, pixels
+
+
+def test_build_while_serving_shows_only_commits_and_picks_them_up(main, stores):
+    url, before, added = stores["c"], 32, 16
+    mark = main.mark()
+
+    async def go():
+        s = await BokehSession.open(main.url)
+        try:
+            await use_store(s, url, before)
+            writer = StoreWriter.open(url)
+            start = writer.reserve(added)
+            acts, pixels = _append(writer, start, added, seed=11)
+            rows = [{"source": f"new://{i}", "label": "new", "hash": f"new-{i}"} for i in range(added)]
+            steps = [lambda: writer.write_block(start, pixels[:8], {k: v[:8] for k, v in acts.items()}),
+                     lambda: (writer.write_block(start + 8, pixels[8:], {k: v[8:] for k, v in acts.items()}),
+                              writer.write_table(start, rows))]
+            for n_step, step in enumerate(steps):  # reserved + half written; all written: not committed
+                step()
+                for i in range(2):  # across several reload checks (every 0.5 s)
+                    await s.hover(i + 2 * n_step, i + 1, 2)
+                    await asyncio.sleep(0.3)
+                assert n_images(s) == before, page_info(s)
+                if n_step == 0:
+                    late = await BokehSession.open(main.url)  # a session opened mid-build
+                    await use_store(late, url, before)
+                    await late.close()
+            writer.commit(start + added)
+            t = time.perf_counter()
+            await s.wait_for(lambda: n_images(s) == before + added, 10)
+            picked_up = time.perf_counter() - t
+            # the new images are reachable in the running session: last page, real data
+            for _ in range((before + added) // PAGE_SIZE - 1):
+                ids = s.page_image_ids()
+                s.click(s.button("next ▶"))
+                await s.wait_for(lambda ids=ids: s.page_image_ids() != ids, 10)
+            ids = s.page_image_ids()
+            assert ids == list(range(before + added - PAGE_SIZE, before + added))
+            await s.hover(5, 6, 1)
+            np.testing.assert_allclose(s.tile_maps("fine", S), expected_maps(url, "fine", ids, ids[5], 6, 1), atol=2e-3)
+            head = await rest_and_topk(s, 5, 6, 2)
+            assert "exact" in head  # C has no index: the scan covers the new images
+            return picked_up
+        finally:
+            await s.close()
+
+    picked_up = run(go())
+    print(f"\nnew commit visible in a running session after {picked_up:.2f} s (checks every 0.5 s)")
+    assert not errors_in(main.log(mark)), main.log(mark)
+
+
+# =============================================================================== faults
+def test_missing_or_stale_index_falls_back_to_exact_search_with_a_warning(main, stores):
+    mark = main.mark()
+
+    async def go():
+        s = await BokehSession.open(main.url, "?layer=coarse")
+        try:
+            head = await rest_and_topk(s, 2, 1, 3)
+            assert "exact scan" in head and "no index for layer 'coarse'" in text(s)
+            await use_store(s, stores["b"], 24)  # a store switch starts on its first layer again
+            head = await rest_and_topk(s, 4, 5, 6)
+            assert "exact scan" in head and "covers 16 of 24 images (stale)" in text(s)
+        finally:
+            await s.close()
+
+    run(go())
+    assert not errors_in(main.log(mark)), main.log(mark)
+
+
+SAVER = textwrap.dedent("""
+    import sys, numpy as np
+    from stores import PatchIndex
+    url, n = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, 64)).astype(np.float32)
+    versions = []
+    for total in (n // 2, n):
+        index = PatchIndex.create(64, "IDMap,Flat")
+        index.add(vecs[:total], np.arange(total))
+        index.meta["images_indexed"] = total
+        versions.append(index)
+    versions[0].save(url, "l")
+    print("saved", flush=True)
+    while True:
+        for index in versions[::-1] + versions:
+            print("saving", index.ntotal, flush=True)
+            index.save(url, "l")
+""")
+
+
+def test_sigkill_during_index_save_leaves_a_loadable_index(tmp_path):
+    """A build killed while it writes an index: what it leaves is the old or the new index; a
+    kill between the .faiss and the .json rename is the documented "stale" state (exact search)."""
+    url, n = str(tmp_path / "store"), 200_000  # 51 MB of float32: each save takes a while
+    outcomes = []
+    for round_ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, url, str(n)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saved"
+        for _ in range(2 + round_):  # land the kill in a later save
+            assert proc.stdout.readline().startswith("saving")
+        time.sleep(random.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            index = PatchIndex.load(url, "l")
+        except StoreError as exc:  # crash between the two renames: detected, never misread
+            assert "stale" in str(exc)
+            outcomes.append("stale")
+            continue
+        assert index.ntotal in (n // 2, n) and index.meta["ntotal"] == index.ntotal
+        assert index.meta["images_indexed"] == index.ntotal
+        probe = np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)[index.ntotal - 1]
+        _, ids = index.search(probe, 1)
+        assert ids[0][0] == index.ntotal - 1  # the vectors are the ones saved, not a torn file
+        outcomes.append(index.ntotal)
+    print(f"\nafter kill -9 during save: {outcomes}")
+
+
+def tiny_model():
+    """A two-conv model (python:test_serving:tiny_model) so a real build takes a second, not a minute."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 2, stride=2), nn.ReLU())
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return res.returncode == 0
+
+
+def test_disk_full_build_fails_cleanly_and_a_later_build_resumes(tmp_path):
+    from conftest import write_generated_images
+
+    from pipeline.build import build
+    from stores.lock import StoreLock
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "6m"):
+        pytest.skip("needs root to mount a small tmpfs (mount -t tmpfs -o size=6m)")
+    try:
+        images = tmp_path / "images"
+        write_generated_images(str(images), 10, seed=1, label="first")
+        model = {"model": f"python:{__name__}:tiny_model", "layers": ["1", "3"], "size": S, "chunk": 4,
+                 "batch_size": 4, "quiet": True, "index": False}
+        store = str(disk / "store")
+        assert build(str(images), store, **model).committed == 10
+        write_generated_images(str(images), 40, seed=2, label="second")
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 150_000))  # ~150 kB left: a few waves fit
+        with pytest.raises(OSError) as failure:
+            build(str(images), store, **model)
+        assert failure.value.errno == 28  # ENOSPC, not something else
+        r = open_store(store)  # the last commit is intact: every committed row reads back
+        committed = r.n_images
+        assert 10 <= committed < 50
+        assert list(r.table()["status"]) == ["ok"] * committed
+        assert len(set(r.table()["hash"])) == committed
+        assert r.pixels(slice(None)).shape == (committed, S, S, 3)
+        for layer in ("1", "3"):
+            assert np.isfinite(r.vectors(layer, slice(None)).astype(np.float32)).all()
+        StoreLock(store).acquire().release()  # the failed build released the store
+        (disk / "filler").unlink()
+        summary = build(str(images), store, **{**model, "index": True})
+        assert summary.committed == 50 and summary.added == 50 - committed
+        # the same rows as two builds that never ran out of space
+        ref = str(tmp_path / "reference")
+        build(str(images / "first"), ref, **model)
+        build(str(images), ref, **model)
+        a, b = open_store(store), open_store(ref)
+        for col in ("source", "label", "hash", "status"):
+            assert list(a.table()[col]) == list(b.table()[col]), col
+        np.testing.assert_array_equal(a.pixels(slice(None)), b.pixels(slice(None)))
+        np.testing.assert_array_equal(a.vectors("3", slice(None)), b.vectors("3", slice(None)))
+        assert PatchIndex.load(store, "3").meta["images_indexed"] == 50
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ========================================================================= bad requests
+# Opening a session costs ~1 s of server CPU, so two bad URLs open sessions and the rest reach the
+# same validation through the session's Location model, as a page changing its URL does.
+BAD_URLS = [("?layer=../../etc/passwd", "unknown layer '../../etc/passwd'"), ("?query=-1,0,0", "image -1 is outside")]
+BAD_SEARCHES = [
+    ("?query=0,-3,2", "y -3 is outside"),
+    ("?query=4,2,8", "x 8 is outside"),
+    ("?query=a,b,c&store=/etc/passwd&file=../../etc/passwd", "query 'a,b,c' is not 'image,y,x' with integers"),
+    ("?query=1,2", "query '1,2' is not 'image,y,x'"),
+    ("?page=-4", "page=-4"),  # Panel parses it as -4.0 here, which the app rejects as not an integer
+    ("?page=abc", "bad URL value page='abc'"),
+    ("?page=99999999999999999999999", "99999999999999999999999"),
+    ("?function=/etc/passwd", "unknown similarity function '/etc/passwd'"),
+    ("?layer=" + "x" * 5000, "unknown layer 'xxxx"),
+]
+
+
+def test_bad_url_state_shows_a_message_and_the_server_keeps_serving(main, stores):
+    async def check(s: BokehSession, query: str, says: str) -> None:
+        try:
+            await s.wait_for(lambda: says in s.message(), 10)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{query}: expected {says!r} in the message, got {s.message()!r}") from None
+        assert n_images(s) == 64, query  # still store A: no path from the URL is ever opened
+        assert PASSWD not in text(s)
+
+    async def go():
+        for query, says in BAD_URLS:
+            s = await BokehSession.open(main.url, query)
+            try:
+                await check(s, query, says)
+                await s.hover(1, 2, 3)  # and the session works
+            finally:
+                await s.close()
+        s = await BokehSession.open(main.url)
+        try:
+            location = next(s.find(lambda m: m.type.endswith(".Location")))
+            for query, says in BAD_SEARCHES:
+                s.change(location, "search", query)
+                await check(s, query, says)
+            s.change(location, "search", "?layer=fine&query=&page=1&function=cosine")
+            await s.wait_for(lambda: s.page_image_ids() == list(range(PAGE_SIZE)), 10)
+            await asyncio.sleep(0.3)
+            await s.hover(2, 4, 6)
+            want = expected_maps(stores["a"], "fine", list(range(PAGE_SIZE)), 2, 4, 6)
+            np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
+        finally:
+            await s.close()
+
+    run(go())
+    assert json.loads(urllib.request.urlopen(main.url + "liveness", timeout=10).read()) == {"/liveness": True}
+
+
+def test_a_coordinate_beyond_int64_shows_a_message(main):
+    async def go():
+        s = await BokehSession.open(main.url, "?query=99999999999999999999,0,0")
+        try:
+            await s.wait_for(lambda: bool(s.message()), 2)
+            await s.hover(1, 2, 3, timeout=2)
+        finally:
+            await s.close()
+
+    run(go())
+
+
+def test_malformed_client_updates_are_refused_with_a_message(main, stores):
+    async def go():
+        s = await BokehSession.open(main.url)
+        try:
+            ids = s.overlay_ids()
+            for junk in [{"y": [-1, -1]}, {"y": [1000, 1000]}, {"tile": [10**12] * 2}, {"tile": ["a", "a"]},
+                         {"x": [None, None]}, {"click": [1.5, 1.5]}, {"tile": []}]:
+                seen = len(s.updates)
+                row = {"fig": ["fine", "coarse"], "tile": [1, 1], "y": [2, 2], "x": [3, 3], "cx": [0, 0],
+                       "cy": [0, 0], "w": [1, 1], "h": [1, 1], "click": [0, 0], **junk}
+                s.change(s.by_name("grid-pointer"), "data", row)
+                await asyncio.sleep(0.3)
+                assert not any(u.models & ids for u in s.updates[seen:]), f"{junk} moved the overlays"
+            for title, value, says in [("Page size", 10**9, "page_size' must be at most 64"),
+                                       ("Page size", -5, "page_size' must be at least 1"),
+                                       ("k", 10**9, "ExplorerApp.k' must be at most 64"),
+                                       ("Columns", 0, "ncols' must be at least 1"),
+                                       ("Store", "/etc/passwd", "/etc/passwd not in list"),
+                                       ("Store", "../../etc/passwd", "../../etc/passwd not in list"),
+                                       ("Store", stores["unserved"], f"{stores['unserved']} not in list")]:
+                s.change(s.widget(title), "value", value)
+                await s.wait_for(lambda says=says: says in s.message(), 10)
+                assert "ignored an invalid update" in s.message()
+                assert n_images(s) == 64 and s.page_image_ids() == list(range(PAGE_SIZE)), (title, value)
+            assert PASSWD not in text(s)
+            await s.hover(2, 3, 4)
+            want = expected_maps(stores["a"], "fine", list(range(PAGE_SIZE)), 2, 3, 4)
+            np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
+        finally:
+            await s.close()
+
+    run(go())
+
+
+TRAVERSALS = ["../../etc/passwd", "/etc/passwd", "..%2F..%2F..%2F..%2Fetc%2Fpasswd", "file:///etc/passwd",
+              "%2e%2e/%2e%2e/%2e%2e/etc/passwd"]
+
+
+def test_no_file_path_is_ever_taken_from_the_client(main, stores):
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(main.url.rstrip("/") + path, timeout=20) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    leaks = []
+    paths = [f"/{t}" for t in TRAVERSALS] + [f"/static/{t}" for t in TRAVERSALS] + \
+            [f"/static/extensions/panel/{t}" for t in TRAVERSALS] + [f"/components/{t}" for t in TRAVERSALS] + \
+            ["/?" + "&".join(f"{p}={urllib.parse.quote(t, safe='')}" for p in
+                             ("layer", "query", "page", "function", "store", "file")) for t in TRAVERSALS[:2]] + \
+            ["/autoload.js?bokeh-absolute-url=file:///etc/passwd"]
+    for path in paths:
+        status, body = get(path)
+        if PASSWD.encode() in body:
+            leaks.append((path, status))
+    assert not leaks
+    assert get("/liveness")[0] == 200  # still serving
+
+    async def go():  # the same through the websocket: the store is chosen from a fixed list only
+        s = await BokehSession.open(main.url)
+        try:
+            for t in TRAVERSALS + ["/etc", stores["unserved"]]:
+                s.change(s.widget("Store"), "value", t)
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            assert n_images(s) == 64 and PASSWD not in text(s)
+        finally:
+            await s.close()
+
+    run(go())
+
+
+# ================================================================================= auth
+def test_basic_auth_gives_no_page_and_no_data_without_a_login(servers, stores):
+    auth = servers["auth"].wait()
+    opener = urllib.request.build_opener(NoRedirect)
+    for path in ("", "?query=1,2,3", "autoload.js?bokeh-autoload-element=x&bokeh-absolute-url=" + auth.url):
+        resp = opener.open(auth.url + path, timeout=20)
+        body = resp.read().decode(errors="replace")
+        assert resp.status == 302 and "login?next=%2Fhv%2F" in resp.headers["Location"], (path, resp.status)
+        assert "token" not in body and "images" not in body
+    assert json.loads(urllib.request.urlopen(auth.url + "liveness", timeout=10).read()) == {"/hv/liveness": True}
+
+    async def go():
+        from bokeh.util.token import generate_jwt_token, generate_session_id
+
+        with pytest.raises(SessionRefused):  # a forged session token, no login cookie
+            await BokehSession.connect(auth.url, generate_jwt_token(generate_session_id()))
+        with pytest.raises(SessionRefused):  # a wrong password gives no cookie
+            await BokehSession.open(auth.url, cookies=login(auth.url, "alice", "wrong"))
+        s = await BokehSession.open(auth.url, cookies=login(auth.url, "alice", USERS["alice"]))
+        try:  # the positive control: logged in, the same server serves the store
+            assert n_images(s) == 64
+            await s.hover(1, 1, 1)
+        finally:
+            await s.close()
+
+    run(go())
+    assert "Launching server" in auth.log() and auth.log().count("Launching server") == 2  # two workers
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        return fp
+
+
+def login(base: str, user: str, password: str) -> dict[str, str]:
+    """POST the login form like a browser; the signed cookies it sets (none for a wrong password)."""
+    opener = urllib.request.build_opener(NoRedirect)
+    data = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    resp = opener.open(urllib.request.Request(base + "login", data=data), timeout=20)
+    jar = {}
+    for raw in resp.headers.get_all("Set-Cookie") or []:
+        name, _, rest = raw.partition("=")
+        jar[name] = rest.split(";")[0]
+    return {k: v for k, v in jar.items() if k in ("user", "id_token")}
+
+
+# =========================================================================== panel serve
+def test_plain_panel_serve_of_the_app_module(servers, stores):
+    plain = servers["plain"].wait()
+    assert urllib.request.urlopen(plain.url + "liveness", timeout=10).status == 200
+
+    async def go():
+        s = await BokehSession.open(plain.url + "app_module")
+        try:
+            options = [o[0] if isinstance(o, list) else o for o in s.widget("Store").attributes["options"]]
+            assert options == [stores["a"], stores["b"]]
+            await s.hover(2, 3, 1)
+            want = expected_maps(stores["a"], "fine", list(range(16)), 2, 3, 1)
+            np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
+        finally:
+            await s.close()
+
+    run(go())
+    assert not errors_in(plain.log()), plain.log()
+
+
+# ======================================================================= concurrency
+N_SESSIONS = 20
+# A stroke of 15 patch changes at 15/s (a pointer crossing 14 px cells at ~200 px/s: no "rest" between
+# them, as in a browser), then a rest that brings the layer view and a top-k search.
+LOAD = {"strokes": 1, "moves": 15, "rate": 15.0, "rest": 0.6}
+HOVERING = 15.0  # at most this long from the first move to the last (the brief's bound)
+DRAIN = 20.0  # then at most this long for the answers still on their way
+
+
+def test_twenty_sessions_hover_at_once(main, stores):
+    mark = main.mark()
+
+    async def go():
+        t0 = time.perf_counter()
+        sessions = await asyncio.gather(*(BokehSession.open(main.url) for _ in range(N_SESSIONS)))
+        opened = time.perf_counter() - t0
+        async def user(i: int, s: BokehSession):
+            await asyncio.sleep(random.Random(i).uniform(0, 2.0))  # users do not start in step
+            return await hover_like_a_user(s, i, drain=DRAIN, **LOAD)
+
+        try:
+            t1 = time.perf_counter()
+            runs = await asyncio.gather(*(user(i, s) for i, s in enumerate(sessions)))
+            hovering = time.perf_counter() - t1
+            await asyncio.sleep(0.3)
+            return sessions, runs, opened, hovering, [s.tile_maps("fine", S) for s in sessions]
+        finally:
+            await asyncio.gather(*(s.close() for s in sessions))
+
+    sessions, runs, opened, hovering, final = run(go())
+    p = percentiles(runs)
+    print(f"\n{N_SESSIONS} sessions opened in {opened:.1f} s; {sum(len(r.got) for r in runs)} hovers and "
+          f"{sum(r.topk for r in runs)} top-k in {hovering:.1f} s: pointer move -> overlays p50 {p['p50_ms']:.0f} ms, "
+          f"p95 {p['p95_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms, max {p['max_ms']:.0f} ms")
+    moving = max(r.sent[-1] for r in runs) - min(r.sent[0] for r in runs)
+    assert moving <= HOVERING
+    assert not errors_in(main.log(mark)), main.log(mark)
+    for i, r in enumerate(runs):
+        assert len(r.got) == len(r.sent), f"session {i}: {len(r.got)} of {len(r.sent)} moves answered"
+        assert r.topk, f"session {i} never got its top-k"
+        tile, y, x = r.cells[-1]
+        ids = list(range(PAGE_SIZE))
+        np.testing.assert_allclose(final[i], expected_maps(stores["a"], "fine", ids, ids[tile], y, x), atol=2e-3,
+                                   err_msg=f"session {i} shows overlays of another patch")
