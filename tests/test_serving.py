@@ -706,7 +706,8 @@ def test_twenty_sessions_hover_at_once(main, stores):
     assert moving <= HOVERING
     assert not errors_in(main.log(mark)), main.log(mark)
     for i, r in enumerate(runs):
-        assert len(r.got) == len(r.sent), f"session {i}: {len(r.got)} of {len(r.sent)} moves answered"
+        # every move answered; a pointer rest may add one more push (top-k / layer view), which is not an error
+        assert len(r.got) >= len(r.sent), f"session {i}: {len(r.got)} of {len(r.sent)} moves answered"
         assert r.topk, f"session {i} never got its top-k"
         tile, y, x = r.cells[-1]
         ids = list(range(PAGE_SIZE))
