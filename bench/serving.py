@@ -1,6 +1,6 @@
 """Serving benchmarks: many sessions hovering at once, reload latency, kills during index saves.
 
-``python -m bench.serving [--sessions 20 40] [--seconds 12] [--kills 30]`` starts real servers
+``python -m bench.serving [--sessions 10 20 40] [--strokes 2] [--kills 20]`` starts real servers
 (``python -m explorer.serve``) on synthetic stores, drives them with
 :class:`bench.wsclient.BokehSession` clients and writes ``bench/results/serving.json``. The
 lighter versions of the same checks are ``tests/test_serving.py``.
@@ -51,11 +51,14 @@ class ClientRun:
 
 async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, moves: int = 8,
                             rate: float = 6.0, rest: float = 0.6, drain: float = 7.0,
-                            tiles: int = 8, grid: tuple[int, int] = (8, 8)) -> ClientRun:
+                            tiles: int = 8, grid: tuple[int, int] = (8, 8), topk: bool = True) -> ClientRun:
     """Strokes of ``moves`` pointer moves at ``rate``/s, each followed by a ``rest``; then wait up
-    to ``drain`` seconds for the overlays of every move."""
+    to ``drain`` seconds for the overlays of every move (and a top-k, if ``topk``)."""
     rng = random.Random(seed)
     ids = s.overlay_ids()
+    settle_until = time.perf_counter() + 3.0  # let the page's own start-up updates arrive first
+    while time.perf_counter() < settle_until and s.updates and time.perf_counter() - s.updates[-1].time < 0.3:
+        await asyncio.sleep(0.05)
     base = len(s.updates)
     sent: list[float] = []
     cells: list[tuple[int, int, int]] = []
@@ -72,7 +75,7 @@ async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, mov
 
     def answered() -> bool:  # every move's overlays, and the top-k of the last rest
         return (sum(1 for u in s.updates[base:] if u.models & ids) >= len(sent)
-                and (rest < 0.2 or "patches of the store closest to" in s.texts()))
+                and (not topk or rest < 0.2 or "patches of the store closest to" in s.texts()))
 
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):  # counted by the caller
         await s.wait_for(answered, drain)
@@ -130,15 +133,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------- load
-async def _load(url: str, n: int, seconds: float, rate: float) -> dict[str, Any]:
+async def _load(url: str, n: int, strokes: int, rate: float, live: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     sessions = await asyncio.gather(*(BokehSession.open(url) for _ in range(n)))
     opened = time.perf_counter() - t0
-    strokes = max(1, int(seconds / (8 / rate + 0.6)))
+
+    async def user(i: int, s: BokehSession) -> ClientRun:
+        await asyncio.sleep(random.Random(i).uniform(0, 2.0))  # users do not start in step
+        return await hover_like_a_user(s, i, strokes=strokes, moves=15, rate=rate, rest=0.6, drain=60, topk=live)
+
     try:
         t1 = time.perf_counter()
-        runs = await asyncio.gather(*(hover_like_a_user(s, i, strokes=strokes, rate=rate, drain=30)
-                                      for i, s in enumerate(sessions)))
+        runs = await asyncio.gather(*(user(i, s) for i, s in enumerate(sessions)))
         wall = time.perf_counter() - t1
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
@@ -148,7 +154,7 @@ async def _load(url: str, n: int, seconds: float, rate: float) -> dict[str, Any]
             **percentiles(runs)}
 
 
-def bench_load(store: str, sessions: list[int], seconds: float, rate: float, workdir: str) -> list[dict[str, Any]]:
+def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workdir: str) -> list[dict[str, Any]]:
     rows = []
     for live in (True, False):
         for n in sessions:
@@ -157,7 +163,7 @@ def bench_load(store: str, sessions: list[int], seconds: float, rate: float, wor
                                      *([] if live else ["--no-live-topk"]), log=log)
             try:
                 cpu0 = cpu_seconds(proc.pid)
-                row = asyncio.run(_load(url, n, seconds, rate))
+                row = asyncio.run(_load(url, n, strokes, rate, live))
                 row["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
             finally:
                 stop(proc)
@@ -259,11 +265,23 @@ def bench_kills(kills: int, n: int, workdir: str) -> dict[str, Any]:
     return row
 
 
+def add_index(store: str, layer: str) -> None:
+    from stores import PatchIndex, open_store
+
+    r = open_store(store)
+    g = r.geometry(layer)
+    vecs = r.vectors(layer, slice(None)).reshape(-1, g.dim).astype(np.float32)
+    index = PatchIndex.create(g.dim, "IDMap,Flat")
+    index.add(vecs, np.arange(len(vecs), dtype=np.int64))
+    index.meta["images_indexed"] = r.n_images
+    index.save(store, layer)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sessions", type=int, nargs="+", default=[10, 20, 40])
-    p.add_argument("--seconds", type=float, default=12, help="hovering time per load run")
-    p.add_argument("--rate", type=float, default=6.0, help="patch changes per second while moving")
+    p.add_argument("--strokes", type=int, default=2, help="strokes of 15 moves (then a rest) per session")
+    p.add_argument("--rate", type=float, default=15.0, help="patch changes per second while moving")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--commits", type=int, default=8)
@@ -276,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         store = os.path.join(tmp, "store")
         make_synthetic_store(store, args.images, layers={"fine": LayerGeometry(8, 8, 16),
                                                          "coarse": LayerGeometry(4, 4, 32)}, image_size=64)
-        load = bench_load(store, args.sessions, args.seconds, args.rate, tmp)
+        for layer in ("fine", "coarse"):  # as a build leaves it: top-k through an index
+            add_index(store, layer)
+        load = bench_load(store, args.sessions, args.strokes, args.rate, tmp)
         reload_row = bench_reload(store, args.commits, 1.0, tmp)
         kills = bench_kills(args.kills, 200_000, tmp)
     report("serving", load, extra={"reload": reload_row, "kills": kills})

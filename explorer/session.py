@@ -37,10 +37,11 @@ def in_document(doc: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with Panel's current document set to ``doc``.
 
     Bokeh runs a session callback with *its* current document set, but Panel asks its own
-    context variable first, and a callback inherits the context it was scheduled from — a worker
-    thread, a task started while another session was being created — so without this Panel can
-    resolve shared models (stylesheets) of another session's document and Bokeh refuses the
-    update ("Models must be owned by only a single document").
+    context variable first, and a callback inherits the context it was scheduled from (a worker
+    thread, a task started while another session was being created). With the wrong one, Panel
+    hands out shared models (stylesheets) cached for another session's document and Bokeh
+    refuses the update ("Models must be owned by only a single document": seen once in a
+    20-session run before this wrapper, in a top-k callback; not reproduced on demand).
     """
     from panel.io.state import set_curdoc
 
@@ -64,9 +65,10 @@ class _Timer:
     of ms of loop time) is restarted by every pointer move. When the loop is busy — many sessions
     hovering at once — a timer fires late, typically before the loop has read the same session's
     next moves, which would have cancelled it; running the slow work then makes the loop busier
-    still, and every session's hover latency collapses (measured: 20 sessions, 300 moves, only 70
-    answered within 15 s). So a late timer re-arms itself, up to :data:`MAX_DEFERRALS` times: slow
-    work yields to the hover path under load and runs as soon as the loop keeps up.
+    still, and every session's hover latency collapses. So a late timer re-arms itself, up to
+    :data:`MAX_DEFERRALS` times: slow work yields to the hover path under load and runs as soon as
+    the loop keeps up. Measured, 20 sessions x 15 moves at 15/s then a rest, same machine: hover
+    p50 5.4 s / p99 10.1 s without, 0.5 s / 6.6 s with.
     """
 
     def __init__(self, doc: Any, fn: Callable[[], None], delay_ms: float):
