@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_models import model_data
 
 pytestmark = pytest.mark.ui
 
@@ -124,17 +125,6 @@ def open_app(page, server: str, query: str = "", layer: str = "fine") -> None:
         && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0""")
 
 
-def model_data(page, name: str) -> dict:
-    """Columns of a named ColumnDataSource in the browser's document (arrays as nested lists)."""
-    return page.evaluate("""(name) => {
-        const src = Bokeh.documents[0].get_model_by_name(name);
-        const out = {};
-        for (const [k, v] of Object.entries(src.data)) {
-            out[k] = Array.from(v, (e) => (e != null && e.shape !== undefined)
-                                      ? {shape: Array.from(e.shape), values: Array.from(e)} : e);
-        }
-        return out;
-    }""", name)
 
 
 def overlays(page, layer: str) -> np.ndarray:
