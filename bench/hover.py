@@ -180,7 +180,7 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
 def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[str, Any]:
     from explorer.engine import OverlayEngine, Query
     from explorer.kernels import QueryVector
-    from explorer.topk import crop_png, hit_card, search_hits
+    from explorer.topk import card_data, crop_png, search_hits
     from stores import open_store
     from stores.search import LayerSearch
 
@@ -198,7 +198,7 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
         times32.append(time.perf_counter() - t)
         t = time.perf_counter()
         hits, _ = search_hits(search, qv, 8)
-        [hit_card(h, crop_png(reader, layer, h), i) for i, h in enumerate(hits)]
+        [card_data(h, crop_png(reader, layer, h)) for h in hits]
         times_app.append(time.perf_counter() - t)
         if len(times32) >= 5 and sum(times32) > 20:  # exact scans of big stores: enough samples
             break

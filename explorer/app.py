@@ -30,7 +30,7 @@ import param
 from bokeh.models import ColumnDataSource
 from holoviews.plotting.util import process_cmap
 
-from stores import StoreError
+from stores import StoreError, StoreReader
 
 from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls
@@ -51,8 +51,8 @@ from .paging import (
 from .resources import get_layer_stats, get_search, refresh_reader
 from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
 from .sweep_view import SweepView, has_sweeps
-from .topk import Hit, crop_png, hit_card, search_hits
-from .widgets import button
+from .topk import card_data, crop_png, search_hits
+from .topk_view import TopKCards
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis"
 #: URL query parameter of each URL-mirrored app parameter.
 URL_PARAMETERS: dict[str, str] = {"layer": "layer", "query": "query", "page": "page", "function": "function"}
 
-TopKResult = tuple[Query, list[tuple[Hit, str]], "str | None", bool]
+# (store, query, cards, index warning, exact)
+TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", bool]
 
 
 def palette(name: str) -> list[str]:
@@ -138,7 +139,7 @@ class ExplorerApp(param.Parameterized):
         self._grid_row = pn.Row()
         self._query_row = pn.Row()
         self._topk_head = pn.pane.Markdown("**Top-k**: hover a patch", margin=(0, 10))
-        self._topk_items = pn.FlexBox(css_classes=["topk-panel"])
+        self.topk_cards = TopKCards(on_open=self.open_image, sizing_mode="stretch_width")
         self.groups = GroupsOverlay(self)
         self.layout = pn.Row(self.controls.sidebar, pn.Column(margin=(0, 0, 0, 16), objects=[
             self.controls.message,
@@ -150,7 +151,7 @@ class ExplorerApp(param.Parameterized):
                              margin=(10, 10, 0, 10)),
             self._query_row,
             self._topk_head,
-            self._topk_items,
+            self.topk_cards,
         ]))
         self._rebuild()
         self.param.watch(self._on_state, list(URL_PARAMETERS))
@@ -169,9 +170,7 @@ class ExplorerApp(param.Parameterized):
     def _open_store(self, url: str, initial: dict[str, Any] | None = None) -> None:
         self.reader = refresh_reader(url)  # a new session sees images committed since the last one
         self.layer_names = self.reader.layers
-        table = self.reader.table()
-        self._ok, self._labels = table.ok, table["label"]
-        self.param.label.objects = [ALL_LABELS, *sorted({str(v) for v in self._labels[self._ok]})]
+        self._load_table()
         self.param.layers_shown.objects = list(self.layer_names)
         initial = initial or {}
         with param.parameterized.discard_events(self):
@@ -187,6 +186,27 @@ class ExplorerApp(param.Parameterized):
         self._topk_for = None
         self.engine = OverlayEngine(self.reader, [self.active_layer])
 
+    def _load_table(self) -> None:
+        table = self.reader.table()
+        self._ok, self._labels = table.ok, table["label"]
+        self.param.label.objects = [ALL_LABELS, *sorted({str(v) for v in self._labels[self._ok]})]
+
+    def on_commit(self) -> bool:
+        """Catch up with the shared reader's newest commit, keeping layer, query and page.
+
+        Called on the session's document lock by :mod:`explorer.reload` once the process's
+        reader saw a new commit. What depends on the image count changes: the image list (label
+        filter and order), the label choices, the page count and the query inputs' range; the
+        page is redrawn. Returns False when this session already shows that commit.
+        """
+        if self.reader.n_images == len(self._ok):
+            return False
+        self._load_table()
+        self._reorder()
+        self._show_page()
+        self._sync_widgets()
+        return True
+
     def shown_layers(self) -> list[str]:
         """Layers drawn, in store order; always includes the layer the pointer snaps to."""
         chosen = set(self.layers_shown) | {self.active_layer}
@@ -196,12 +216,15 @@ class ExplorerApp(param.Parameterized):
         log.info("explorer: %s", text)
         self.message = text
 
-    def _apply_state(self, initial: bool = False) -> None:
-        """Validate the URL-mirrored parameters (bad ones: message + fallback), then redraw."""
+    def _apply_state(self, initial: bool = False, problems: Sequence[str] = ()) -> None:
+        """Validate the URL-mirrored parameters (bad ones: message + fallback), then redraw.
+
+        ``problems`` are earlier failures (URL values of the wrong type) to report alongside.
+        """
         if self._updating:
             return
         self._updating = True
-        problems = []
+        problems = list(problems)
         try:
             if self.layer not in self.layer_names:
                 problems.append(f"unknown layer {self.layer!r}; this store has {self.layer_names}")
@@ -258,15 +281,22 @@ class ExplorerApp(param.Parameterized):
         self._apply_state()
 
     def _url_error(self, mapped: dict[str, Any]) -> None:
-        """Location sync could not apply URL values at once: apply them one by one, report the bad."""
-        for name, value in mapped.items():
-            try:
-                setattr(self, name, value)
-            except Exception:  # wrong type for the parameter, e.g. ?layer=3 -> int
+        """Location sync could not apply the URL's values at once (one had the wrong type).
+
+        Values are set without events, type failures collected, then the whole state is
+        validated once, so a URL with several bad values reports all of them in one message.
+        """
+        problems = []
+        with param.parameterized.discard_events(self):
+            for name, value in mapped.items():
                 try:
-                    setattr(self, name, str(value))
-                except Exception as exc:
-                    self._say(f"bad URL value {name}={value!r}: {exc}")
+                    setattr(self, name, value)
+                except Exception:  # wrong type for the parameter, e.g. ?layer=3 -> int
+                    try:
+                        setattr(self, name, str(value))
+                    except Exception as exc:
+                        problems.append(f"bad URL value {name}={value!r}: {exc}")
+        self._apply_state(problems=problems)
 
     # ============================================================================= paging
     def _reorder(self) -> None:
@@ -545,52 +575,51 @@ class ExplorerApp(param.Parameterized):
         self._topk_for = key
         self._topk_busy = True
         qv = self.engine.query_vectors(query, [query.layer])[query.layer]  # the engine stays on this thread
-        self._scheduler.in_thread(_executor(), self._compute_topk, query, qv, self.k, done=self._finish_topk)
+        # The store and reader are bound now: a store switch while this runs must not pair the
+        # old query vector with the new store's index.
+        self._scheduler.in_thread(_executor(), self._compute_topk, self.store, self.reader, query, qv, self.k,
+                                  done=self._finish_topk)
 
-    def _compute_topk(self, query: Query, qv: QueryVector, k: int) -> TopKResult:
+    @staticmethod
+    def _compute_topk(store: str, reader: StoreReader, query: Query, qv: QueryVector, k: int) -> TopKResult:
         """Runs in a worker thread: search, then crops (only the shared reader and index)."""
-        search = get_search(self.store, query.layer)
+        search = get_search(store, query.layer)
         hits, exact = search_hits(search, qv, k)
-        cards = [(h, hit_card(h, crop_png(self.reader, query.layer, h), rank)) for rank, h in enumerate(hits)]
-        return query, cards, search.warning, exact
+        cards = [card_data(h, crop_png(reader, query.layer, h)) for h in hits]
+        return store, query, cards, search.warning, exact
 
     def _finish_topk(self, result: TopKResult | None, error: BaseException | None) -> None:
         self._topk_busy = False
         if error is not None:  # a failed search must not break hovering
             log.error("top-k search failed", exc_info=error)
             self._say(f"top-k search failed: {error}")
-        if self._topk_pending:
-            self._topk_pending = False
-            if result is None or result[0] != self._current:
-                self._request_topk()  # the pointer moved on: search where it is now
-                return
+        pending, self._topk_pending = self._topk_pending, False
+        if result is not None and result[0] != self.store:
+            result, pending = None, True  # hits of a store this session has left: never shown
+        if pending and (result is None or result[1] != self._current):
+            self._request_topk()  # the pointer (or the store) moved on: search where it is now
+            return
         if result is not None:
             self._show_topk(result)
 
     def _show_topk(self, result: TopKResult) -> None:
-        query, cards, warning, exact = result
-        items = []
-        for hit, card in cards:
-            open_button = button(f"open #{hit.image}", "light", width=96, height=26, margin=(0, 2))
-            open_button.on_click(lambda e, hit=hit: self.open_hit(hit))
-            items.append(pn.Column(pn.pane.HTML(card, width=100, margin=(0, 2)), open_button, width=104,
-                                   css_classes=["topk-card"]))
+        _, query, cards, warning, exact = result
         how = "exact scan" if exact else "index + exact re-rank"
         head = (f"**Top {len(cards)}** patches of the store closest to #{query.image} "
                 f"({query.y},{query.x}) in `{query.layer}` — cosine, {how}")
         if warning:
             head += f"  \n⚠ {warning}"
         self._topk_head.object = head
-        self._topk_items.objects = items
+        self.topk_cards.show(cards)
 
-    def open_hit(self, hit: Hit) -> None:
-        """Bring a top-k hit's image onto the page (clearing filters that hide it)."""
-        page = page_containing(self._order_ids, hit.image, self.page_size)
+    def open_image(self, image: int) -> None:
+        """Bring an image (a top-k hit's) onto the page, clearing filters that hide it."""
+        page = page_containing(self._order_ids, image, self.page_size)
         if page is None:
             with param.parameterized.discard_events(self):
                 self.label, self.order = ALL_LABELS, "index"
             self._reorder()
-            page = page_containing(self._order_ids, hit.image, self.page_size) or 0
+            page = page_containing(self._order_ids, image, self.page_size) or 0
         if self.page != page + 1:
             self.page = page + 1
         else:

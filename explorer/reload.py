@@ -145,37 +145,16 @@ class StoreWatcher:
 
 
 # ============================================================ sessions see the new commit
-def apply_commit(app: Any) -> bool:
-    """Bring one session up to the shared reader's commit, keeping its layer, query and page.
-
-    Runs on the session's document lock. What changes is what depends on the image count: the
-    image list (label filter and order), the label choices, the page count and the query inputs'
-    range. The page is redrawn only when its images changed. Returns True when it did anything.
-    """
-    from .paging import ALL_LABELS
-
-    reader = app.reader
-    if reader.n_images == len(app._ok):
-        return False
-    table = reader.table()
-    app._ok, app._labels = table.ok, table["label"]
-    app.param.label.objects = [ALL_LABELS, *sorted({str(v) for v in app._labels[app._ok]})]
-    app._reorder()
-    app._show_page()
-    app._sync_widgets()
-    return True
-
-
 def _apply_safely(app: Any) -> None:
     try:
-        apply_commit(app)
+        app.on_commit()
     except Exception:  # never break a session over a refresh: it still shows its last commit
         log.warning("session could not pick up the new commit of %s", getattr(app, "store", "?"),
                     exc_info=True)
 
 
 def notify_sessions(url: str, items: Iterable[tuple[Any, Any]] | None = None) -> int:
-    """Schedule :func:`apply_commit` on every live session showing ``url``; returns how many."""
+    """Schedule ``app.on_commit()`` (:meth:`ExplorerApp.on_commit`) on every live session showing ``url``; returns how many."""
     n = 0
     for doc, app in items if items is not None else sessions():
         if str(getattr(app, "store", "")) != str(url):

@@ -2,15 +2,15 @@
 
 Search is delegated to :class:`stores.search.LayerSearch` (FAISS candidates re-ranked exactly,
 or an exact scan); this module turns hits into small PNG crops around each patch with the
-patch outlined, and into the HTML cards the panel shows.
+patch outlined, and into the card data the panel (explorer.topk_view) draws.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -62,12 +62,7 @@ def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes
     return buf.getvalue()
 
 
-def hit_card(hit: Hit, png: bytes, rank: int) -> str:
-    """HTML of one result; data-* attributes make the panel machine-readable (browser tests)."""
-    src = "data:image/png;base64," + base64.b64encode(png).decode()
-    label = html.escape(hit.label)
-    return (f'<div class="topk-item" data-rank="{rank}" data-image="{hit.image}" data-y="{hit.y}" '
-            f'data-x="{hit.x}" data-score="{hit.score:.6f}" style="font-size:11px;line-height:1.2">'
-            f'<img src="{src}" width="96" height="96" style="display:block;image-rendering:pixelated" '
-            f'alt="image {hit.image} patch {hit.y},{hit.x}"/>'
-            f'<b>{hit.score:.3f}</b> #{hit.image} ({hit.y},{hit.x})<br/>{label}</div>')
+def card_data(hit: Hit, png: bytes) -> dict[str, Any]:
+    """What the browser needs to draw one result card: coordinates, score, label, crop as data URI."""
+    return {"image": hit.image, "y": hit.y, "x": hit.x, "score": round(hit.score, 6), "label": hit.label,
+            "src": "data:image/png;base64," + base64.b64encode(png).decode()}

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from stores import PatchIndex, StoreReader, choose_factory
+from stores.format import encode_layer
 from stores.index import FLAT_MAX_VECTORS, exact_topk, nlist_for, recall_at_k, search_reranked
+from stores.rerank import Fetch, rerank_path, vector_fetcher, write_rerank_rows
 from stores.search import iter_vector_blocks
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,11 @@ class RecallProbe:
         _, truth = exact_topk(queries, iter_vector_blocks(reader, layer), k)
         return cls(queries, truth, k)
 
-    def recall(self, reader: StoreReader, layer: str, index: PatchIndex) -> float:
+    def recall(self, reader: StoreReader, layer: str, index: PatchIndex, fetch: Fetch | None = None) -> float:
         """recall@k of index search + exact re-rank against the exact scan."""
         if len(self.queries) == 0:
             return 1.0
-        fetch = lambda ids: reader.patch_vectors(layer, ids)  # noqa: E731
+        fetch = fetch or vector_fetcher(reader, layer, index.meta)
         found = np.full_like(self.truth, -1)
         for i, q in enumerate(self.queries):
             _, ids = search_reranked(index, q, self.k, fetch)
@@ -82,13 +84,14 @@ def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
     the fastest setting that keeps the promised recall. Returns (nprobe, recall at it).
     """
     nlist = index.nlist or 1
+    fetch = vector_fetcher(reader, layer, index.meta)
     lo, hi = 1, nlist
     index.set_params(nprobe=hi)
-    best = (hi, probe.recall(reader, layer, index))
+    best = (hi, probe.recall(reader, layer, index, fetch))
     while lo < hi:
         mid = (lo + hi) // 2
         index.set_params(nprobe=mid)
-        r = probe.recall(reader, layer, index)
+        r = probe.recall(reader, layer, index, fetch)
         if r >= target_recall:
             best, hi = (mid, r), mid
         else:
@@ -140,6 +143,11 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
         added += len(ids)
     index.meta["images_indexed"] = reader.n_images
     index.meta["nlist"] = index.nlist
+    if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
+        # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
+        valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else 0
+        index.meta["rerank"] = {"rows": write_rerank_rows(reader, layer, valid), "dtype": "float16",
+                                "file": f"{encode_layer(layer)}.f16"}
     needs_recall = added > 0 or "recall" not in index.meta
     if needs_recall:
         exact = index.meta["factory"] == "IDMap,Flat" and index.ntotal <= FLAT_MAX_VECTORS

@@ -8,6 +8,7 @@ to users are always true cosines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,20 +31,42 @@ FLAT_MAX_VECTORS = 200_000
 MIN_POINTS_PER_CENTROID = 39
 
 
+#: Past this many centroids the coarse quantizer is an HNSW graph: assigning 10M vectors to 12k
+#: flat centroids costs ~30 TFLOP at D=112, through HNSW a few hundred distances per vector.
+HNSW_QUANTIZER_FROM = 4096
+#: Bytes FAISS keeps per vector besides its code (the int64 id in the inverted list).
+ID_BYTES = 8
+#: Codes whose scores equal the exact inner product of the stored fp16 vectors: float32 copies
+#: and fp16 copies (the stored vectors *are* fp16, so SQfp16 loses nothing).
+EXACT_CODES = ("Flat", "SQfp16")
+
+
 def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -> str:
-    """Pick a FAISS factory string by size, the way autofaiss does.
+    """Pick a FAISS factory string by size and memory budget, the way autofaiss does.
 
     - exact ``IDMap,Flat`` while small;
-    - ``IVF{K},Flat`` with K ≈ 4·√n while the float32 vectors fit the memory budget;
-    - ``OPQ{m},IVF{K}_HNSW32,PQ{m}`` past it, with m the largest divisor of ``dim`` whose codes
-      fit the budget (vectors are always re-ranked exactly, so PQ only has to find candidates).
+    - IVF with K ≈ 4·√n lists (an HNSW coarse quantizer past 4096 lists) and the best codes
+      that fit ``memory_budget`` bytes (None: no limit): ``Flat`` (4·D bytes per vector), then
+      ``SQfp16`` (2·D, still exact because stored vectors are fp16), ``SQ8`` (D), ``SQ4`` (D/2);
+    - ``OPQ{m},IVF{K}_HNSW32,PQ{m}`` past all of those, with m the largest divisor of ``dim``
+      whose codes fit.
+
+    SQ8/SQ4/PQ scores are approximate; :func:`search_reranked` re-scores their candidates from
+    the stored fp16 vectors (the re-rank file, :mod:`stores.rerank`), so users only see exact
+    cosines.
     """
     if n_vectors <= FLAT_MAX_VECTORS:
         return "IDMap,Flat"
     k = nlist_for(n_vectors)
-    if memory_budget is None or n_vectors * dim * 4 <= memory_budget:
-        return f"IVF{k},Flat"
-    per_vector = max(1, memory_budget // max(1, n_vectors) - 8)  # 8 bytes for the stored id
+    coarse = f"IVF{k}_HNSW32" if k > HNSW_QUANTIZER_FROM else f"IVF{k}"
+
+    def fits(code_bytes: float) -> bool:
+        return memory_budget is None or n_vectors * (code_bytes + ID_BYTES) <= memory_budget
+
+    for code, code_bytes in (("Flat", 4 * dim), ("SQfp16", 2 * dim), ("SQ8", dim), ("SQ4", dim / 2)):
+        if fits(code_bytes):
+            return f"{coarse},{code}"
+    per_vector = max(1, (memory_budget or 0) // max(1, n_vectors) - ID_BYTES)
     divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= per_vector and m <= 64]
     m = max(divisors) if divisors else 1
     return f"OPQ{m},IVF{k}_HNSW32,PQ{m}"
@@ -70,6 +93,11 @@ class PatchIndex:
     @classmethod
     def create(cls, dim: int, factory: str) -> PatchIndex:
         index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        if factory.split(",")[-1] == "SQfp16":
+            # FAISS encodes IVF residuals (vector - centroid) by default; fp16 copies of the
+            # vectors themselves are what make SQfp16 scores exact.
+            with contextlib.suppress(RuntimeError):  # not IVF (IDMap,SQfp16): no residuals anyway
+                faiss.extract_index_ivf(index).by_residual = False
         meta: dict[str, Any] = {"factory": factory, "dim": int(dim), "metric": "inner_product",
                                 "params": {}, "images_indexed": 0}
         return cls(index, meta)
@@ -90,9 +118,9 @@ class PatchIndex:
 
     @property
     def stores_exact_vectors(self) -> bool:
-        """True when the index keeps full float32 vectors (scores it returns are exact)."""
-        last = str(self.meta.get("factory", "")).split(",")[-1]
-        return last == "Flat" and "PQ" not in str(self.meta.get("factory", ""))
+        """True when the index's codes reproduce the stored fp16 vectors (its scores are exact)."""
+        factory = str(self.meta.get("factory", ""))
+        return factory.split(",")[-1] in EXACT_CODES and "PQ" not in factory
 
     @property
     def nlist(self) -> int | None:
@@ -198,9 +226,10 @@ def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
                     candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k patch ids for one query, always with exact scores.
 
-    Indexes that keep the vectors themselves (``Flat``, ``IVF…,Flat``) already return exact
-    inner products of the stored vectors, so their k results are final. Compressed indexes (PQ,
-    SQ) propose ``candidates`` (default 4·k) that are re-scored from the stored fp16 vectors.
+    Indexes that keep the vectors themselves (``Flat``, ``IVF…,Flat``, ``IVF…,SQfp16``) already
+    return exact inner products of the stored vectors, so their k results are final. Compressed
+    indexes (SQ8, SQ4, PQ) propose ``candidates`` (default 4·k) that are re-scored with ``fetch``
+    (stored fp16 vectors by patch id).
     """
     if index.stores_exact_vectors:
         scores, ids = index.search(query, k)

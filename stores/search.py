@@ -1,7 +1,8 @@
 """Top-k patch search over a whole store: FAISS when a fresh index exists, exact otherwise.
 
 This is what the explorer calls per query. It owns the policy "never show an approximate
-score": FAISS candidates are always re-ranked from the stored vectors, and a missing or stale
+score": FAISS candidates are always re-ranked from the stored vectors (the layer's re-rank
+file when there is one, see :mod:`stores.rerank`), and a missing or stale
 index degrades to an exact streaming scan with a warning instead of failing.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from .errors import StoreError
 from .index import PatchIndex, exact_topk, search_reranked
 from .reader import StoreReader
+from .rerank import vector_fetcher
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class LayerSearch:
                                 f"images (stale): using exact search")
             else:
                 self.index = index
+        self._fetch = vector_fetcher(reader, layer, self.index.meta if self.index is not None else None)
         if self.warning:
             log.warning(self.warning)
 
@@ -87,8 +90,7 @@ class LayerSearch:
     def search(self, query: np.ndarray, k: int) -> TopK:
         q = np.asarray(query, dtype=np.float32).ravel()
         if self.index is not None:
-            scores, ids = search_reranked(self.index, q, k,
-                                          lambda ids: self.reader.patch_vectors(self.layer, ids))
+            scores, ids = search_reranked(self.index, q, k, self._fetch)
             return TopK(scores, ids, exact=False)
         s, i = exact_topk(q, iter_vector_blocks(self.reader, self.layer), k)
         keep = i[0] >= 0

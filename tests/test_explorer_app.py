@@ -99,9 +99,12 @@ def test_pointer_event_updates_overlays_in_place(app):
                       strict=True))
     assert mapped == {"fine": (2, 5), "coarse": (0, 1)}
     # top-k (synchronous without a server): k hits, the hovered patch first
-    cards = app._topk_items.objects
+    cards = app.topk_cards.cards
     assert len(cards) == 4
-    assert 'data-image="4" data-y="2" data-x="5"' in cards[0][0].object
+    assert (cards[0]["image"], cards[0]["y"], cards[0]["x"]) == (4, 2, 5)
+    assert cards[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert [c["score"] for c in cards] == sorted((c["score"] for c in cards), reverse=True)
+    assert all(c["src"].startswith("data:image/png;base64,") for c in cards)
 
 
 def test_click_pins_then_unpins(app):
@@ -234,4 +237,47 @@ def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
     assert second.reader.n_images == 16 and second.page_ids().tolist() == list(range(16))
     assert "new" in second.param.label.objects
     second._on_pointer("data", None, {"tile": [12], "y": [0], "x": [0], "click": [0]})
-    assert second._topk_items.objects  # the exact search covers the new images too
+    assert second.topk_cards.cards  # the exact search covers the new images too
+
+
+def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, tmp_path):
+    """A search started on one store finishes on that store; its hits are dropped, not shown on
+    the other, and the hovered patch of the new store is searched next."""
+    from explorer.app import create_app
+
+    small = str(tmp_path / "small")
+    make_synthetic_store(small, 5, layers=LAYERS, image_size=S, chunk=8, seed=3)
+    app = create_app([store, small], page_size=6, k=4).app
+    held: list = []  # our own scheduler holds searches until the test releases them (the race)
+    app._scheduler.in_thread = lambda executor, fn, *args, done: held.append((fn, args, done))
+
+    def release() -> tuple:
+        fn, args, done = held.pop(0)
+        result = fn(*args)
+        done(result, None)
+        return result
+
+    app._on_pointer("data", None, {"tile": [5], "y": [6], "x": [6], "click": [0]})  # image 5 of 24
+    assert len(held) == 1 and held[0][1][0] == store
+    app.store = small  # switch while the search for image 5 is in flight
+    app._on_pointer("data", None, {"tile": [2], "y": [1], "x": [3], "click": [0]})
+    first = release()
+    assert first[0] == store and first[1].image == 5  # searched the store it was asked for
+    assert "failed" not in app.message and app.topk_cards.cards == []  # old hits not shown
+    assert len(held) == 1 and held[0][1][0] == small  # the new store's patch is searched next
+    release()
+    cards = app.topk_cards.cards
+    assert (cards[0]["image"], cards[0]["y"], cards[0]["x"]) == (2, 1, 3)
+    assert all(c["image"] < 5 for c in cards)
+
+
+def test_a_url_with_several_bad_values_reports_all_of_them(app):
+    # what Panel's location sync calls when one URL value has the wrong type for its parameter
+    app._url_error({"layer": "bogus", "page": "abc", "function": "manhattan", "query": "99,0,0"})
+    for says in ("unknown layer 'bogus'", "bad URL value page='abc'", "unknown similarity function 'manhattan'",
+                 "image 99 is outside"):
+        assert says in app.message
+    assert (app.layer, app.function, app.query, app.page) == ("fine", "cosine", "", 1)
+    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})  # still works
+    np.testing.assert_allclose(_overlay(app._figures[0]), _cosines(app.reader, "fine", 0, 1, 1, app.page_ids()),
+                               atol=1e-5)

@@ -1,5 +1,6 @@
 """Index choice, IVF recall after exact re-rank, incremental adds without retraining."""
 
+import os
 import time
 
 import numpy as np
@@ -7,6 +8,7 @@ import numpy as np
 from pipeline.indexing import update_index
 from stores import LayerGeometry, PatchIndex, choose_factory, open_store
 from stores.index import FLAT_MAX_VECTORS, nlist_for
+from stores.rerank import rerank_path
 from stores.search import LayerSearch
 from stores.synthetic import make_synthetic_store
 
@@ -14,12 +16,19 @@ from stores.synthetic import make_synthetic_store
 def test_choose_factory_by_size_and_budget():
     assert choose_factory(10_000, 112) == "IDMap,Flat"
     k = nlist_for(4_000_000)
-    assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k},Flat"
-    # 10M x 512 float32 = 20 GB: over an 8 GB budget -> compressed codes that fit it
-    f = choose_factory(10_000_000, 512, memory_budget=8 * 10**9)
+    assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k}_HNSW32,Flat"
+    assert choose_factory(1_000_000, 112) == f"IVF{nlist_for(1_000_000)},Flat"  # flat quantizer
+    # the best codes that fit the budget (bytes per vector: code + 8 for the id)
+    k10m = nlist_for(10_000_000)
+    assert k10m > 4096  # so many lists that the coarse quantizer is an HNSW graph
+    ladder = {25e9: "Flat", 12e9: "SQfp16", 8e9: "SQ8", 3e9: "SQ4"}
+    for budget, code in ladder.items():
+        assert choose_factory(10_000_000, 512, memory_budget=int(budget)) == f"IVF{k10m}_HNSW32,{code}"
+    # 10M x 512 in 1 GB: only product quantization fits
+    f = choose_factory(10_000_000, 512, memory_budget=10**9)
     assert f.startswith("OPQ") and "_HNSW32,PQ" in f
     m = int(f.split(",")[-1].removeprefix("PQ"))
-    assert 512 % m == 0 and 10_000_000 * (m + 8) <= 8 * 10**9
+    assert 512 % m == 0 and 10_000_000 * (m + 8) <= 10**9
 
 
 def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
@@ -88,3 +97,64 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
     stored = reader.patch_vectors("l", top.ids).astype(np.float32)
     np.testing.assert_allclose(top.scores, stored @ q, rtol=1e-6, atol=1e-6)  # true cosines, not PQ estimates
     assert top.ids[0] == reader.patch_id("l", 17, 2, 3)
+
+
+def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
+    layers = {"l": LayerGeometry(4, 4, 32)}
+    make_synthetic_store(tmp_path / "h", 300, layers=layers, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "h")
+    meta = update_index(reader, "l", factory="IVF16,SQfp16", n_queries=30)
+    s = LayerSearch(reader, "l")
+    assert s.index.stores_exact_vectors and "rerank" not in meta
+    assert not os.path.exists(rerank_path(reader.url, "l"))
+    q = s.query_vector(40, 1, 1).astype(np.float32)
+    scores, ids = s.index.search(q, 10)  # FAISS's own scores, no re-rank
+    stored = reader.patch_vectors("l", ids[0]).astype(np.float32)
+    np.testing.assert_allclose(scores[0], stored @ q, rtol=0, atol=2e-6)
+
+
+def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_append(tmp_path):
+    from stores import StoreWriter
+    from stores.rerank import DTYPE, vector_fetcher
+    from stores.synthetic import clustered_activations, synthetic_pixels
+
+    layers = {"l": LayerGeometry(4, 4, 32)}
+    make_synthetic_store(tmp_path / "r", 300, layers=layers, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "r")
+    meta = update_index(reader, "l", factory="IVF16,SQ8", n_queries=30)
+    path = rerank_path(reader.url, "l")
+    rows = 300 * 16
+    assert meta["rerank"]["rows"] == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
+    fetch = vector_fetcher(reader, "l", PatchIndex.load(reader.url, "l").meta)
+    ids = np.array([0, 17, 2999, rows - 1])
+    np.testing.assert_array_equal(fetch(ids), reader.patch_vectors("l", ids))
+    inode = os.stat(path).st_ino
+
+    # a killed append left garbage past the vouched rows; the next update cuts it, then appends
+    with open(path, "ab") as f:
+        f.write(b"\xff" * 1000)
+    w = StoreWriter.open(tmp_path / "r")
+    rng = np.random.default_rng(3)
+    start = w.reserve(20)
+    w.write_block(start, synthetic_pixels(rng, 20, 8), {"l": clustered_activations(rng, (20, 4, 4, 32))})
+    w.write_table(start, [{"hash": f"more{i}"} for i in range(20)])
+    w.commit(start + 20)
+    reader.refresh()
+    meta2 = update_index(reader, "l", n_queries=20)
+    assert meta2["added"] == 20 * 16 and meta2["rerank"]["rows"] == 320 * 16
+    assert os.stat(path).st_ino == inode  # appended in place, not rewritten
+    assert os.path.getsize(path) == 320 * 16 * 32 * DTYPE.itemsize
+    s = LayerSearch(reader, "l")
+    all_ids = np.arange(320 * 16)
+    np.testing.assert_array_equal(s._fetch(all_ids), reader.patch_vectors("l", all_ids))
+    q = s.query_vector(310, 3, 2).astype(np.float32)
+    top = s.search(q, 10)
+    assert top.ids[0] == reader.patch_id("l", 310, 3, 2)
+    np.testing.assert_allclose(top.scores, reader.patch_vectors("l", top.ids).astype(np.float32) @ q,
+                               rtol=1e-6, atol=1e-6)
+
+    # a rebuild writes a new file and renames it into place: a reader's old mapping stays valid
+    old = s._fetch(np.array([5]))
+    update_index(reader, "l", factory="IVF16,SQ8", rebuild=True, n_queries=20)
+    assert os.stat(path).st_ino != inode
+    np.testing.assert_array_equal(s._fetch(np.array([5])), old)
