@@ -84,8 +84,8 @@ def build_index(url: str, layer: str, max_train: int = 30_000, max_nlist: int = 
     g = reader.geometry(layer)
     n_vec = reader.n_images * g.patches_per_image
     factory = choose_factory(n_vec, g.dim)
-    if factory.startswith("IVF"):
-        factory = f"IVF{min(nlist_for(n_vec), max_nlist)},Flat"
+    if factory.startswith("IVF"):  # fp16 codes: exact like Flat (stored vectors are fp16), half the bytes
+        factory = f"IVF{min(nlist_for(n_vec), max_nlist)},SQfp16"
     t0 = time.perf_counter()
     index = PatchIndex.create(g.dim, factory)
     if not index.is_trained:
@@ -97,7 +97,8 @@ def build_index(url: str, layer: str, max_train: int = 30_000, max_nlist: int = 
         index.add(vecs.astype(np.float32), ids)
     index.meta["images_indexed"] = reader.n_images
     index.save(url, layer)
-    return {"factory": factory, "vectors": n_vec, "build_s": time.perf_counter() - t0}
+    return {"factory": factory, "vectors": n_vec, "build_s": time.perf_counter() - t0,
+            "index_bytes": os.path.getsize(os.path.join(url, "index", f"{layer}.faiss"))}
 
 
 def _pct(values: list[float]) -> tuple[float, float]:
@@ -210,6 +211,53 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
             "app_top8_p50_ms": a50 * 1e3, "app_top8_p99_ms": a99 * 1e3, "exact": bool(top.exact)}
 
 
+def bench_explorer_memory(url: str, layer: str, hovers: int = 60, seed: int = 4) -> dict[str, Any]:
+    """P6: memory of a serving explorer process after one session hovered and searched top-k.
+
+    ``rss_anon`` is the process's own memory (heap, arrays); the index and the re-rank file are
+    memory-mapped, so their pages count in ``rss`` but belong to the shared page cache.
+    """
+    import asyncio
+
+    from bench.servers import serve_explorer
+    from bench.wsclient import BokehSession
+
+    g = LAYERS[layer]
+    with tempfile.TemporaryDirectory() as logs:
+        server = serve_explorer([url], "--page-size", str(PAGE), "--tile-px", "110", log_dir=logs)
+        try:
+            async def session() -> int:
+                s = await BokehSession.open(server.url, f"?layer={layer}")
+                rng = np.random.default_rng(seed)
+                try:
+                    for _ in range(hovers):
+                        await s.hover(int(rng.integers(PAGE)), int(rng.integers(g[0])), int(rng.integers(g[1])),
+                                      timeout=60)
+                    await asyncio.sleep(1.5)  # the pointer rests: layer view and top-k
+                    await s.wait_for(lambda: "patches of the store closest to" in s.texts(), 120)
+                finally:
+                    await s.close()
+                return hovers
+
+            asyncio.run(session())
+            status = _proc_status(server.proc.pid)
+        finally:
+            server.stop()
+    return {"layer": layer, "hovers": hovers, "rss_MB": status["VmRSS"] / 1e3, "peak_rss_MB": status["VmHWM"] / 1e3,
+            "rss_anon_MB": status["RssAnon"] / 1e3, "rss_file_MB": status["RssFile"] / 1e3}
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """kB figures from /proc/<pid>/status (Linux)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                out[key] = int(value.split()[0])
+    return out
+
+
 def bench_browser(url: str, moves: int = 200, seed: int = 3, live_topk: bool = False) -> dict[str, Any]:
     """Pointer-move -> data change / next frame in headless Chromium against a served app."""
     from playwright.sync_api import sync_playwright
@@ -289,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     folder = args.stores or tempfile.mkdtemp(prefix="hoverlay-bench-")
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    server_rows, topk_rows, setup = [], [], []
+    server_rows, topk_rows, setup, memory_rows = [], [], [], []
     for n in sizes:
         url = os.path.join(folder, f"store-{n}")
         t0 = time.perf_counter()
@@ -299,10 +347,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup.append({"images": n, "store_s": made, **idx})
         server_rows.append({"images": n, **bench_server(url, args.hovers)})
         topk_rows.append({"images": n, **bench_topk(url, args.index_layer)})
+        memory_rows.append({"images": n, "index_MB": idx["index_bytes"] / 1e6,
+                            **bench_explorer_memory(url, args.index_layer)})
         if n == sizes[0]:  # exact scan of the finest layer (no index): the fallback's cost
             topk_rows.append({"images": n, **bench_topk(url, "l28", repeats=5)})
     report("hover-setup", setup)
     report("hover-topk", topk_rows)
+    report("explorer-memory", memory_rows, {"note": "P6: one server process after a session of hovers + top-k"})
     browser_rows = []
     if not args.no_browser:
         first = os.path.join(folder, f"store-{sizes[0]}")

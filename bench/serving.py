@@ -20,18 +20,17 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bench.common import report
+from bench.servers import serve_explorer
 from bench.wsclient import BokehSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,39 +91,6 @@ def percentiles(runs: list[ClientRun]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------- plumbing
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(stores: list[str], *args: str, log: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", *stores, "--port", str(port), *args],
-                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "liveness", timeout=5).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                with open(log) as fh:
-                    raise RuntimeError(fh.read()) from None
-            time.sleep(0.3)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -158,17 +124,15 @@ def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workd
     rows = []
     for live in (True, False):
         for n in sessions:
-            log = os.path.join(workdir, f"load-{n}-{live}.log")
-            proc, url = start_server([store], "--page-size", "8", "-k", "5",
-                                     *([] if live else ["--no-live-topk"]), log=log)
+            server = serve_explorer([store], "--page-size", "8", "-k", "5", *([] if live else ["--no-live-topk"]),
+                                    log_dir=workdir, name=f"load-{n}-{live}")
             try:
-                cpu0 = cpu_seconds(proc.pid)
-                row = asyncio.run(_load(url, n, strokes, rate, live))
-                row["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+                cpu0 = cpu_seconds(server.proc.pid)
+                row = asyncio.run(_load(server.url, n, strokes, rate, live))
+                row["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu0
             finally:
-                stop(proc)
-            with open(log) as fh:
-                text = fh.read()
+                server.stop()
+            text = server.log()
             row.update(live_topk=live, server_errors=text.count("ERROR") + text.count("Traceback"))
             rows.append(row)
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
@@ -201,15 +165,15 @@ async def _reload(url: str, store: str, commits: int, interval: float) -> list[f
 
 
 def bench_reload(store: str, commits: int, interval: float, workdir: str) -> dict[str, Any]:
-    proc, url = start_server([store], "--page-size", "8", "--reload-interval", str(interval),
-                             log=os.path.join(workdir, "reload.log"))
+    server = serve_explorer([store], "--page-size", "8", "--reload-interval", str(interval), log_dir=workdir,
+                           name="reload")
     try:
-        idle0 = cpu_seconds(proc.pid)
+        idle0 = cpu_seconds(server.proc.pid)
         time.sleep(5)
-        idle = (cpu_seconds(proc.pid) - idle0) / 5
-        delays = asyncio.run(_reload(url, store, commits, interval))
+        idle = (cpu_seconds(server.proc.pid) - idle0) / 5
+        delays = asyncio.run(_reload(server.url, store, commits, interval))
     finally:
-        stop(proc)
+        server.stop()
     row = {"interval_s": interval, "commits": commits, "idle_cpu_fraction": idle,
            "visible_after_p50_s": float(np.median(delays)), "visible_after_max_s": float(np.max(delays))}
     print(row, flush=True)

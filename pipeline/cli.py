@@ -54,7 +54,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="threads (default), sync, processes or tcp://host:8786")
     p.add_argument("--workers", type=int, help="parallel tasks (threads or local processes)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--index-memory", type=_bytes, help="memory budget for each index, e.g. 8G")
+    p.add_argument("--index-memory", type=_bytes, help="memory budget for each index, e.g. 8G (default: 40%% of RAM); the most exact "
+                        "codes that fit: float32, fp16, SQ8, SQ4, then OPQ+PQ, re-ranked exactly")
     p.add_argument("--no-index", dest="index", action="store_const", const=False,
                    help="skip building/extending FAISS indexes")
     p.add_argument("--rebuild-index", action="store_const", const=True,

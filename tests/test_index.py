@@ -158,3 +158,47 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     update_index(reader, "l", factory="IVF16,SQ8", rebuild=True, n_queries=20)
     assert os.stat(path).st_ino != inode
     np.testing.assert_array_equal(s._fetch(np.array([5])), old)
+
+
+def test_exact_topk_streams_blocks_to_the_brute_force_answer():
+    from stores.index import exact_topk
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((1000, 24)).astype(np.float32)
+    vecs[500] = vecs[10]  # an exact tie: the smaller id ranks first
+    queries = np.vstack([vecs[10], rng.standard_normal((4, 24))]).astype(np.float32)
+    blocks = [(np.arange(lo, min(1000, lo + 96)), vecs[lo:lo + 96]) for lo in range(0, 1000, 96)]
+    scores, ids = exact_topk(queries, iter(blocks), 7)
+    brute = queries.astype(np.float64) @ vecs.T.astype(np.float64)
+    for r in range(len(queries)):
+        want = np.lexsort((np.arange(1000), -brute[r]))[:7]
+        np.testing.assert_array_equal(ids[r], want)
+        np.testing.assert_allclose(scores[r], brute[r, want], rtol=1e-5)
+    assert ids[0][:2].tolist() == [10, 500]
+    few_s, few_i = exact_topk(queries[:1], iter([(np.arange(3), vecs[:3])]), 5)  # fewer than k
+    assert few_i[0][3:].tolist() == [-1, -1] and np.isneginf(few_s[0][3:]).all()
+
+
+def test_mmap_loading_keeps_flat_and_ivf_codes_off_the_heap(tmp_path):
+    """Sessions share the page cache instead of each server process holding the index."""
+    import psutil
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300_000, 32)).astype(np.float32)  # 38 MB of float32 codes
+    me = psutil.Process()
+    for factory in ("IDMap,Flat", "IVF64,Flat"):
+        idx = PatchIndex.create(32, factory)
+        if not idx.is_trained:
+            idx.train(x[:10_000])
+        idx.add(x, np.arange(len(x)))
+        idx.save(str(tmp_path), factory)
+        want = idx.search(x[:3], 5)
+        del idx
+        grown = {}
+        for mmap in (False, True):
+            before = me.memory_full_info().uss
+            loaded = PatchIndex.load(str(tmp_path), factory, mmap=mmap)
+            grown[mmap] = (me.memory_full_info().uss - before) / 1e6
+            np.testing.assert_array_equal(loaded.search(x[:3], 5)[1], want[1])
+            del loaded
+        assert grown[False] > 30 and grown[True] < 8, (factory, grown)

@@ -27,7 +27,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench.servers import Server, free_port, launch  # noqa: E402
 from bench.serving import hover_like_a_user, percentiles  # noqa: E402
 from bench.wsclient import BokehSession, SessionRefused  # noqa: E402
 from stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
@@ -86,71 +86,6 @@ def stores(tmp_path_factory) -> dict[str, str]:
 
 
 # =========================================================================== servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A server process, its base URL and its log file."""
-
-    name: str
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-    ready_path: str = "liveness"
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-
-    def log(self, since: int = 0) -> str:
-        return self.log_path.read_text(errors="replace")[since:]
-
-    def mark(self) -> int:
-        return len(self.log_path.read_text(errors="replace"))
-
-    def wait(self, timeout: float = 120) -> Server:
-        while not self.ready:
-            try:
-                urllib.request.urlopen(self.url + self.ready_path, timeout=5).read()
-                self.ready = True
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() - self.started > timeout:
-                    raise RuntimeError(f"{self.name} server did not start:\n{self.log()}") from None
-                time.sleep(0.2)
-        return self
-
-    def workers(self) -> list:
-        import psutil
-
-        with contextlib.suppress(psutil.Error):
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        return []
-
-    def stop(self) -> None:
-        """SIGTERM to the server process only (as ``kill PID`` does): its workers must follow."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing of ours may outlive it
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def launch(name: str, cmd: list[str], url: str, log_dir: Path, env: dict[str, str] | None = None,
-           ready_path: str = "liveness") -> Server:
-    log_path = log_dir / f"{name}.log"
-    fh = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    fh.close()
-    return Server(name, proc, url, log_path, ready_path)
-
-
 def errors_in(log: str) -> list[str]:
     return [line for line in log.splitlines() if "ERROR" in line or "Traceback" in line]
 
@@ -191,6 +126,16 @@ def main(servers) -> Server:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def session(url: str, query: str = "", **kw) -> AsyncIterator[BokehSession]:
+    """A session opened like a page load (``BokehSession.open``), closed however the block ends."""
+    s = await BokehSession.open(url, query, **kw)
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 def text(session: BokehSession) -> str:
@@ -267,8 +212,7 @@ def test_liveness_and_the_store_selector(main, stores):
     assert json.loads(urllib.request.urlopen(main.url + "liveness", timeout=10).read()) == {"/liveness": True}
 
     async def go():
-        s = await BokehSession.open(main.url)
-        try:
+        async with session(main.url) as s:
             options = [o[0] if isinstance(o, list) else o for o in s.widget("Store").attributes["options"]]
             assert options == [stores["a"], stores["b"], stores["c"]]
             assert n_images(s) == 64
@@ -277,8 +221,6 @@ def test_liveness_and_the_store_selector(main, stores):
             await s.hover(3, 2, 5)  # tile 3 of page 1 is image 3
             want = expected_maps(stores["b"], "fine", s.page_image_ids(), 3, 2, 5)
             np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
-        finally:
-            await s.close()
 
     run(go())
 
@@ -296,8 +238,7 @@ def test_build_while_serving_shows_only_commits_and_picks_them_up(main, stores):
     mark = main.mark()
 
     async def go():
-        s = await BokehSession.open(main.url)
-        try:
+        async with session(main.url) as s:
             await use_store(s, url, before)
             writer = StoreWriter.open(url)
             start = writer.reserve(added)
@@ -313,9 +254,8 @@ def test_build_while_serving_shows_only_commits_and_picks_them_up(main, stores):
                     await asyncio.sleep(0.3)
                 assert n_images(s) == before, page_info(s)
                 if n_step == 0:
-                    late = await BokehSession.open(main.url)  # a session opened mid-build
-                    await use_store(late, url, before)
-                    await late.close()
+                    async with session(main.url) as late:  # a session opened mid-build
+                        await use_store(late, url, before)
             writer.commit(start + added)
             t = time.perf_counter()
             await s.wait_for(lambda: n_images(s) == before + added, 10)
@@ -332,8 +272,6 @@ def test_build_while_serving_shows_only_commits_and_picks_them_up(main, stores):
             head = await rest_and_topk(s, 5, 6, 2)
             assert "exact" in head  # C has no index: the scan covers the new images
             return picked_up
-        finally:
-            await s.close()
 
     picked_up = run(go())
     print(f"\nnew commit visible in a running session after {picked_up:.2f} s (checks every 0.5 s)")
@@ -345,15 +283,12 @@ def test_missing_or_stale_index_falls_back_to_exact_search_with_a_warning(main, 
     mark = main.mark()
 
     async def go():
-        s = await BokehSession.open(main.url, "?layer=coarse")
-        try:
+        async with session(main.url, "?layer=coarse") as s:
             head = await rest_and_topk(s, 2, 1, 3)
             assert "exact scan" in head and "no index for layer 'coarse'" in text(s)
             await use_store(s, stores["b"], 24)  # a store switch starts on its first layer again
             head = await rest_and_topk(s, 4, 5, 6)
             assert "exact scan" in head and "covers 16 of 24 images (stale)" in text(s)
-        finally:
-            await s.close()
 
     run(go())
     assert not errors_in(main.log(mark)), main.log(mark)
@@ -503,14 +438,10 @@ def test_bad_url_state_shows_a_message_and_the_server_keeps_serving(main, stores
 
     async def go():
         for query, says in BAD_URLS:
-            s = await BokehSession.open(main.url, query)
-            try:
+            async with session(main.url, query) as s:
                 await check(s, query, says)
                 await s.hover(1, 2, 3)  # and the session works
-            finally:
-                await s.close()
-        s = await BokehSession.open(main.url)
-        try:
+        async with session(main.url) as s:
             location = next(s.find(lambda m: m.type.endswith(".Location")))
             for query, says in BAD_SEARCHES:
                 s.change(location, "search", query)
@@ -521,8 +452,6 @@ def test_bad_url_state_shows_a_message_and_the_server_keeps_serving(main, stores
             await s.hover(2, 4, 6)
             want = expected_maps(stores["a"], "fine", list(range(PAGE_SIZE)), 2, 4, 6)
             np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
-        finally:
-            await s.close()
 
     run(go())
     assert json.loads(urllib.request.urlopen(main.url + "liveness", timeout=10).read()) == {"/liveness": True}
@@ -530,20 +459,16 @@ def test_bad_url_state_shows_a_message_and_the_server_keeps_serving(main, stores
 
 def test_a_coordinate_beyond_int64_shows_a_message(main):
     async def go():
-        s = await BokehSession.open(main.url, "?query=99999999999999999999,0,0")
-        try:
+        async with session(main.url, "?query=99999999999999999999,0,0") as s:
             await s.wait_for(lambda: bool(s.message()), 2)
             await s.hover(1, 2, 3, timeout=2)
-        finally:
-            await s.close()
 
     run(go())
 
 
 def test_malformed_client_updates_are_refused_with_a_message(main, stores):
     async def go():
-        s = await BokehSession.open(main.url)
-        try:
+        async with session(main.url) as s:
             ids = s.overlay_ids()
             for junk in [{"y": [-1, -1]}, {"y": [1000, 1000]}, {"tile": [10**12] * 2}, {"tile": ["a", "a"]},
                          {"x": [None, None]}, {"click": [1.5, 1.5]}, {"tile": []}]:
@@ -568,8 +493,6 @@ def test_malformed_client_updates_are_refused_with_a_message(main, stores):
             await s.hover(2, 3, 4)
             want = expected_maps(stores["a"], "fine", list(range(PAGE_SIZE)), 2, 3, 4)
             np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
-        finally:
-            await s.close()
 
     run(go())
 
@@ -600,15 +523,12 @@ def test_no_file_path_is_ever_taken_from_the_client(main, stores):
     assert get("/liveness")[0] == 200  # still serving
 
     async def go():  # the same through the websocket: the store is chosen from a fixed list only
-        s = await BokehSession.open(main.url)
-        try:
+        async with session(main.url) as s:
             for t in TRAVERSALS + ["/etc", stores["unserved"]]:
                 s.change(s.widget("Store"), "value", t)
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.5)
             assert n_images(s) == 64 and PASSWD not in text(s)
-        finally:
-            await s.close()
 
     run(go())
 
@@ -631,12 +551,10 @@ def test_basic_auth_gives_no_page_and_no_data_without_a_login(servers, stores):
             await BokehSession.connect(auth.url, generate_jwt_token(generate_session_id()))
         with pytest.raises(SessionRefused):  # a wrong password gives no cookie
             await BokehSession.open(auth.url, cookies=login(auth.url, "alice", "wrong"))
-        s = await BokehSession.open(auth.url, cookies=login(auth.url, "alice", USERS["alice"]))
-        try:  # the positive control: logged in, the same server serves the store
+        # the positive control: logged in, the same server serves the store
+        async with session(auth.url, cookies=login(auth.url, "alice", USERS["alice"])) as s:
             assert n_images(s) == 64
             await s.hover(1, 1, 1)
-        finally:
-            await s.close()
 
     run(go())
     workers = auth.workers()
@@ -672,15 +590,12 @@ def test_plain_panel_serve_of_the_app_module(servers, stores):
     assert urllib.request.urlopen(plain.url + "liveness", timeout=10).status == 200
 
     async def go():
-        s = await BokehSession.open(plain.url + "app_module")
-        try:
+        async with session(plain.url + "app_module") as s:
             options = [o[0] if isinstance(o, list) else o for o in s.widget("Store").attributes["options"]]
             assert options == [stores["a"], stores["b"]]
             await s.hover(2, 3, 1)
             want = expected_maps(stores["a"], "fine", list(range(16)), 2, 3, 1)
             np.testing.assert_allclose(s.tile_maps("fine", S), want, atol=2e-3)
-        finally:
-            await s.close()
 
     run(go())
     assert not errors_in(plain.log()), plain.log()

@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from browser_models import model_data
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.servers import serve_explorer  # noqa: E402
+
 pytestmark = pytest.mark.ui
 
 CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 LAYER_A, LAYER_B = "inception4d", "layer2"
 PAGE_SIZE, NCOLS = 8, 4
 FACTORIZED = list(range(6))
@@ -65,36 +66,12 @@ def readers(stores):
     return tuple(open_store(s) for s in stores)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(stores):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", *stores, "--port", str(port),
-                             "--page-size", str(PAGE_SIZE), "--ncols", str(NCOLS), "--tile-px", "90",
-                             "--no-live-topk"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}") from None
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def server(stores, tmp_path_factory):
+    server = serve_explorer(list(stores), "--page-size", str(PAGE_SIZE), "--ncols", str(NCOLS), "--tile-px", "90",
+                            "--no-live-topk", log_dir=tmp_path_factory.mktemp("logs"), timeout=60)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")

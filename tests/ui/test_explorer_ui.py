@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from browser_models import model_data
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.servers import free_port, launch, serve_explorer  # noqa: E402
+
 pytestmark = pytest.mark.ui
 
 CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 S = 64
 FINE, COARSE = (8, 8), (4, 4)
 PAGE_SIZE, K = 8, 5
@@ -60,43 +62,12 @@ def reader(store):
     return open_store(store)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
-    """Start a server process and wait until it answers HTTP."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}") from None
-            time.sleep(0.3)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
-def server(store):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    proc = _start([sys.executable, "-m", "explorer.serve", store, "--port", str(port), "--page-size",
-                   str(PAGE_SIZE), "--ncols", "4", "-k", str(K), "--tile-px", "90"], url)
-    yield url
-    _stop(proc)
+def server(store, tmp_path_factory):
+    server = serve_explorer([store], "--page-size", str(PAGE_SIZE), "--ncols", "4", "-k", str(K), "--tile-px", "90",
+                            log_dir=tmp_path_factory.mktemp("logs"), timeout=60)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -311,17 +282,16 @@ def test_bad_url_shows_a_message_and_the_app_keeps_working(page, server, reader,
     np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
 
 
-def test_plain_panel_serve_of_the_app_module(page, store, reader):
+def test_plain_panel_serve_of_the_app_module(page, store, reader, tmp_path):
     """``HOVERLAY_STORE=... panel serve explorer/app_module.py`` serves the same app."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/app_module"
-    proc = _start([sys.executable, "-m", "panel", "serve", "explorer/app_module.py", "--port", str(port),
-                   "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"], url,
-                  env={**os.environ, "HOVERLAY_STORE": store})
+    port = free_port()
+    plain = launch("plain", [sys.executable, "-m", "panel", "serve", "explorer/app_module.py", "--port", str(port),
+                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
+                   f"http://127.0.0.1:{port}/", tmp_path, env={"HOVERLAY_STORE": store}, ready_path="app_module").wait(60)
     try:
-        open_app(page, url, "?query=2,3,1")
+        open_app(page, plain.url + "app_module", "?query=2,3,1")
         page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
         want = expected_maps(reader, 2, (3, 1), "fine", page_ids(page))
         np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
     finally:
-        _stop(proc)
+        plain.stop()
