@@ -205,7 +205,12 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
             break
     s50, s99 = _pct(times32)
     a50, a99 = _pct(times_app)
-    return {"layer": layer, "search": "index" if search.index is not None else "exact scan",
+    recall = 1.0
+    if search.index is not None and not (search.index.stores_exact_vectors and search.index.nlist is None):
+        from pipeline.indexing import measure_recall
+
+        recall = measure_recall(reader, layer, search.index, k=32, n_queries=50, seed=9)
+    return {"layer": layer, "search": "index" if search.index is not None else "exact scan", "recall@32": recall,
             "factory": (search.index.meta.get("factory") if search.index is not None else "-"),
             "top32_p50_ms": s50 * 1e3, "top32_p99_ms": s99 * 1e3,
             "app_top8_p50_ms": a50 * 1e3, "app_top8_p99_ms": a99 * 1e3, "exact": bool(top.exact)}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,88 @@ def test_shipped_nightly_config_is_valid():
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "deploy", "nightly.toml"))
     assert cfg["quiet"] is True and cfg["store"].endswith(".zarr")
+
+
+# ===================================================================== out of space
+def tiny_model():
+    """A two-conv model (python:test_build:tiny_model) so a real build takes a second, not a minute."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 2, stride=2), nn.ReLU())
+
+
+class SmallDisk:
+    """Where a store runs out of space: a 6 MB tmpfs (needs root) or a ``quotamem://`` fsspec
+    filesystem with a byte quota (needs nothing). ``fill(leave)`` leaves ``leave`` bytes free."""
+
+    def __init__(self, kind: str, tmp_path):
+        self.kind = kind
+        if kind == "tmpfs":
+            self.path = tmp_path / "disk"
+            self.path.mkdir()
+            mounted = shutil.which("mount") is not None and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(self.path)], capture_output=True).returncode == 0
+            if not mounted:
+                pytest.skip("needs root to mount a small tmpfs; the quotamem:// case covers the same path")
+            self.store = str(self.path / "store")
+        else:
+            import quota_fs
+
+            self.fs = quota_fs.QuotaMemoryFileSystem()
+            self.fs.store.clear()
+            type(self.fs).quota = 1 << 62
+            self.store = "quotamem://hoverlay/store"
+
+    def fill(self, leave: int) -> None:
+        if self.kind == "tmpfs":
+            free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+            (self.path / "filler").write_bytes(b"\0" * (free - leave))
+        else:
+            type(self.fs).quota = self.fs.used() + leave
+
+    def free_up(self) -> None:
+        if self.kind == "tmpfs":
+            (self.path / "filler").unlink()
+        else:
+            type(self.fs).quota = 1 << 62
+
+    def close(self) -> None:
+        if self.kind == "tmpfs":
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        else:
+            self.fs.store.clear()
+
+
+@pytest.mark.parametrize("kind", ["quotamem", "tmpfs"])
+def test_out_of_space_fails_cleanly_and_a_later_build_resumes(tmp_path, kind):
+    disk = SmallDisk(kind, tmp_path)
+    try:
+        images = tmp_path / "images"
+        write_generated_images(str(images), 10, seed=1, label="first")
+        model = {"model": f"python:{__name__}:tiny_model", "layers": ["1", "3"], "size": 64, "chunk": 4,
+                 "batch_size": 4, "quiet": True, "index": False}
+        assert build(str(images), disk.store, **model).committed == 10
+        write_generated_images(str(images), 40, seed=2, label="second")
+        disk.fill(leave=150_000)  # a few waves fit, then the disk is full
+        with pytest.raises(OSError) as failure:
+            build(str(images), disk.store, **model)
+        assert failure.value.errno == 28  # ENOSPC, not something else
+        r = open_store(disk.store)  # the last commit is intact: every committed row reads back
+        committed = r.n_images
+        assert 10 <= committed < 50
+        assert list(r.table()["status"]) == ["ok"] * committed
+        assert len(set(r.table()["hash"])) == committed
+        assert r.pixels(slice(None)).shape == (committed, 64, 64, 3)
+        for layer in ("1", "3"):
+            assert np.isfinite(r.vectors(layer, slice(None)).astype(np.float32)).all()
+        StoreLock(disk.store).acquire().release()  # the failed build released the store
+        disk.free_up()
+        summary = build(str(images), disk.store, **{**model, "index": True})
+        assert summary.committed == 50 and summary.added == 50 - committed
+        # the same rows as two builds that never ran out of space
+        ref = str(tmp_path / "reference")
+        build(str(images / "first"), ref, **model)
+        build(str(images), ref, **{**model, "index": True})
+        assert_same_store(disk.store, ref, ["1", "3"])
+    finally:
+        disk.close()

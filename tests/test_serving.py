@@ -25,7 +25,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -341,69 +340,6 @@ def test_sigkill_during_index_save_leaves_a_loadable_index(tmp_path):
         assert ids[0][0] == index.ntotal - 1  # the vectors are the ones saved, not a torn file
         outcomes.append(index.ntotal)
     print(f"\nafter kill -9 during save: {outcomes}")
-
-
-def tiny_model():
-    """A two-conv model (python:test_serving:tiny_model) so a real build takes a second, not a minute."""
-    import torch.nn as nn
-
-    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 2, stride=2), nn.ReLU())
-
-
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None:
-        return False
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return res.returncode == 0
-
-
-def test_disk_full_build_fails_cleanly_and_a_later_build_resumes(tmp_path):
-    from conftest import write_generated_images
-
-    from pipeline.build import build
-    from stores.lock import StoreLock
-
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "6m"):
-        pytest.skip("needs root to mount a small tmpfs (mount -t tmpfs -o size=6m)")
-    try:
-        images = tmp_path / "images"
-        write_generated_images(str(images), 10, seed=1, label="first")
-        model = {"model": f"python:{__name__}:tiny_model", "layers": ["1", "3"], "size": S, "chunk": 4,
-                 "batch_size": 4, "quiet": True, "index": False}
-        store = str(disk / "store")
-        assert build(str(images), store, **model).committed == 10
-        write_generated_images(str(images), 40, seed=2, label="second")
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(b"\0" * (free - 150_000))  # ~150 kB left: a few waves fit
-        with pytest.raises(OSError) as failure:
-            build(str(images), store, **model)
-        assert failure.value.errno == 28  # ENOSPC, not something else
-        r = open_store(store)  # the last commit is intact: every committed row reads back
-        committed = r.n_images
-        assert 10 <= committed < 50
-        assert list(r.table()["status"]) == ["ok"] * committed
-        assert len(set(r.table()["hash"])) == committed
-        assert r.pixels(slice(None)).shape == (committed, S, S, 3)
-        for layer in ("1", "3"):
-            assert np.isfinite(r.vectors(layer, slice(None)).astype(np.float32)).all()
-        StoreLock(store).acquire().release()  # the failed build released the store
-        (disk / "filler").unlink()
-        summary = build(str(images), store, **{**model, "index": True})
-        assert summary.committed == 50 and summary.added == 50 - committed
-        # the same rows as two builds that never ran out of space
-        ref = str(tmp_path / "reference")
-        build(str(images / "first"), ref, **model)
-        build(str(images), ref, **model)
-        a, b = open_store(store), open_store(ref)
-        for col in ("source", "label", "hash", "status"):
-            assert list(a.table()[col]) == list(b.table()[col]), col
-        np.testing.assert_array_equal(a.pixels(slice(None)), b.pixels(slice(None)))
-        np.testing.assert_array_equal(a.vectors("3", slice(None)), b.vectors("3", slice(None)))
-        assert PatchIndex.load(store, "3").meta["images_indexed"] == 50
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 # ========================================================================= bad requests
