@@ -61,8 +61,8 @@ COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis"
 #: URL query parameter of each URL-mirrored app parameter.
 URL_PARAMETERS: dict[str, str] = {"layer": "layer", "query": "query", "page": "page", "function": "function"}
 
-# (store, query, cards, index warning, exact)
-TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", bool]
+# (store, query, cards, index warning, how the hits were found)
+TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", str]
 
 
 def palette(name: str) -> list[str]:
@@ -584,9 +584,9 @@ class ExplorerApp(param.Parameterized):
     def _compute_topk(store: str, reader: StoreReader, query: Query, qv: QueryVector, k: int) -> TopKResult:
         """Runs in a worker thread: search, then crops (only the shared reader and index)."""
         search = get_search(store, query.layer)
-        hits, exact = search_hits(search, qv, k)
+        hits, how = search_hits(search, qv, k)
         cards = [card_data(h, crop_png(reader, query.layer, h)) for h in hits]
-        return store, query, cards, search.warning, exact
+        return store, query, cards, search.warning, how
 
     def _finish_topk(self, result: TopKResult | None, error: BaseException | None) -> None:
         self._topk_busy = False
@@ -603,8 +603,7 @@ class ExplorerApp(param.Parameterized):
             self._show_topk(result)
 
     def _show_topk(self, result: TopKResult) -> None:
-        _, query, cards, warning, exact = result
-        how = "exact scan" if exact else "index + exact re-rank"
+        _, query, cards, warning, how = result
         head = (f"**Top {len(cards)}** patches of the store closest to #{query.image} "
                 f"({query.y},{query.x}) in `{query.layer}` — cosine, {how}")
         if warning:

@@ -33,14 +33,15 @@ class Hit:
     label: str
 
 
-def search_hits(search: LayerSearch, query: QueryVector, k: int) -> tuple[list[Hit], bool]:
-    """Top-k patches of the store for a query vector; (hits, exact) with exact cosine scores."""
+def search_hits(search: LayerSearch, query: QueryVector, k: int) -> tuple[list[Hit], str]:
+    """Top-k patches of the store for a query vector with exact cosine scores; (hits, method)
+    where method says how they were found (``TopK.method``)."""
     top = search.search(query.unit, int(k))
     image, y, x = search.reader.patch_coords(search.layer, top.ids)
     labels = search.reader.table()["label"]
     hits = [Hit(int(i), int(yy), int(xx), float(s), str(labels[int(i)]))
             for i, yy, xx, s in zip(image, y, x, top.scores, strict=True)]
-    return hits, top.exact
+    return hits, top.method
 
 
 def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes:

@@ -1,8 +1,8 @@
 """The top-k panel as one browser component: all cards in one property change.
 
-Building the panel from Panel layouts (a Column, an HTML pane and a Button per hit) created
-~3k Bokeh models per search and took 0.15-0.3 s of the server's event loop, during which every
-other session's hover waited. Here a search result is a list of small dicts sent as one
+Building the panel from Panel layouts (a Column, an HTML pane and a Button per hit, each a
+Bokeh model with its own stylesheets) took 0.15-0.3 s of the server's event loop per search,
+during which every other session's hover waited. Here a search result is a list of small dicts sent as one
 property; the browser draws the cards, and a click on a card's button comes back as one message.
 """
 
@@ -73,5 +73,11 @@ class TopKCards(JSComponent):
         self.cards = list(cards)
 
     def _handle_msg(self, data: Any) -> None:
-        if isinstance(data, dict) and "open" in data and self._on_open is not None:
-            self._on_open(int(data["open"]))
+        """A card's button was clicked: ``{"open": image id}`` (anything else is ignored)."""
+        if not isinstance(data, dict) or self._on_open is None:
+            return
+        try:
+            image = int(data.get("open"))  # from the client: never trusted to be well formed
+        except (TypeError, ValueError):
+            return
+        self._on_open(image)

@@ -283,6 +283,15 @@ def _top_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two disjoint result lists (exact scores), best first, ties by smaller id."""
+    scores = np.concatenate([scores_a, scores_b]).astype(np.float32)
+    ids = np.concatenate([ids_a, ids_b]).astype(np.int64)
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of the true top-k ids present in the found top-k (per query, then averaged)."""
     hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import StoreError
-from .index import PatchIndex, exact_topk, search_reranked
+from .index import PatchIndex, exact_topk, merge_topk, search_reranked
 from .reader import StoreReader
 from .rerank import vector_fetcher
 
@@ -27,6 +27,14 @@ class TopK:
     scores: np.ndarray   # float32 (k,), exact cosines, descending
     ids: np.ndarray      # int64 (k,), global patch ids
     exact: bool          # True when computed by a full scan rather than through an index
+    scanned_newer: bool = False  # index for older images + exact scan of images it lacks
+
+    @property
+    def method(self) -> str:
+        """How the hits were found, in words (the explorer shows it)."""
+        if self.exact:
+            return "exact scan"
+        return "index + exact scan of the newer images" if self.scanned_newer else "index + exact re-rank"
 
 
 def iter_vector_blocks(reader: StoreReader, layer: str, images_per_block: int | None = None,
@@ -67,6 +75,8 @@ class LayerSearch:
         self.index: PatchIndex | None = None
         self.warning: str | None = None
         reader.geometry(layer)  # unknown layer -> clear error now, not per query
+        #: images from here on are not in the index: searched by an exact scan and merged
+        self.scan_from = 0
         try:
             index = PatchIndex.load(reader.url, layer, mmap=mmap)
         except FileNotFoundError:
@@ -75,7 +85,14 @@ class LayerSearch:
             self.warning = f"index for layer {layer!r} unusable ({exc}): using exact search"
         else:
             indexed = int(index.meta.get("images_indexed", -1))
-            if indexed != reader.n_images:
+            if 0 < indexed < reader.n_images:
+                # a build committed images and has not extended the index yet (or failed to):
+                # the index answers for what it covers, an exact scan for the rest
+                self.index, self.scan_from = index, indexed
+                self.warning = (f"index for layer {layer!r} covers {indexed} of {reader.n_images} "
+                                f"images (stale): the {reader.n_images - indexed} newer ones are "
+                                f"searched exactly")
+            elif indexed != reader.n_images:
                 self.warning = (f"index for layer {layer!r} covers {indexed} of {reader.n_images} "
                                 f"images (stale): using exact search")
             else:
@@ -88,10 +105,15 @@ class LayerSearch:
         return self.reader.patch_vectors(self.layer, np.array([self.reader.patch_id(self.layer, image, y, x)]))[0]
 
     def search(self, query: np.ndarray, k: int) -> TopK:
+        """Top-k patches for a unit query vector, exact scores; ``exact`` when no index was used."""
         q = np.asarray(query, dtype=np.float32).ravel()
-        if self.index is not None:
-            scores, ids = search_reranked(self.index, q, k, self._fetch)
-            return TopK(scores, ids, exact=False)
-        s, i = exact_topk(q, iter_vector_blocks(self.reader, self.layer), k)
-        keep = i[0] >= 0
-        return TopK(s[0][keep], i[0][keep], exact=True)
+        if self.index is None:
+            s, i = exact_topk(q, iter_vector_blocks(self.reader, self.layer), k)
+            keep = i[0] >= 0
+            return TopK(s[0][keep], i[0][keep], exact=True)
+        scores, ids = search_reranked(self.index, q, k, self._fetch)
+        if self.scan_from:
+            s, i = exact_topk(q, iter_vector_blocks(self.reader, self.layer, start=self.scan_from), k)
+            keep = i[0] >= 0
+            scores, ids = merge_topk(scores, ids, s[0][keep], i[0][keep], k)
+        return TopK(scores, ids, exact=False, scanned_newer=bool(self.scan_from))

@@ -22,3 +22,20 @@ def test_stores_import_neither_torch_nor_panel(module):
 def test_explorer_never_imports_torch():
     mods = _modules_after("import explorer.app, explorer.serve, explorer.kernels")
     assert "torch" not in mods and "pipeline" not in mods and "sklearn" not in mods
+
+
+def test_the_installed_package_has_every_module_and_the_console_script(tmp_path):
+    """What ``pip install .`` (the Dockerfile's install step) ships: no module left behind."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True, text=True)
+    (wheel,) = tmp_path.glob("hoverlay-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tracked = subprocess.run(["git", "-C", str(root), "ls-files", "stores", "pipeline", "explorer"],
+                             check=True, capture_output=True, text=True).stdout.split()
+    assert tracked and [p for p in tracked if p.endswith(".py") and p not in names] == []
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "hoverlay = pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -281,3 +281,12 @@ def test_a_url_with_several_bad_values_reports_all_of_them(app):
     app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})  # still works
     np.testing.assert_allclose(_overlay(app._figures[0]), _cosines(app.reader, "fine", 0, 1, 1, app.page_ids()),
                                atol=1e-5)
+
+
+def test_opening_a_topk_card_brings_its_image_onto_the_page_and_bad_messages_are_ignored(app):
+    # what a click on a card's "open #20" button sends back from the browser
+    app.topk_cards._handle_msg({"open": 20})
+    assert 20 in app.page_ids().tolist() and app.page == 4
+    for junk in ({"open": "../etc"}, {"open": None}, "open", {"open": 10**30}, {"open": -5}):
+        app.topk_cards._handle_msg(junk)
+        assert 1 <= app.page <= 4 and len(app.page_ids()) > 0

@@ -72,7 +72,20 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     w.write_table(start, [{"hash": f"new{i}"} for i in range(10)])
     w.commit(start + 10)
     reader.refresh()
-    assert LayerSearch(reader, "l").warning  # stale until extended
+    stale = LayerSearch(reader, "l")  # until extended: the index for old images, a scan for new ones
+    assert f"covers {n_images} of {n_images + 10} images" in stale.warning and stale.scan_from == n_images
+    from stores.index import exact_topk
+    from stores.search import iter_vector_blocks
+
+    for image in (n_images + 4, 77):  # a query from a new image and from an old one
+        q = stale.query_vector(image, 3, 3).astype(np.float32)
+        got = stale.search(q, 10)
+        _, want = exact_topk(q, iter_vector_blocks(reader, "l"), 10)
+        assert got.ids[0] == reader.patch_id("l", image, 3, 3)
+        newer = {i for i in want[0].tolist() if i >= n_images * 64}  # scanned exactly: never missed
+        assert newer <= set(got.ids.tolist()) and (image < n_images or newer)
+        np.testing.assert_allclose(got.scores, reader.patch_vectors("l", got.ids).astype(np.float32) @ q,
+                                   atol=1e-6)
     t0 = time.perf_counter()
     meta2 = update_index(reader, "l", n_queries=20)
     after = PatchIndex.load(reader.url, "l")

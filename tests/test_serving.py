@@ -287,7 +287,9 @@ def test_missing_or_stale_index_falls_back_to_exact_search_with_a_warning(main, 
             assert "exact scan" in head and "no index for layer 'coarse'" in text(s)
             await use_store(s, stores["b"], 24)  # a store switch starts on its first layer again
             head = await rest_and_topk(s, 4, 5, 6)
-            assert "exact scan" in head and "covers 16 of 24 images (stale)" in text(s)
+            # the index answers for its 16 images, an exact scan for the 8 it lacks
+            assert "index + exact scan of the newer images" in head
+            assert "covers 16 of 24 images (stale): the 8 newer ones are searched exactly" in text(s)
 
     run(go())
     assert not errors_in(main.log(mark)), main.log(mark)

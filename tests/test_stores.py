@@ -205,10 +205,16 @@ def test_stale_or_missing_index_falls_back_to_exact(tmp_path):
     index.add(vecs[:40], np.arange(40))
     index.meta["images_indexed"] = 10
     index.save(r.url, "b")
+    s = LayerSearch(r, "b")  # covers the first 10 images: index for them, exact scan for the rest
+    assert s.index is not None and s.scan_from == 10 and "stale" in s.warning
+    top = s.search(vecs[70].astype(np.float32), 3)
+    assert top.method == "index + exact scan of the newer images" and top.ids[0] == 70
+    index.meta["images_indexed"] = r.n_images + 5  # an index of a store since rebuilt smaller: unusable
+    index.save(r.url, "b")
     s = LayerSearch(r, "b")
     assert s.index is None and "stale" in s.warning
     top = s.search(vecs[70].astype(np.float32), 3)
-    assert top.exact and top.ids[0] == 70
+    assert top.exact and top.method == "exact scan" and top.ids[0] == 70
     # .faiss replaced but .json not (a crash between the two renames) -> detected as stale
     path = os.path.join(r.url, "index", "b.json")
     meta = json.loads(open(path).read())
