@@ -48,8 +48,10 @@ def describe(reader: StoreReader) -> str:
             stale = "" if meta.get("images_indexed") == reader.n_images else \
                 f", STALE: covers {meta.get('images_indexed')} images"
             rec = meta.get("recall") or {}
+            rerank = (meta.get("rerank") or {}).get("rows")
+            via = f" re-rank file {rerank * g.dim * 2 / 1e6:.1f} MB" if rerank else ""
             idx = (f"index {meta.get('factory')} ntotal={meta.get('ntotal')} "
-                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{stale}")
+                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{via}{stale}")
         lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
     labels, counts = _label_counts(table["label"][table.ok])
     if labels:

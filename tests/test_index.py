@@ -138,6 +138,9 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     path = rerank_path(reader.url, "l")
     rows = 300 * 16
     assert meta["rerank"]["rows"] == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
+    from stores.info import describe
+
+    assert f"re-rank file {rows * 32 * 2 / 1e6:.1f} MB" in describe(reader)
     fetch = vector_fetcher(reader, "l", PatchIndex.load(reader.url, "l").meta)
     ids = np.array([0, 17, 2999, rows - 1])
     np.testing.assert_array_equal(fetch(ids), reader.patch_vectors("l", ids))
