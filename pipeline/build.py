@@ -26,7 +26,7 @@ from stores.errors import NotAStoreError
 from stores.lock import StoreLock
 
 from .indexing import update_index
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, resolve_device
 from .partition import plan_partitions, select_new, waves
 from .preprocess import MAX_PIXELS
 from .progress import Progress
@@ -211,7 +211,8 @@ def build(
             reader = StoreReader(url, storage_options=storage_options)
             for layer in layer_list:
                 summary.indexes[layer] = update_index(reader, layer, memory_budget=index_memory,
-                                                      rebuild=rebuild_index, k=recall_k)
+                                                      rebuild=rebuild_index, k=recall_k,
+                                                      device=resolve_device(device))
     summary.seconds = time.perf_counter() - t0
     summary.store_bytes = _store_bytes(url, storage_options)
     if not quiet:

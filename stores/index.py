@@ -72,6 +72,12 @@ def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -
     return f"OPQ{m},IVF{k}_HNSW32,PQ{m}"
 
 
+def gpu_count() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu (which has no GPU functions at all in some builds)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
 def nlist_for(n_vectors: int) -> int:
     """K ≈ 4·√n centroids, bounded so every centroid gets enough training points."""
     k = int(4 * math.sqrt(max(1, n_vectors)))
@@ -110,8 +116,15 @@ class PatchIndex:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
-    def train(self, sample: np.ndarray) -> None:
+    def train(self, sample: np.ndarray, use_gpu: bool = False) -> None:
+        """Train on ``sample`` (float32 rows). With ``use_gpu`` and a GPU build of FAISS, the IVF
+        k-means (the expensive part) runs on every visible GPU; otherwise on the CPU."""
+        on_gpu = use_gpu and gpu_count() > 0 and self.nlist is not None
+        if on_gpu:
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self.meta["trained_on"] = "gpu" if on_gpu else "cpu"
         nlist = self.nlist
         if nlist:
             self.set_params(nprobe=default_nprobe(nlist))

@@ -218,3 +218,14 @@ def test_mmap_loading_keeps_flat_and_ivf_codes_off_the_heap(tmp_path):
             np.testing.assert_array_equal(loaded.search(x[:3], 5)[1], want[1])
             del loaded
         assert grown[False] > 30 and grown[True] < 8, (factory, grown)
+
+
+def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
+    from stores.index import gpu_count
+
+    make_synthetic_store(tmp_path / "g", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "g")
+    meta = update_index(reader, "l", factory="IVF16,Flat", n_queries=20, device="cuda")
+    assert meta["trained_on"] == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
+    assert meta["recall"]["value"] >= 0.9
+    assert update_index(reader, "l", factory="IVF16,Flat", rebuild=True, n_queries=20)["trained_on"] == "cpu"
