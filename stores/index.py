@@ -144,7 +144,17 @@ class PatchIndex:
         return int(ivf.nlist)
 
     def set_params(self, **params: Any) -> None:
-        """Search-time parameters (``nprobe``, ``quantizer_efSearch``) through FAISS's ParameterSpace."""
+        """Search-time parameters (``nprobe``, ``quantizer_efSearch``) through FAISS's ParameterSpace.
+
+        With an HNSW coarse quantizer, ``nprobe`` alone does nothing past the graph's
+        ``efSearch`` (16 by default): the graph search returns at most that many good lists.
+        Measured on 10M x 112 (IVF12649_HNSW32,SQ8): nprobe 512 gave recall@32 0.946 with
+        efSearch 16 and 0.996 with 1024. So ``quantizer_efSearch`` follows as 2·nprobe (the
+        autofaiss rule) unless given.
+        """
+        if "nprobe" in params and "quantizer_efSearch" not in params and \
+                "_HNSW" in str(self.meta.get("factory", "")):
+            params = {**params, "quantizer_efSearch": max(16, 2 * int(params["nprobe"]))}
         space = faiss.ParameterSpace()
         for name, value in params.items():
             space.set_index_parameter(self.index, name, value)

@@ -229,3 +229,17 @@ def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
     assert meta["trained_on"] == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
     assert meta["recall"]["value"] >= 0.9
     assert update_index(reader, "l", factory="IVF16,Flat", rebuild=True, n_queries=20)["trained_on"] == "cpu"
+
+
+def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path):
+    import faiss
+
+    make_synthetic_store(tmp_path / "h", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "h")
+    update_index(reader, "l", factory="IVF64_HNSW32,SQ8", n_queries=20)
+    idx = PatchIndex.load(reader.url, "l")
+    nprobe = idx.meta["params"]["nprobe"]
+    hnsw = faiss.downcast_index(faiss.extract_index_ivf(idx.index).quantizer).hnsw
+    assert idx.meta["params"]["quantizer_efSearch"] == hnsw.efSearch == max(16, 2 * nprobe)
+    idx.set_params(nprobe=40)
+    assert hnsw.efSearch == 80 and idx.meta["params"]["quantizer_efSearch"] == 80
