@@ -141,20 +141,13 @@ def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workd
 
 # -------------------------------------------------------------------------- reload
 async def _reload(url: str, store: str, commits: int, interval: float) -> list[float]:
-    from stores import StoreWriter
-    from stores.synthetic import clustered_activations, synthetic_pixels
+    from stores.synthetic import append_synthetic_images
 
     s = await BokehSession.open(url)
     delays = []
     try:
         for c in range(commits):
-            w = StoreWriter.open(store)
-            start = w.reserve(8)
-            rng = np.random.default_rng(100 + c)
-            w.write_block(start, synthetic_pixels(rng, 8, w.attrs.image_size),
-                          {k: clustered_activations(rng, (8, g.height, g.width, g.dim)) for k, g in w.layers.items()})
-            w.write_table(start, [{"source": f"r{c}-{i}", "label": "r", "hash": f"r{c}-{i}"} for i in range(8)])
-            w.commit(start + 8)
+            start = append_synthetic_images(store, 8, seed=100 + c, label="r", hash_prefix=f"r{c}-")
             t = time.perf_counter()
             await s.wait_for(lambda n=start + 8: f"· {n} images" in s.texts(), 10 * interval + 10)
             delays.append(time.perf_counter() - t)

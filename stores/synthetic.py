@@ -56,16 +56,29 @@ def make_synthetic_store(url: str | os.PathLike[str], n_images: int, *,
     writer = create_store(url, model={"spec": "synthetic", "seed": seed},
                           preprocessing={"kind": "synthetic"}, image_size=image_size,
                           layers=layers, chunk=chunk, overwrite=overwrite)
-    rng = np.random.default_rng(seed)
+    _append(writer, n_images, np.random.default_rng(seed), labels, f"syn-{seed}-", block)
+    return writer
+
+
+def append_synthetic_images(url: str | os.PathLike[str], n_images: int, *, seed: int = 1,
+                            label: str = "new", hash_prefix: str = "new-", block: int = 256) -> int:
+    """Append and commit ``n_images`` synthetic images, as a scheduled pipeline run would;
+    returns the first new image id."""
+    return _append(StoreWriter.open(url), n_images, np.random.default_rng(seed), (label,), hash_prefix, block)
+
+
+def _append(writer: StoreWriter, n_images: int, rng: np.random.Generator, labels: tuple[str, ...],
+            hash_prefix: str, block: int) -> int:
     start = writer.reserve(n_images)
-    block = max(chunk, block - block % chunk)
+    block = max(writer.attrs.chunk, block - block % writer.attrs.chunk)
+    size = writer.attrs.image_size
     for lo in range(0, n_images, block):
         hi = min(n_images, lo + block)
         acts = {name: clustered_activations(rng, (hi - lo, g.height, g.width, g.dim))
-                for name, g in layers.items()}
-        writer.write_block(start + lo, synthetic_pixels(rng, hi - lo, image_size), acts)
+                for name, g in writer.layers.items()}
+        writer.write_block(start + lo, synthetic_pixels(rng, hi - lo, size), acts)
         writer.write_table(start + lo, [
-            {"source": f"synthetic://{i}", "label": labels[i % len(labels)], "hash": f"syn-{seed}-{i}"}
+            {"source": f"synthetic://{start + i}", "label": labels[i % len(labels)], "hash": f"{hash_prefix}{i}"}
             for i in range(lo, hi)])
     writer.commit(start + n_images)
-    return writer
+    return start

@@ -219,20 +219,13 @@ def test_numeric_inputs_pin_an_exact_query(app):
 
 def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
     from explorer.app import create_app
-    from stores import StoreWriter
-    from stores.synthetic import clustered_activations, synthetic_pixels
+    from stores.synthetic import append_synthetic_images
 
     url = str(tmp_path / "growing")
     make_synthetic_store(url, 8, layers=LAYERS, image_size=S, chunk=8)
     first = create_app(url).app
     assert first.reader.n_images == 8
-    writer = StoreWriter.open(url)  # a scheduled pipeline run appends 8 more images
-    rng = np.random.default_rng(5)
-    start = writer.reserve(8)
-    writer.write_block(start, synthetic_pixels(rng, 8, S),
-                       {n: clustered_activations(rng, (8, g.height, g.width, g.dim)) for n, g in LAYERS.items()})
-    writer.write_table(start, [{"hash": f"new-{i}", "label": "new"} for i in range(8)])
-    writer.commit(start + 8)
+    append_synthetic_images(url, 8, seed=5, label="new")  # a scheduled pipeline run appends 8 images
     second = create_app(url, page_size=16).app
     assert second.reader.n_images == 16 and second.page_ids().tolist() == list(range(16))
     assert "new" in second.param.label.objects

@@ -10,7 +10,7 @@ from stores import LayerGeometry, PatchIndex, choose_factory, open_store
 from stores.index import FLAT_MAX_VECTORS, nlist_for
 from stores.rerank import rerank_path
 from stores.search import LayerSearch
-from stores.synthetic import make_synthetic_store
+from stores.synthetic import append_synthetic_images, make_synthetic_store
 
 
 def test_choose_factory_by_size_and_budget():
@@ -62,15 +62,7 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     import faiss
 
     centroids = faiss.extract_index_ivf(before.index).quantizer.reconstruct_n(0, 100)
-    from stores import StoreWriter
-    from stores.synthetic import clustered_activations, synthetic_pixels
-
-    w = StoreWriter.open(tmp_path / "s")
-    rng = np.random.default_rng(7)
-    start = w.reserve(10)
-    w.write_block(start, synthetic_pixels(rng, 10, 8), {"l": clustered_activations(rng, (10, 8, 8, 16))})
-    w.write_table(start, [{"hash": f"new{i}"} for i in range(10)])
-    w.commit(start + 10)
+    append_synthetic_images(tmp_path / "s", 10, seed=7)
     reader.refresh()
     stale = LayerSearch(reader, "l")  # until extended: the index for old images, a scan for new ones
     assert f"covers {n_images} of {n_images + 10} images" in stale.warning and stale.scan_from == n_images
@@ -127,9 +119,7 @@ def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
 
 
 def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_append(tmp_path):
-    from stores import StoreWriter
     from stores.rerank import DTYPE, vector_fetcher
-    from stores.synthetic import clustered_activations, synthetic_pixels
 
     layers = {"l": LayerGeometry(4, 4, 32)}
     make_synthetic_store(tmp_path / "r", 300, layers=layers, image_size=8, chunk=16)
@@ -149,12 +139,7 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     # a killed append left garbage past the vouched rows; the next update cuts it, then appends
     with open(path, "ab") as f:
         f.write(b"\xff" * 1000)
-    w = StoreWriter.open(tmp_path / "r")
-    rng = np.random.default_rng(3)
-    start = w.reserve(20)
-    w.write_block(start, synthetic_pixels(rng, 20, 8), {"l": clustered_activations(rng, (20, 4, 4, 32))})
-    w.write_table(start, [{"hash": f"more{i}"} for i in range(20)])
-    w.commit(start + 20)
+    append_synthetic_images(tmp_path / "r", 20, seed=3)
     reader.refresh()
     meta2 = update_index(reader, "l", n_queries=20)
     assert meta2["added"] == 20 * 16 and meta2["rerank"]["rows"] == 320 * 16
@@ -195,28 +180,42 @@ def test_exact_topk_streams_blocks_to_the_brute_force_answer():
     assert few_i[0][3:].tolist() == [-1, -1] and np.isneginf(few_s[0][3:]).all()
 
 
+LOAD_AND_MEASURE = """
+import sys, numpy as np, psutil
+from stores import PatchIndex
+url, layer, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+me = psutil.Process()
+before = me.memory_full_info().uss
+index = PatchIndex.load(url, layer, mmap=mmap)
+grown = me.memory_full_info().uss - before
+x = np.load(url + "/probe.npy")
+print(grown / 1e6, *index.search(x, 5)[1].ravel().tolist())
+"""
+
+
 def test_mmap_loading_keeps_flat_and_ivf_codes_off_the_heap(tmp_path):
-    """Sessions share the page cache instead of each server process holding the index."""
-    import psutil
+    """Sessions share the page cache instead of each server process holding the index.
+    (Measured in fresh interpreters: in this one, freed memory of earlier tests gets reused.)"""
+    import subprocess
+    import sys
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300_000, 32)).astype(np.float32)  # 38 MB of float32 codes
-    me = psutil.Process()
+    np.save(tmp_path / "probe.npy", x[:3])
     for factory in ("IDMap,Flat", "IVF64,Flat"):
         idx = PatchIndex.create(32, factory)
         if not idx.is_trained:
             idx.train(x[:10_000])
         idx.add(x, np.arange(len(x)))
         idx.save(str(tmp_path), factory)
-        want = idx.search(x[:3], 5)
+        want = idx.search(x[:3], 5)[1].ravel().tolist()
         del idx
         grown = {}
         for mmap in (False, True):
-            before = me.memory_full_info().uss
-            loaded = PatchIndex.load(str(tmp_path), factory, mmap=mmap)
-            grown[mmap] = (me.memory_full_info().uss - before) / 1e6
-            np.testing.assert_array_equal(loaded.search(x[:3], 5)[1], want[1])
-            del loaded
+            out = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path), factory, str(int(mmap))],
+                                 check=True, capture_output=True, text=True).stdout.split()
+            grown[mmap] = float(out[0])
+            assert [int(v) for v in out[1:]] == want
         assert grown[False] > 30 and grown[True] < 8, (factory, grown)
 
 
