@@ -7,11 +7,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 
 from stores import PatchIndex, StoreReader, choose_factory
 from stores.format import encode_layer
-from stores.index import FLAT_MAX_VECTORS, exact_topk, nlist_for, recall_at_k, search_reranked
+from stores.index import (
+    FLAT_MAX_VECTORS,
+    MAX_RERANK_FACTOR,
+    exact_topk,
+    nlist_for,
+    recall_at_k,
+    search_reranked,
+)
 from stores.rerank import Fetch, rerank_path, vector_fetcher, write_rerank_rows
 from stores.search import iter_vector_blocks
 
@@ -26,19 +34,29 @@ TUNE_MARGIN = 0.01
 
 def _sample_patches(reader: StoreReader, layer: str, n: int, rng: np.random.Generator,
                     exclude: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` (ids, float32 vectors) from random ok images, reading whole image chunks."""
+    """Up to ``n`` (ids, float32 vectors) from random ok images, reading whole image chunks;
+    patches in ``exclude`` (training points) are never returned, more images are read instead."""
     g = reader.geometry(layer)
-    ok_images = np.flatnonzero(reader.table().ok)
-    if ok_images.size == 0:
-        return np.empty(0, np.int64), np.empty((0, g.dim), np.float32)
     hw = g.patches_per_image
-    n_img = min(ok_images.size, max(1, -(-n // hw)))
-    chosen = np.sort(rng.choice(ok_images, size=n_img, replace=False))
-    vecs = reader.vectors(layer, chosen).reshape(-1, g.dim).astype(np.float32)
-    ids = (chosen[:, None] * hw + np.arange(hw)[None, :]).ravel()
-    if exclude:
-        keep = ~np.isin(ids, np.fromiter(exclude, dtype=np.int64))
-        ids, vecs = ids[keep], vecs[keep]
+    order = rng.permutation(np.flatnonzero(reader.table().ok))
+    excluded = np.fromiter(exclude, dtype=np.int64) if exclude else None
+    got_ids: list[np.ndarray] = []
+    got_vecs: list[np.ndarray] = []
+    have, pos = 0, 0
+    while have < n and pos < order.size:
+        chosen = np.sort(order[pos:pos + max(1, -(-(n - have) // hw))])
+        pos += chosen.size
+        ids = (chosen[:, None] * hw + np.arange(hw)[None, :]).ravel()
+        vecs = reader.vectors(layer, chosen).reshape(-1, g.dim).astype(np.float32)
+        if excluded is not None:
+            keep = ~np.isin(ids, excluded)
+            ids, vecs = ids[keep], vecs[keep]
+        got_ids.append(ids)
+        got_vecs.append(vecs)
+        have += ids.size
+    if not got_ids:
+        return np.empty(0, np.int64), np.empty((0, g.dim), np.float32)
+    ids, vecs = np.concatenate(got_ids), np.concatenate(got_vecs)
     if len(ids) > n:
         pick = np.sort(rng.choice(len(ids), size=n, replace=False))
         ids, vecs = ids[pick], vecs[pick]
@@ -52,6 +70,7 @@ class RecallProbe:
     queries: np.ndarray
     truth: np.ndarray
     k: int
+    last_latency_ms: float = float("nan")  # p50 of the last recall() run's queries (search + re-rank)
 
     @classmethod
     def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
@@ -64,12 +83,16 @@ class RecallProbe:
     def recall(self, reader: StoreReader, layer: str, index: PatchIndex, fetch: Fetch | None = None) -> float:
         """recall@k of index search + exact re-rank against the exact scan."""
         if len(self.queries) == 0:
-            return 1.0
+            return float("nan")  # nothing held out: unknown, not perfect
         fetch = fetch or vector_fetcher(reader, layer, index.meta)
         found = np.full_like(self.truth, -1)
+        took = []
         for i, q in enumerate(self.queries):
+            t = time.perf_counter()
             _, ids = search_reranked(index, q, self.k, fetch)
+            took.append(time.perf_counter() - t)
             found[i, : len(ids)] = ids
+        self.last_latency_ms = float(np.percentile(took, 50) * 1e3)
         return recall_at_k(found, self.truth)
 
 
@@ -125,6 +148,24 @@ def default_index_budget() -> int:
     return int(psutil.virtual_memory().total * DEFAULT_BUDGET_SHARE)
 
 
+def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
+                target_recall: float) -> dict[str, Any]:
+    """nprobe (IVF) and, when even probing every list misses the target, more re-rank candidates
+    (compressed codes: ``rerank_factor`` doubled up to MAX_RERANK_FACTOR, nprobe re-tuned each time).
+
+    Returns what was chosen: ``{"nprobe", "rerank_factor", "recall"}``.
+    """
+    while True:
+        if index.nlist and index.nlist > 1:
+            nprobe, recall = tune_nprobe(reader, layer, index, probe, target_recall)
+        else:
+            nprobe, recall = None, probe.recall(reader, layer, index)
+        done = recall >= target_recall or np.isnan(recall)  # nan: no held-out queries to tune on
+        if done or index.stores_exact_vectors or index.rerank_factor >= MAX_RERANK_FACTOR:
+            return {"nprobe": nprobe, "rerank_factor": index.rerank_factor, "recall": recall}
+        index.meta["rerank_factor"] = index.rerank_factor * 2
+
+
 def update_index(reader: StoreReader, layer: str, memory_budget: int | None = None,
                  rebuild: bool = False, k: int = 10, n_queries: int = 100,
                  factory: str | None = None, seed: int = 0, tune: bool = True,
@@ -160,7 +201,9 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
         index.meta["memory_budget"] = budget
         if not index.is_trained:
             nlist = nlist_for(n_vectors)
-            ids, sample = _sample_patches(reader, layer, min(MAX_TRAIN, nlist * TRAIN_POINTS_PER_CENTROID), rng)
+            # at most half of the vectors, so the recall probe has patches training never saw
+            n_train = min(MAX_TRAIN, nlist * TRAIN_POINTS_PER_CENTROID, max(1, n_vectors // 2))
+            ids, sample = _sample_patches(reader, layer, n_train, rng)
             index.train(sample, use_gpu=device.startswith("cuda"))  # FAISS GPU k-means if installed
             train_ids = set(ids.tolist())
         index.meta["images_indexed"] = 0
@@ -182,13 +225,19 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     if needs_recall:
         exact = index.meta["factory"] == "IDMap,Flat" and index.ntotal <= FLAT_MAX_VECTORS
         probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
-        if index.nlist and index.nlist > 1 and tune:
-            nprobe, recall = tune_nprobe(reader, layer, index, probe, target_recall + TUNE_MARGIN)
-            index.meta["tuned"] = {"nprobe": nprobe, "target_recall": target_recall, "margin": TUNE_MARGIN}
-        else:
+        if tune and not (index.stores_exact_vectors and not index.nlist):
+            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall + TUNE_MARGIN),
+                                   "target_recall": target_recall, "margin": TUNE_MARGIN}
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # the explorer's setting (stores.search.LayerSearch)
+        try:
             recall = probe.recall(reader, layer, index)
+        finally:
+            faiss.omp_set_num_threads(threads)
         index.meta["recall"] = {"k": k, "value": recall, "queries": n_queries, "exact_index": exact,
-                                "measured": "index search + exact re-rank vs exact scan"}
+                                "p50_ms": round(probe.last_latency_ms, 3),
+                                "measured": "index search + exact re-rank vs exact scan; p50_ms: one "
+                                            "query at a time on one thread, at this build"}
     index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
     index.save(reader.url, layer)
     return dict(index.meta, ntotal=index.ntotal, added=added)

@@ -34,6 +34,10 @@ MIN_POINTS_PER_CENTROID = 39
 #: Past this many centroids the coarse quantizer is an HNSW graph: assigning 10M vectors to 12k
 #: flat centroids costs ~30 TFLOP at D=112, through HNSW a few hundred distances per vector.
 HNSW_QUANTIZER_FROM = 4096
+#: Candidates re-ranked per wanted result for compressed codes; tuning doubles it (up to
+#: MAX_RERANK_FACTOR) when probing every list still misses the recall target (coarse PQ codes).
+DEFAULT_RERANK_FACTOR = 4
+MAX_RERANK_FACTOR = 64
 #: Bytes FAISS keeps per vector besides its code (the int64 id in the inverted list).
 ID_BYTES = 8
 #: Codes whose scores equal the exact inner product of the stored fp16 vectors: float32 copies
@@ -128,6 +132,11 @@ class PatchIndex:
         nlist = self.nlist
         if nlist:
             self.set_params(nprobe=default_nprobe(nlist))
+
+    @property
+    def rerank_factor(self) -> int:
+        """Candidates per wanted result for compressed codes (4 unless tuning raised it)."""
+        return int(self.meta.get("rerank_factor", DEFAULT_RERANK_FACTOR))
 
     @property
     def stores_exact_vectors(self) -> bool:
@@ -257,7 +266,8 @@ def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
 
     Indexes that keep the vectors themselves (``Flat``, ``IVF…,Flat``, ``IVF…,SQfp16``) already
     return exact inner products of the stored vectors, so their k results are final. Compressed
-    indexes (SQ8, SQ4, PQ) propose ``candidates`` (default 4·k) that are re-scored with ``fetch``
+    indexes (SQ8, SQ4, PQ) propose ``candidates`` (default ``index.rerank_factor``·k, tuned at
+    build time) that are re-scored with ``fetch``
     (stored fp16 vectors by patch id).
     """
     if index.stores_exact_vectors:
@@ -266,7 +276,7 @@ def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
         s, i = scores[0][keep], ids[0][keep]
         order = np.lexsort((i, -s))  # ties broken by id, like exact_rerank
         return s[order].astype(np.float32), i[order].astype(np.int64)
-    n_cand = max(k, candidates or 4 * k)
+    n_cand = max(k, candidates or index.rerank_factor * k)
     _, ids = index.search(query, n_cand)
     return exact_rerank(query, ids[0], fetch, k)
 

@@ -49,9 +49,10 @@ def describe(reader: StoreReader) -> str:
                 f", STALE: covers {meta.get('images_indexed')} images"
             rec = meta.get("recall") or {}
             rerank = (meta.get("rerank") or {}).get("rows")
+            took = f" p50 {rec['p50_ms']:.1f} ms" if "p50_ms" in rec else ""
             via = f" re-rank file {rerank * g.dim * 2 / 1e6:.1f} MB" if rerank else ""
             idx = (f"index {meta.get('factory')} ntotal={meta.get('ntotal')} "
-                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{via}{stale}")
+                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{took}{via}{stale}")
         lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
     labels, counts = _label_counts(table["label"][table.ok])
     if labels:

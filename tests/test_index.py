@@ -96,7 +96,10 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
     reader = open_store(tmp_path / "pq")
     meta = update_index(reader, "l", factory="IVF16,PQ8x4", n_queries=30)
     s = LayerSearch(reader, "l")
-    assert not s.index.stores_exact_vectors and meta["recall"]["value"] >= 0.8
+    # 4-bit PQ codes rank so coarsely that 4·k candidates miss true neighbours even with every
+    # list probed; tuning re-ranks more candidates until held-out recall meets the target
+    assert not s.index.stores_exact_vectors and meta["recall"]["queries"] == 30
+    assert meta["recall"]["value"] >= 0.95 and s.index.rerank_factor == meta["tuned"]["rerank_factor"] > 4
     q = s.query_vector(17, 2, 3).astype(np.float32)
     top = s.search(q, 10)
     stored = reader.patch_vectors("l", top.ids).astype(np.float32)
@@ -131,6 +134,7 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     from stores.info import describe
 
     assert f"re-rank file {rows * 32 * 2 / 1e6:.1f} MB" in describe(reader)
+    assert 0 < meta["recall"]["p50_ms"] < 1000 and f"p50 {meta['recall']['p50_ms']:.1f} ms" in describe(reader)
     fetch = vector_fetcher(reader, "l", PatchIndex.load(reader.url, "l").meta)
     ids = np.array([0, 17, 2999, rows - 1])
     np.testing.assert_array_equal(fetch(ids), reader.patch_vectors("l", ids))
