@@ -33,27 +33,37 @@ TUNE_MARGIN = 0.01
 
 
 def _sample_patches(reader: StoreReader, layer: str, n: int, rng: np.random.Generator,
-                    exclude: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` (ids, float32 vectors) from random ok images, reading whole image chunks;
-    patches in ``exclude`` (training points) are never returned, more images are read instead."""
+                    exclude: set[int] | None = None, per_image: int | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` (ids, float32 vectors) from random ok images, reading whole image chunks.
+
+    ``per_image`` caps the patches taken from one image (recall probes take 1, so 100 queries
+    come from 100 images, not from one image's 196 neighbouring patches). Patches in
+    ``exclude`` (training points) are never returned; more images are read instead.
+    """
     g = reader.geometry(layer)
     hw = g.patches_per_image
+    take = min(hw, per_image or hw)
     order = rng.permutation(np.flatnonzero(reader.table().ok))
     excluded = np.fromiter(exclude, dtype=np.int64) if exclude else None
     got_ids: list[np.ndarray] = []
     got_vecs: list[np.ndarray] = []
     have, pos = 0, 0
     while have < n and pos < order.size:
-        chosen = np.sort(order[pos:pos + max(1, -(-(n - have) // hw))])
+        chosen = np.sort(order[pos:pos + max(1, -(-(n - have) // take))])
         pos += chosen.size
-        ids = (chosen[:, None] * hw + np.arange(hw)[None, :]).ravel()
-        vecs = reader.vectors(layer, chosen).reshape(-1, g.dim).astype(np.float32)
+        ids = chosen[:, None] * hw + np.arange(hw)[None, :]  # (images, hw)
+        keys = rng.random(ids.shape)  # a random order of each image's patches ...
         if excluded is not None:
-            keep = ~np.isin(ids, excluded)
-            ids, vecs = ids[keep], vecs[keep]
-        got_ids.append(ids)
-        got_vecs.append(vecs)
-        have += ids.size
+            keys[np.isin(ids, excluded)] = np.inf  # ... with training points never picked
+        cols = np.argsort(keys, axis=1)[:, :take]
+        rows = np.repeat(np.arange(len(chosen)), take)
+        keep = np.isfinite(keys[rows, cols.ravel()])
+        rows, cols = rows[keep], cols.ravel()[keep]
+        vecs = reader.vectors(layer, chosen).reshape(len(chosen), hw, g.dim)
+        got_ids.append(ids[rows, cols])
+        got_vecs.append(vecs[rows, cols].astype(np.float32))
+        have += len(rows)
     if not got_ids:
         return np.empty(0, np.int64), np.empty((0, g.dim), np.float32)
     ids, vecs = np.concatenate(got_ids), np.concatenate(got_vecs)
@@ -76,7 +86,7 @@ class RecallProbe:
     def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
                exclude: set[int] | None = None, seed: int = 1) -> RecallProbe:
         rng = np.random.default_rng(seed)
-        _, queries = _sample_patches(reader, layer, n_queries, rng, exclude)
+        _, queries = _sample_patches(reader, layer, n_queries, rng, exclude, per_image=1)
         _, truth = exact_topk(queries, iter_vector_blocks(reader, layer), k)
         return cls(queries, truth, k)
 
@@ -193,6 +203,7 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
             index = None  # the store was rebuilt smaller: the index describes other data
     rng = np.random.default_rng(seed)
     train_ids: set[int] = set()
+    created = index is None
     if index is None:
         n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
         budget = memory_budget if memory_budget is not None else default_index_budget()
@@ -234,10 +245,11 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
             recall = probe.recall(reader, layer, index)
         finally:
             faiss.omp_set_num_threads(threads)
-        index.meta["recall"] = {"k": k, "value": recall, "queries": n_queries, "exact_index": exact,
+        index.meta["recall"] = {"k": k, "value": recall, "queries": len(probe.queries), "exact_index": exact,
                                 "p50_ms": round(probe.last_latency_ms, 3),
                                 "measured": "index search + exact re-rank vs exact scan; p50_ms: one "
                                             "query at a time on one thread, at this build"}
-    index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
-    index.save(reader.url, layer)
+    if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
+        index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+        index.save(reader.url, layer)
     return dict(index.meta, ntotal=index.ntotal, added=added)

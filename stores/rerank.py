@@ -60,6 +60,8 @@ def write_rerank_rows(reader: StoreReader, layer: str, valid_rows: int, images_p
     first_image = valid_rows // hw
     f: BinaryIO
     fresh = valid_rows == 0 or not os.path.exists(path) or os.path.getsize(path) < valid_rows * row_bytes
+    if not fresh and first_image >= reader.n_images and os.path.getsize(path) == valid_rows * row_bytes:
+        return valid_rows  # up to date: leave the file (and its mtime) alone
     if fresh:
         first_image = 0
         os.makedirs(os.path.dirname(path), exist_ok=True)

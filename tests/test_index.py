@@ -246,3 +246,32 @@ def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path
     assert idx.meta["params"]["quantizer_efSearch"] == hnsw.efSearch == max(16, 2 * nprobe)
     idx.set_params(nprobe=40)
     assert hnsw.efSearch == 80 and idx.meta["params"]["quantizer_efSearch"] == 80
+
+
+def test_recall_probe_queries_come_from_many_images_and_never_from_training_points(tmp_path):
+    from pipeline.indexing import RecallProbe, _sample_patches
+
+    make_synthetic_store(tmp_path / "p", 120, layers={"l": LayerGeometry(4, 4, 8)}, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "p")
+    rng = np.random.default_rng(0)
+    train_ids, train = _sample_patches(reader, "l", 960, rng)  # half the vectors, whole images
+    assert len(train_ids) == 960 and len(set(train_ids.tolist())) == 960
+    np.testing.assert_array_equal(train, reader.patch_vectors("l", train_ids).astype(np.float32))
+    ids, vecs = _sample_patches(reader, "l", 50, rng, exclude=set(train_ids.tolist()), per_image=1)
+    images = ids // 16
+    assert len(ids) == 50 and len(set(images.tolist())) == 50  # one patch from each of 50 images
+    assert not set(ids.tolist()) & set(train_ids.tolist())
+    np.testing.assert_array_equal(vecs, reader.patch_vectors("l", ids).astype(np.float32))
+    probe = RecallProbe.sample(reader, "l", 5, 40, exclude=set(range(120 * 16)))  # everything excluded
+    assert len(probe.queries) == 0
+
+
+def test_an_update_with_nothing_new_rewrites_nothing(tmp_path):
+    make_synthetic_store(tmp_path / "u", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "u")
+    first = update_index(reader, "l", factory="IVF16,SQ8", n_queries=20)
+    base = os.path.join(reader.url, "index", "l")
+    stamps = {ext: os.stat(base + ext).st_mtime_ns for ext in (".faiss", ".json", ".f16")}
+    again = update_index(reader, "l", n_queries=20)  # a scheduled run that found no new images
+    assert again["added"] == 0 and again["build_seconds"] == first["build_seconds"]
+    assert {ext: os.stat(base + ext).st_mtime_ns for ext in stamps} == stamps
