@@ -13,7 +13,6 @@ import numpy as np
 from stores import PatchIndex, StoreReader, choose_factory
 from stores.format import encode_layer
 from stores.index import (
-    FLAT_MAX_VECTORS,
     MAX_RERANK_FACTOR,
     exact_topk,
     nlist_for,
@@ -234,7 +233,7 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
                                 "file": f"{encode_layer(layer)}.f16"}
     needs_recall = added > 0 or "recall" not in index.meta
     if needs_recall:
-        exact = index.meta["factory"] == "IDMap,Flat" and index.ntotal <= FLAT_MAX_VECTORS
+        exact = index.meta["factory"] == "IDMap,Flat"
         probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
         if tune and not (index.stores_exact_vectors and not index.nlist):
             index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall + TUNE_MARGIN),

@@ -15,6 +15,8 @@ from stores.synthetic import append_synthetic_images, make_synthetic_store
 
 def test_choose_factory_by_size_and_budget():
     assert choose_factory(10_000, 112) == "IDMap,Flat"
+    assert choose_factory(200_000, 112) == "IDMap,Flat"
+    assert choose_factory(100_000, 512).startswith("IVF")  # 51M values a query: too slow flat
     k = nlist_for(4_000_000)
     assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k}_HNSW32,Flat"
     assert choose_factory(1_000_000, 112) == f"IVF{nlist_for(1_000_000)},Flat"  # flat quantizer
