@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.indexing import update_index
 from stores import LayerGeometry, PatchIndex, choose_factory, open_store
-from stores.index import FLAT_MAX_VECTORS, nlist_for
+from stores.index import FLAT_MAX_VALUES, nlist_for
 from stores.rerank import rerank_path
 from stores.search import LayerSearch
 from stores.synthetic import append_synthetic_images, make_synthetic_store
@@ -34,8 +34,8 @@ def test_choose_factory_by_size_and_budget():
 
 
 def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
-    layers = {"l": LayerGeometry(8, 8, 16)}
-    n_images = FLAT_MAX_VECTORS // 64 + 200  # just large enough for IVF to be chosen
+    layers = {"l": LayerGeometry(8, 8, 128)}
+    n_images = FLAT_MAX_VALUES // (64 * 128) + 100  # just large enough for IVF to be chosen
     make_synthetic_store(tmp_path / "s", n_images, layers=layers, image_size=8, chunk=64, block=1024)
     reader = open_store(tmp_path / "s")
     meta = update_index(reader, "l", n_queries=60)
