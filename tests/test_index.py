@@ -13,6 +13,13 @@ from stores.search import LayerSearch
 from stores.synthetic import append_synthetic_images, make_synthetic_store
 
 
+def indexed_store(tmp_path, factory: str, n_queries: int = 30, **options):
+    """A 300-image store (4x4 patches, D=32) with an index of ``factory``: (reader, index meta)."""
+    make_synthetic_store(tmp_path / "store", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
+    reader = open_store(tmp_path / "store")
+    return reader, update_index(reader, "l", factory=factory, n_queries=n_queries, **options)
+
+
 def test_choose_factory_by_size_and_budget():
     assert choose_factory(10_000, 112) == "IDMap,Flat"
     assert choose_factory(200_000, 112) == "IDMap,Flat"
@@ -93,10 +100,7 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
 
 
 def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
-    layers = {"l": LayerGeometry(4, 4, 32)}
-    make_synthetic_store(tmp_path / "pq", 300, layers=layers, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "pq")
-    meta = update_index(reader, "l", factory="IVF16,PQ8x4", n_queries=30)
+    reader, meta = indexed_store(tmp_path, "IVF16,PQ8x4")
     s = LayerSearch(reader, "l")
     # 4-bit PQ codes rank so coarsely that 4·k candidates miss true neighbours even with every
     # list probed; tuning re-ranks more candidates until held-out recall meets the target
@@ -110,10 +114,7 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
 
 
 def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
-    layers = {"l": LayerGeometry(4, 4, 32)}
-    make_synthetic_store(tmp_path / "h", 300, layers=layers, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "h")
-    meta = update_index(reader, "l", factory="IVF16,SQfp16", n_queries=30)
+    reader, meta = indexed_store(tmp_path, "IVF16,SQfp16")
     s = LayerSearch(reader, "l")
     assert s.index.stores_exact_vectors and "rerank" not in meta
     assert not os.path.exists(rerank_path(reader.url, "l"))
@@ -126,10 +127,7 @@ def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
 def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_append(tmp_path):
     from stores.rerank import DTYPE, vector_fetcher
 
-    layers = {"l": LayerGeometry(4, 4, 32)}
-    make_synthetic_store(tmp_path / "r", 300, layers=layers, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "r")
-    meta = update_index(reader, "l", factory="IVF16,SQ8", n_queries=30)
+    reader, meta = indexed_store(tmp_path, "IVF16,SQ8")
     path = rerank_path(reader.url, "l")
     rows = 300 * 16
     assert meta["rerank"]["rows"] == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
@@ -145,7 +143,7 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     # a killed append left garbage past the vouched rows; the next update cuts it, then appends
     with open(path, "ab") as f:
         f.write(b"\xff" * 1000)
-    append_synthetic_images(tmp_path / "r", 20, seed=3)
+    append_synthetic_images(tmp_path / "store", 20, seed=3)
     reader.refresh()
     meta2 = update_index(reader, "l", n_queries=20)
     assert meta2["added"] == 20 * 16 and meta2["rerank"]["rows"] == 320 * 16
@@ -228,9 +226,7 @@ def test_mmap_loading_keeps_flat_and_ivf_codes_off_the_heap(tmp_path):
 def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
     from stores.index import gpu_count
 
-    make_synthetic_store(tmp_path / "g", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "g")
-    meta = update_index(reader, "l", factory="IVF16,Flat", n_queries=20, device="cuda")
+    reader, meta = indexed_store(tmp_path, "IVF16,Flat", 20, device="cuda")
     assert meta["trained_on"] == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
     assert meta["recall"]["value"] >= 0.9
     assert update_index(reader, "l", factory="IVF16,Flat", rebuild=True, n_queries=20)["trained_on"] == "cpu"
@@ -239,9 +235,7 @@ def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
 def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path):
     import faiss
 
-    make_synthetic_store(tmp_path / "h", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "h")
-    update_index(reader, "l", factory="IVF64_HNSW32,SQ8", n_queries=20)
+    reader, _ = indexed_store(tmp_path, "IVF64_HNSW32,SQ8", 20)
     idx = PatchIndex.load(reader.url, "l")
     nprobe = idx.meta["params"]["nprobe"]
     hnsw = faiss.downcast_index(faiss.extract_index_ivf(idx.index).quantizer).hnsw
@@ -269,9 +263,7 @@ def test_recall_probe_queries_come_from_many_images_and_never_from_training_poin
 
 
 def test_an_update_with_nothing_new_rewrites_nothing(tmp_path):
-    make_synthetic_store(tmp_path / "u", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
-    reader = open_store(tmp_path / "u")
-    first = update_index(reader, "l", factory="IVF16,SQ8", n_queries=20)
+    reader, first = indexed_store(tmp_path, "IVF16,SQ8", 20)
     base = os.path.join(reader.url, "index", "l")
     stamps = {ext: os.stat(base + ext).st_mtime_ns for ext in (".faiss", ".json", ".f16")}
     again = update_index(reader, "l", n_queries=20)  # a scheduled run that found no new images
