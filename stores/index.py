@@ -301,21 +301,9 @@ def exact_topk(queries: np.ndarray, blocks: Any, k: int) -> tuple[np.ndarray, np
             s, cand = np.take_along_axis(s, part, axis=1), ids[part]
         else:
             cand = np.broadcast_to(ids, s.shape)
-        cat_s = np.concatenate([best_s, s], axis=1)
-        cat_i = np.concatenate([best_i, cand], axis=1)
-        top = _top_rows(cat_s, cat_i, k)
-        best_s = np.take_along_axis(cat_s, top, axis=1)
-        best_i = np.take_along_axis(cat_i, top, axis=1)
+        for r in range(len(q)):  # merge this block's top k into each query's running top k
+            best_s[r], best_i[r] = merge_topk(best_s[r], best_i[r], s[r], cand[r], k)
     return best_s, best_i
-
-
-def _top_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Per row, positions of the k best scores, best first; ties by smaller id (deterministic)."""
-    out = np.empty((len(scores), k), dtype=np.int64)
-    for r in range(len(scores)):
-        order = np.lexsort((np.where(ids[r] < 0, np.iinfo(np.int64).max, ids[r]), -scores[r]))
-        out[r] = order[:k]
-    return out
 
 
 def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,

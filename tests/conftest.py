@@ -1,4 +1,4 @@
-"""Shared fixtures: small real inputs (generated images, scikit-image demo files)."""
+"""Shared fixtures: small real inputs (generated images, scikit-image demo files) and Chromium."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+#: Debian's chromium drives the browser tests (playwright cannot download browsers offline).
+CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
 
 
 def write_generated_images(folder: str, n: int, seed: int = 0, size: tuple[int, int] = (96, 80),
@@ -58,3 +61,14 @@ def demo_store(demo_subset, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("stores") / "demo.zarr")
     build(demo_subset, path, quiet=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per browser-test module (tests/ui; they skip without Chromium)."""
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()

@@ -28,7 +28,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -44,7 +43,7 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from bench.servers import Server, free_port, launch  # noqa: E402
-from bench.serving import hover_like_a_user, percentiles  # noqa: E402
+from bench.serving import SAVER, hover_like_a_user, percentiles  # noqa: E402
 from bench.wsclient import BokehSession, SessionRefused  # noqa: E402
 from stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
 from stores.errors import StoreError  # noqa: E402
@@ -295,25 +294,6 @@ def test_missing_or_stale_index_falls_back_to_exact_search_with_a_warning(main, 
     assert not errors_in(main.log(mark)), main.log(mark)
 
 
-SAVER = textwrap.dedent("""
-    import sys, numpy as np
-    from stores import PatchIndex
-    url, n = sys.argv[1], int(sys.argv[2])
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((n, 64)).astype(np.float32)
-    versions = []
-    for total in (n // 2, n):
-        index = PatchIndex.create(64, "IDMap,Flat")
-        index.add(vecs[:total], np.arange(total))
-        index.meta["images_indexed"] = total
-        versions.append(index)
-    versions[0].save(url, "l")
-    print("saved", flush=True)
-    while True:
-        for index in versions[::-1] + versions:
-            print("saving", index.ntotal, flush=True)
-            index.save(url, "l")
-""")
 
 
 def test_sigkill_during_index_save_leaves_a_loadable_index(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser_models import model_data
+from conftest import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
@@ -29,13 +30,12 @@ from bench.servers import serve_explorer  # noqa: E402
 
 pytestmark = pytest.mark.ui
 
-CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
 LAYER_A, LAYER_B = "inception4d", "layer2"
 PAGE_SIZE, NCOLS = 8, 4
 FACTORIZED = list(range(6))
 SHOTS = os.environ.get("HOVERLAY_SCREENSHOTS")
 
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
@@ -72,14 +72,6 @@ def server(stores, tmp_path_factory):
                             "--no-live-topk", log_dir=tmp_path_factory.mktemp("logs"), timeout=60)
     yield server.url
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser_models import model_data
+from conftest import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
@@ -25,12 +26,11 @@ from bench.servers import free_port, launch, serve_explorer  # noqa: E402
 
 pytestmark = pytest.mark.ui
 
-CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
 S = 64
 FINE, COARSE = (8, 8), (4, 4)
 PAGE_SIZE, K = 8, 5
 
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
@@ -68,14 +68,6 @@ def server(store, tmp_path_factory):
                             log_dir=tmp_path_factory.mktemp("logs"), timeout=60)
     yield server.url
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture
