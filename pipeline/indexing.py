@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -16,7 +16,8 @@ from stores.index import (
     MAX_RERANK_FACTOR,
     exact_topk,
     nlist_for,
-    recall_at_k,
+    read_index_meta,
+    recall_per_query,
     search_reranked,
 )
 from stores.rerank import Fetch, rerank_path, vector_fetcher, write_rerank_rows
@@ -25,10 +26,16 @@ from stores.search import iter_vector_blocks
 log = logging.getLogger(__name__)
 
 TRAIN_POINTS_PER_CENTROID = 64
-MAX_TRAIN = 200_000
-#: nprobe is chosen on the probe's own queries, so their recall overstates recall on other
-#: queries (a selection bias, ~0.01 at 100 queries measured); tuning aims this much higher.
-TUNE_MARGIN = 0.01
+#: Training points: at most this many, and at most MAX_TRAIN_BYTES of float32. Two-level
+#: k-means (stores.kmeans) makes FAISS's 39-per-list minimum affordable at 12k lists.
+MAX_TRAIN = 1_000_000
+MAX_TRAIN_BYTES = 2 << 30
+#: Recall is tuned on a sample of queries, and a sample's mean overstates the recall of other
+#: queries about half the time: at 10M x 512, 100 probe queries said 0.962 where 100 others
+#: measured 0.935. Tuning therefore requires the one-sided 95% lower confidence bound
+#: (mean - TUNE_Z standard errors of the per-query recalls) to reach the target.
+TUNE_Z = 1.645
+DEFAULT_PROBE_QUERIES = 200
 
 
 def _sample_patches(reader: StoreReader, layer: str, n: int, rng: np.random.Generator,
@@ -80,6 +87,7 @@ class RecallProbe:
     truth: np.ndarray
     k: int
     last_latency_ms: float = float("nan")  # p50 of the last recall() run's queries (search + re-rank)
+    last_per_query: np.ndarray = field(default_factory=lambda: np.empty(0))  # recall of each query, last run
 
     @classmethod
     def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
@@ -102,31 +110,42 @@ class RecallProbe:
             took.append(time.perf_counter() - t)
             found[i, : len(ids)] = ids
         self.last_latency_ms = float(np.percentile(took, 50) * 1e3)
-        return recall_at_k(found, self.truth)
+        self.last_per_query = recall_per_query(found, self.truth)
+        return float(self.last_per_query.mean())
+
+    def lower_bound(self, z: float = TUNE_Z) -> float:
+        """One-sided lower confidence bound on the last run's mean recall (z standard errors)."""
+        r = self.last_per_query
+        if r.size < 2:
+            return float(r.mean()) if r.size else float("nan")
+        return float(r.mean() - z * r.std(ddof=1) / np.sqrt(r.size))
 
 
 def measure_recall(reader: StoreReader, layer: str, index: PatchIndex, k: int = 10,
-                   n_queries: int = 100, exclude: set[int] | None = None, seed: int = 1) -> float:
+                   n_queries: int = DEFAULT_PROBE_QUERIES, exclude: set[int] | None = None, seed: int = 1) -> float:
     """recall@k of index search + exact re-rank vs exact search, on patches held out of training."""
     return RecallProbe.sample(reader, layer, k, n_queries, exclude, seed).recall(reader, layer, index)
 
 
 def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
-                target_recall: float = 0.95) -> tuple[int, float]:
-    """Smallest nprobe whose recall meets the target: doubling from 1, then a binary search.
+                target_recall: float = 0.95) -> tuple[int, float, float]:
+    """Smallest nprobe whose recall meets the target (its lower confidence bound on the probe,
+    :meth:`RecallProbe.lower_bound`): doubling from 1, then a binary search.
 
     Recall grows with nprobe and so does latency, so the smallest sufficient nprobe is also
     the fastest setting that keeps the promised recall. Doubling first keeps the cost of tuning
     near that of the answer: a 10M-vector index has ~12k lists, and probing all of them for
-    every held-out query would take minutes. Returns (nprobe, recall at it); nlist when the
-    target cannot be met.
+    every held-out query would take minutes. Returns (nprobe, mean recall, its lower bound);
+    nprobe is nlist when the target cannot be met.
     """
     nlist = index.nlist or 1
     fetch = vector_fetcher(reader, layer, index.meta)
+    means: dict[int, float] = {}
 
     def recall_at(nprobe: int) -> float:
         index.set_params(nprobe=nprobe)
-        return probe.recall(reader, layer, index, fetch)
+        means[nprobe] = probe.recall(reader, layer, index, fetch)
+        return probe.lower_bound()
 
     lo, hi = 0, 1  # invariant once found: recall(lo) < target <= recall(hi)
     r = recall_at(hi)
@@ -142,7 +161,7 @@ def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
         else:
             lo = mid
     index.set_params(nprobe=best[0])
-    return best
+    return best[0], means[best[0]], best[1]
 
 
 #: Without ``--index-memory``, an index may take this share of the machine's RAM. The explorer
@@ -162,21 +181,43 @@ def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
     """nprobe (IVF) and, when even probing every list misses the target, more re-rank candidates
     (compressed codes: ``rerank_factor`` doubled up to MAX_RERANK_FACTOR, nprobe re-tuned each time).
 
-    Returns what was chosen: ``{"nprobe", "rerank_factor", "recall"}``.
+    Returns what was chosen: ``{"nprobe", "rerank_factor", "recall", "lower_bound"}``; the
+    target applies to the lower bound (:meth:`RecallProbe.lower_bound`).
     """
     while True:
+        nprobe: int | None
         if index.nlist and index.nlist > 1:
-            nprobe, recall = tune_nprobe(reader, layer, index, probe, target_recall)
+            nprobe, recall, bound = tune_nprobe(reader, layer, index, probe, target_recall)
         else:
             nprobe, recall = None, probe.recall(reader, layer, index)
-        done = recall >= target_recall or np.isnan(recall)  # nan: no held-out queries to tune on
+            bound = probe.lower_bound()
+        done = bound >= target_recall or np.isnan(recall)  # nan: no held-out queries to tune on
         if done or index.stores_exact_vectors or index.rerank_factor >= MAX_RERANK_FACTOR:
-            return {"nprobe": nprobe, "rerank_factor": index.rerank_factor, "recall": recall}
+            return {"nprobe": nprobe, "rerank_factor": index.rerank_factor, "recall": recall,
+                    "lower_bound": bound}
         index.meta["rerank_factor"] = index.rerank_factor * 2
 
 
+def _reusable_rerank_rows(reader: StoreReader, layer: str) -> int:
+    """Rows of the existing re-rank file a rebuilt index may keep: those the previous index's
+    .json vouched for, if it describes this very store (``created`` names a store instance;
+    a store recreated at the same path has another). Committed vectors never change, so
+    rebuilding a 10M x 512 index need not rewrite its 10 GB of fp16 rows."""
+    try:
+        previous = read_index_meta(reader.url, layer) or {}
+    except (OSError, ValueError):
+        return 0
+    rerank = previous.get("rerank") or {}
+    rows = int(rerank.get("rows", 0))
+    hw = reader.geometry(layer).patches_per_image
+    same_store = bool(reader.attrs.created) and rerank.get("store_created") == reader.attrs.created
+    if not same_store or rows % hw or rows > reader.n_images * hw:
+        return 0
+    return rows
+
+
 def update_index(reader: StoreReader, layer: str, memory_budget: int | None = None,
-                 rebuild: bool = False, k: int = 10, n_queries: int = 100,
+                 rebuild: bool = False, k: int = 10, n_queries: int = DEFAULT_PROBE_QUERIES,
                  factory: str | None = None, seed: int = 0, tune: bool = True,
                  target_recall: float = 0.95, device: str = "cpu") -> dict[str, Any]:
     """Extend the layer's index with images committed since it was saved (no retraining),
@@ -203,6 +244,8 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     rng = np.random.default_rng(seed)
     train_ids: set[int] = set()
     created = index is None
+    phases: dict[str, float] = {}
+    reusable_rerank_rows = _reusable_rerank_rows(reader, layer) if created else 0
     if index is None:
         n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
         budget = memory_budget if memory_budget is not None else default_index_budget()
@@ -213,31 +256,47 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
             nlist = nlist_for(n_vectors)
             # at most half of the vectors, so the recall probe has patches training never saw
             n_train = min(MAX_TRAIN, nlist * TRAIN_POINTS_PER_CENTROID, max(1, n_vectors // 2))
+            n_train = min(n_train, MAX_TRAIN_BYTES // (4 * g.dim))
+            t = time.perf_counter()
             ids, sample = _sample_patches(reader, layer, n_train, rng)
+            phases["sample_s"] = time.perf_counter() - t
+            t = time.perf_counter()
             index.train(sample, use_gpu=device.startswith("cuda"))  # FAISS GPU k-means if installed
+            phases["train_s"] = time.perf_counter() - t
+            index.meta["train_points"] = len(ids)
             train_ids = set(ids.tolist())
+            del sample
         index.meta["images_indexed"] = 0
         index.meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = int(index.meta["images_indexed"])
     added = 0
+    t = time.perf_counter()
     for ids, vecs in iter_vector_blocks(reader, layer, images_per_block=max(reader.attrs.chunk, 256),
                                         start=start):
         index.add(vecs, ids)
         added += len(ids)
+    phases["add_s"] = time.perf_counter() - t
     index.meta["images_indexed"] = reader.n_images
     index.meta["nlist"] = index.nlist
     if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
         # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
-        valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else 0
+        t = time.perf_counter()
+        valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else reusable_rerank_rows
         index.meta["rerank"] = {"rows": write_rerank_rows(reader, layer, valid), "dtype": "float16",
-                                "file": f"{encode_layer(layer)}.f16"}
+                                "file": f"{encode_layer(layer)}.f16", "store_created": reader.attrs.created}
+        phases["rerank_file_s"] = time.perf_counter() - t
     needs_recall = added > 0 or "recall" not in index.meta
     if needs_recall:
         exact = index.meta["factory"] == "IDMap,Flat"
+        t = time.perf_counter()
         probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
+        phases["probe_truth_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if tune and not (index.stores_exact_vectors and not index.nlist):
-            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall + TUNE_MARGIN),
-                                   "target_recall": target_recall, "margin": TUNE_MARGIN}
+            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall),
+                                   "target_recall": target_recall,
+                                   "rule": f"lower {TUNE_Z}-sigma bound of the probe's mean recall >= target"}
+        phases["tune_s"] = time.perf_counter() - t
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # the explorer's setting (stores.search.LayerSearch)
         try:
@@ -250,5 +309,6 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
                                             "query at a time on one thread, at this build"}
     if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
         index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+        index.meta["build_phases"] = {name: round(v, 3) for name, v in phases.items()}
         index.save(reader.url, layer)
     return dict(index.meta, ntotal=index.ntotal, added=added)

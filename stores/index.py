@@ -24,6 +24,7 @@ import numpy as np
 from ._zarr import is_local, normalize_url
 from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
+from .kmeans import TWO_LEVEL_FROM, ivf_centroids
 
 #: Exact search while the index holds at most this many vectors at D=112 (≈ 4 ms per top-32 on
 #: one core); the bound is on vectors × D, the float32 values one query scans (≈ 22M).
@@ -36,6 +37,8 @@ MIN_POINTS_PER_CENTROID = 39
 #: Past this many centroids the coarse quantizer is an HNSW graph: assigning 10M vectors to 12k
 #: flat centroids costs ~30 TFLOP at D=112, through HNSW a few hundred distances per vector.
 HNSW_QUANTIZER_FROM = 4096
+#: efSearch of an HNSW coarse quantizer while adding: finding one vector's nearest centroid.
+ADD_QUANTIZER_EF = 64
 #: Candidates re-ranked per wanted result for compressed codes; tuning doubles it (up to
 #: MAX_RERANK_FACTOR) when probing every list still misses the recall target (coarse PQ codes).
 DEFAULT_RERANK_FACTOR = 4
@@ -125,13 +128,19 @@ class PatchIndex:
     def train(self, sample: np.ndarray, use_gpu: bool = False) -> None:
         """Train on ``sample`` (float32 rows). With ``use_gpu`` and a GPU build of FAISS, the IVF
         k-means (the expensive part) runs on every visible GPU; otherwise on the CPU."""
-        on_gpu = use_gpu and gpu_count() > 0 and self.nlist is not None
+        nlist = self.nlist
+        on_gpu = use_gpu and gpu_count() > 0 and nlist is not None
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
         if on_gpu:
             ivf = faiss.extract_index_ivf(self.index)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            self.index.train(sample)
+        elif nlist is not None and nlist >= TWO_LEVEL_FROM:
+            _train_with_centroids(self.index, sample)
+            self.meta["kmeans"] = "two-level"
+        else:
+            self.index.train(sample)
         self.meta["trained_on"] = "gpu" if on_gpu else "cpu"
-        nlist = self.nlist
         if nlist:
             self.set_params(nprobe=default_nprobe(nlist))
 
@@ -172,10 +181,23 @@ class PatchIndex:
             self.meta.setdefault("params", {})[name] = value
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add vectors under their patch ids. An HNSW coarse quantizer assigns them with
+        ``efSearch`` ADD_QUANTIZER_EF (a nearest-centroid lookup), not the search setting:
+        2·nprobe is ~200 at 10M vectors and made adding 10M vectors several times slower."""
         if not self.is_trained:
             raise StoreError(f"index {self.meta.get('factory')!r} must be trained before adding")
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                np.ascontiguousarray(ids, dtype=np.int64))
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        hnsw = _hnsw_quantizer(self.index)
+        if hnsw is None:
+            self.index.add_with_ids(x, ids)
+            return
+        ef = hnsw.hnsw.efSearch
+        hnsw.hnsw.efSearch = ADD_QUANTIZER_EF
+        try:
+            self.index.add_with_ids(x, ids)
+        finally:
+            hnsw.hnsw.efSearch = ef
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search: (scores, ids), ids -1 where fewer than k vectors exist."""
@@ -198,10 +220,9 @@ class PatchIndex:
     @classmethod
     def load(cls, store_url: str, layer: str, mmap: bool = False) -> PatchIndex:
         base = index_path(store_url, layer)
-        fs, path = fsspec.core.url_to_fs(base + ".json")
-        if not fs.exists(path):
+        meta = read_index_meta(store_url, layer)
+        if meta is None:
             raise FileNotFoundError(f"no index for layer {layer!r} at {base}.faiss")
-        meta = json.loads(fs.cat_file(path))
         faiss_url = base + ".faiss"
         if is_local(faiss_url):
             local = faiss_url.removeprefix("file://")
@@ -219,10 +240,46 @@ class PatchIndex:
         return out
 
 
+def _hnsw_quantizer(index: faiss.Index) -> Any:
+    """The HNSW coarse quantizer of an IVF index, or None."""
+    try:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    except RuntimeError:
+        return None
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def _train_with_centroids(index: faiss.Index, sample: np.ndarray) -> None:
+    """Train an IVF index (behind any pre-transforms such as OPQ) with two-level k-means
+    centroids: FAISS skips its own k-means when the quantizer already holds nlist centroids,
+    and trains only the codes."""
+    outer = faiss.downcast_index(index)
+    x = sample
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            transform = outer.chain.at(i)
+            if not transform.is_trained:
+                transform.train(x)
+            x = np.ascontiguousarray(transform.apply(x), dtype=np.float32)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.quantizer.add(ivf_centroids(x, int(ivf.nlist)))
+    ivf.train(x)
+    outer.is_trained = True
+
+
 #: Map the file instead of reading it. ``IO_FLAG_MMAP`` maps IVF inverted lists only; a flat
 #: index was still read whole (100 MB of heap for 400k x 64, measured); ``IO_FLAG_MMAP_IFC``
 #: (FAISS >= 1.9) maps flat codes too, leaving a few MB of heap.
 _MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+
+
+def read_index_meta(store_url: str, layer: str) -> dict[str, Any] | None:
+    """The layer's ``index/<layer>.json``, or None when there is none."""
+    fs, path = fsspec.core.url_to_fs(index_path(store_url, layer) + ".json")
+    if not fs.exists(path):
+        return None
+    meta: dict[str, Any] = json.loads(fs.cat_file(path))
+    return meta
 
 
 def index_path(store_url: str, layer: str) -> str:
@@ -315,8 +372,13 @@ def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, id
     return scores[order], ids[order]
 
 
+def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Fraction of each query's true top-k ids present in its found top-k (-1 ids ignored)."""
+    return np.array([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))
+                     for f, t in zip(found, truth, strict=True)], dtype=np.float64)
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of the true top-k ids present in the found top-k (per query, then averaged)."""
-    hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))
-            for f, t in zip(found, truth, strict=True)]
-    return float(np.mean(hits)) if hits else 1.0
+    hits = recall_per_query(found, truth)
+    return float(hits.mean()) if hits.size else 1.0

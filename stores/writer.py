@@ -39,8 +39,8 @@ from .vectors import normalize_patches
 TABLE_CHUNK = 4096
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
 def _tool_version() -> str:
@@ -88,7 +88,8 @@ def create_store(
     group = zarr.open_group(url, mode="w" if overwrite else "a", zarr_format=3, **kwargs)
     now = _now()
     attrs = StoreAttrs(model=dict(model), preprocessing=dict(preprocessing), image_size=int(image_size),
-                       layers=dict(layers), chunk=int(chunk), committed=0, created=now, updated=now,
+                       layers=dict(layers), chunk=int(chunk), committed=0,
+                       created=_now("microseconds"), updated=now,  # created also names this store
                        tool_version=_tool_version())
     s = attrs.image_size
     group.create_array(PIXELS, shape=(0, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),

@@ -222,3 +222,17 @@ def test_stale_or_missing_index_falls_back_to_exact(tmp_path):
     open(path, "w").write(json.dumps(meta))
     with pytest.raises(StoreError, match="stale"):
         PatchIndex.load(r.url, "b")
+
+
+def test_synthetic_clusters_with_a_local_dim_have_real_activations_local_dimension():
+    from bench.intrinsic import local_intrinsic_dimension
+    from stores.synthetic import clustered_activations
+
+    rng = np.random.default_rng(0)
+    isotropic = local_intrinsic_dimension(clustered_activations(rng, (5000, 128)))
+    local = local_intrinsic_dimension(clustered_activations(rng, (5000, 128), local_dim=8))
+    assert isotropic > 25 and 3 < local < 12, (isotropic, local)
+    acts = clustered_activations(rng, (2, 7, 128), local_dim=8)
+    assert acts.shape == (2, 7, 128) and acts.dtype == np.float32 and acts.min() >= 0
+    with pytest.raises(ValueError, match="local_dim"):
+        clustered_activations(rng, (10, 16), local_dim=17)
