@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-NAMES = ("pipeline", "hover", "index", "serving")
+NAMES = ("pipeline", "hover", "intrinsic", "index", "serving")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
 
         hover.main(["--sizes", "1000,10000,100000" if a.full else "1000,10000",
                     *(["--stores", os.path.join(work, "hover")] if work else [])])
+    if "intrinsic" in names:
+        from bench import intrinsic
+
+        intrinsic.main([])
     if "index" in names:
         from bench import index
 

@@ -14,13 +14,14 @@ from stores import PatchIndex, StoreReader, choose_factory
 from stores.format import encode_layer
 from stores.index import (
     MAX_RERANK_FACTOR,
+    StreamingTopK,
     exact_topk,
     nlist_for,
     read_index_meta,
     recall_per_query,
     search_reranked,
 )
-from stores.rerank import Fetch, rerank_path, vector_fetcher, write_rerank_rows
+from stores.rerank import Fetch, RerankAppender, rerank_path, vector_fetcher
 from stores.search import iter_vector_blocks
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,17 @@ class RecallProbe:
     @classmethod
     def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
                exclude: set[int] | None = None, seed: int = 1) -> RecallProbe:
-        rng = np.random.default_rng(seed)
-        _, queries = _sample_patches(reader, layer, n_queries, rng, exclude, per_image=1)
+        """Draw queries and find their exact top-k with a scan of the whole layer."""
+        queries = cls.draw(reader, layer, n_queries, exclude, seed)
         _, truth = exact_topk(queries, iter_vector_blocks(reader, layer), k)
         return cls(queries, truth, k)
+
+    @staticmethod
+    def draw(reader: StoreReader, layer: str, n_queries: int, exclude: set[int] | None = None,
+             seed: int = 1) -> np.ndarray:
+        """float32 query vectors: one stored patch from each of ``n_queries`` random images."""
+        _, queries = _sample_patches(reader, layer, n_queries, np.random.default_rng(seed), exclude, per_image=1)
+        return queries
 
     def recall(self, reader: StoreReader, layer: str, index: PatchIndex, fetch: Fetch | None = None) -> float:
         """recall@k of index search + exact re-rank against the exact scan."""
@@ -269,28 +277,47 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
         index.meta["images_indexed"] = 0
         index.meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = int(index.meta["images_indexed"])
-    added = 0
-    t = time.perf_counter()
-    for ids, vecs in iter_vector_blocks(reader, layer, images_per_block=max(reader.attrs.chunk, 256),
-                                        start=start):
-        index.add(vecs, ids)
-        added += len(ids)
-    phases["add_s"] = time.perf_counter() - t
-    index.meta["images_indexed"] = reader.n_images
-    index.meta["nlist"] = index.nlist
+    rerank: RerankAppender | None = None
     if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
         # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
-        t = time.perf_counter()
         valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else reusable_rerank_rows
-        index.meta["rerank"] = {"rows": write_rerank_rows(reader, layer, valid), "dtype": "float16",
-                                "file": f"{encode_layer(layer)}.f16", "store_created": reader.attrs.created}
-        phases["rerank_file_s"] = time.perf_counter() - t
+        rerank = RerankAppender(reader, layer, valid)
+    # One read of the store feeds the index, the re-rank file and — when every vector passes
+    # through (a new index) — the recall probe's exact top-k.
+    truth = StreamingTopK(RecallProbe.draw(reader, layer, n_queries, train_ids, seed + 1), k) if start == 0 else None
+    ok, hw = reader.table().ok, g.patches_per_image
+    added = 0
+    t = time.perf_counter()
+    try:
+        for ids, vecs in iter_vector_blocks(reader, layer, images_per_block=max(reader.attrs.chunk, 256),
+                                            ok_only=False, start=start):
+            if rerank is not None:
+                rerank.feed(int(ids[0]) // hw, vecs)  # every image's rows, failed images' zeros too
+            keep = ok[ids // hw]
+            ids, vecs = ids[keep], vecs[keep]
+            index.add(vecs, ids)
+            if truth is not None:
+                truth.add(ids, vecs)
+            added += len(ids)
+        if rerank is not None:
+            index.meta["rerank"] = {"rows": rerank.close(), "dtype": "float16",
+                                    "file": f"{encode_layer(layer)}.f16", "store_created": reader.attrs.created}
+    except BaseException:
+        if rerank is not None:
+            rerank.abort()
+        raise
+    phases["pass_s"] = time.perf_counter() - t  # index add + re-rank rows + probe truth
+    index.meta["images_indexed"] = reader.n_images
+    index.meta["nlist"] = index.nlist
     needs_recall = added > 0 or "recall" not in index.meta
     if needs_recall:
         exact = index.meta["factory"] == "IDMap,Flat"
-        t = time.perf_counter()
-        probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
-        phases["probe_truth_s"] = time.perf_counter() - t
+        if truth is not None:
+            probe = RecallProbe(truth.queries, truth.ids, k)
+        else:  # an update saw only the new vectors: the truth needs a scan of them all
+            t = time.perf_counter()
+            probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
+            phases["probe_truth_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if tune and not (index.stores_exact_vectors and not index.nlist):
             index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall),

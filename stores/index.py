@@ -38,7 +38,11 @@ MIN_POINTS_PER_CENTROID = 39
 #: flat centroids costs ~30 TFLOP at D=112, through HNSW a few hundred distances per vector.
 HNSW_QUANTIZER_FROM = 4096
 #: efSearch of an HNSW coarse quantizer while adding: finding one vector's nearest centroid.
-ADD_QUANTIZER_EF = 64
+#: Measured on 100k real-geometry vectors (D=512) into 12,649 centroids: efSearch 16 agrees
+#: with the exact nearest centroid for 98.6% of vectors (64: 99.0%, 128: 99.4%) in half the
+#: time of 64 — and a vector in its second-nearest list is still found by the searches that
+#: probe it. Assignment is most of a 10M-vector build.
+ADD_QUANTIZER_EF = 16
 #: Candidates re-ranked per wanted result for compressed codes; tuning doubles it (up to
 #: MAX_RERANK_FACTOR) when probing every list still misses the recall target (coarse PQ codes).
 DEFAULT_RERANK_FACTOR = 4
@@ -256,8 +260,9 @@ def _train_with_centroids(index: faiss.Index, sample: np.ndarray) -> None:
     outer = faiss.downcast_index(index)
     x = sample
     if isinstance(outer, faiss.IndexPreTransform):
-        for i in range(outer.chain.size()):
-            transform = outer.chain.at(i)
+        chain: Any = outer.chain  # a SWIG vector (the stubs say list)
+        for i in range(chain.size()):
+            transform = chain.at(i)
             if not transform.is_trained:
                 transform.train(x)
             x = np.ascontiguousarray(transform.apply(x), dtype=np.float32)
@@ -340,27 +345,42 @@ def search_reranked(index: PatchIndex, query: np.ndarray, k: int,
     return exact_rerank(query, ids[0], fetch, k)
 
 
-def exact_topk(queries: np.ndarray, blocks: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by streaming ``(ids, vectors)`` blocks: the ground truth for recall, and the
-    explorer's fallback when a layer has no usable index.
+class StreamingTopK:
+    """Exact top-k of fixed queries over vectors fed block by block (:meth:`add`).
 
     Each block keeps only its own top k (``argpartition``, linear) before merging, so the cost
-    is one matmul per block, not a sort of every score.
+    is one matmul per block, not a sort of every score. The index build feeds it the blocks it
+    adds, so the recall probe's ground truth costs no second read of the store.
     """
-    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for ids, vecs in blocks:
-        s = q @ np.asarray(vecs, dtype=np.float32).T  # (q, b)
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        self.k = int(k)
+        self.scores = np.full((len(self.queries), self.k), -np.inf, dtype=np.float32)
+        self.ids = np.full((len(self.queries), self.k), -1, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(self.queries) == 0 or len(ids) == 0:
+            return
+        k = self.k
+        s = self.queries @ np.asarray(vectors, dtype=np.float32).T  # (q, b)
         ids = np.asarray(ids, dtype=np.int64)
         if s.shape[1] > k:
             part = np.argpartition(-s, k - 1, axis=1)[:, :k]
             s, cand = np.take_along_axis(s, part, axis=1), ids[part]
         else:
             cand = np.broadcast_to(ids, s.shape)
-        for r in range(len(q)):  # merge this block's top k into each query's running top k
-            best_s[r], best_i[r] = merge_topk(best_s[r], best_i[r], s[r], cand[r], k)
-    return best_s, best_i
+        for r in range(len(self.queries)):  # merge this block's top k into each query's running top k
+            self.scores[r], self.ids[r] = merge_topk(self.scores[r], self.ids[r], s[r], cand[r], k)
+
+
+def exact_topk(queries: np.ndarray, blocks: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by streaming ``(ids, vectors)`` blocks: the ground truth for recall, and the
+    explorer's fallback when a layer has no usable index."""
+    top = StreamingTopK(queries, k)
+    for ids, vecs in blocks:
+        top.add(ids, vecs)
+    return top.scores, top.ids
 
 
 def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,

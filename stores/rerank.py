@@ -44,49 +44,102 @@ def rerank_path(store_url: str, layer: str) -> str | None:
     return base.removeprefix("file://") + SUFFIX if is_local(base) else None
 
 
-def write_rerank_rows(reader: StoreReader, layer: str, valid_rows: int, images_per_block: int = 256) -> int:
-    """Bring the re-rank file up to the reader's committed images; returns its row count.
+class RerankAppender:
+    """Brings the re-rank file up to the reader's committed images, fed block by block.
 
-    ``valid_rows`` is the count the index's ``.json`` vouches for (0: write a new file).
-    Only images past those rows are read from the store.
+    The index build passes every block it reads anyway (:meth:`feed`), so the store is read
+    once for both; :meth:`close` reads whatever was not fed, makes the rows durable and, for a
+    new file, renames it into place. ``valid_rows`` is the count the index's ``.json`` vouches
+    for (0: write a new file); rows past it — what a killed append left — are cut first.
     """
-    path = rerank_path(reader.url, layer)
-    if path is None:
-        raise ValueError("re-rank files are written for local stores only")
-    g = reader.geometry(layer)
-    hw, row_bytes = g.patches_per_image, g.dim * DTYPE.itemsize
-    if valid_rows % hw:
-        raise ValueError(f"re-rank rows {valid_rows} are not whole images of {hw} patches")
-    first_image = valid_rows // hw
-    f: BinaryIO
-    fresh = valid_rows == 0 or not os.path.exists(path) or os.path.getsize(path) < valid_rows * row_bytes
-    if not fresh and first_image >= reader.n_images and os.path.getsize(path) == valid_rows * row_bytes:
-        return valid_rows  # up to date: leave the file (and its mtime) alone
-    if fresh:
-        first_image = 0
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, target = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=os.path.dirname(path))
-        f = os.fdopen(fd, "wb")
-    else:
-        target = path
-        f = open(path, "r+b")  # noqa: SIM115 - closed below, after fsync
-        f.truncate(valid_rows * row_bytes)  # drop what a killed append left past the vouched rows
-        f.seek(valid_rows * row_bytes)
-    try:
-        with f:
-            for lo in range(first_image, reader.n_images, images_per_block):
-                hi = min(reader.n_images, lo + images_per_block)
-                block = reader.vectors(layer, slice(lo, hi)).reshape(-1, g.dim)
-                f.write(np.ascontiguousarray(block, dtype=DTYPE).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        if fresh:
-            os.replace(target, path)
-    except BaseException:
-        if fresh and os.path.exists(target):
-            os.unlink(target)
-        raise
-    return reader.n_images * hw
+
+    def __init__(self, reader: StoreReader, layer: str, valid_rows: int, images_per_block: int = 256):
+        path = rerank_path(reader.url, layer)
+        if path is None:
+            raise ValueError("re-rank files are written for local stores only")
+        g = reader.geometry(layer)
+        self.reader, self.layer, self.path, self.block = reader, layer, path, images_per_block
+        self.hw, self.dim = g.patches_per_image, g.dim
+        row_bytes = g.dim * DTYPE.itemsize
+        if valid_rows % self.hw:
+            raise ValueError(f"re-rank rows {valid_rows} are not whole images of {self.hw} patches")
+        self.end_image = reader.n_images
+        self.fresh = valid_rows == 0 or not os.path.exists(path) or os.path.getsize(path) < valid_rows * row_bytes
+        self.next_image = 0 if self.fresh else valid_rows // self.hw
+        self.up_to_date = (not self.fresh and self.next_image >= self.end_image
+                           and os.path.getsize(path) == valid_rows * row_bytes)
+        self._file: BinaryIO | None = None
+        self._target = path
+        if self.up_to_date:
+            return  # leave the file (and its mtime) alone
+        if self.fresh:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, self._target = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=os.path.dirname(path))
+            self._file = os.fdopen(fd, "wb")
+        else:
+            self._file = open(path, "r+b")  # noqa: SIM115 - closed in close()/abort()
+            self._file.truncate(valid_rows * row_bytes)  # drop what a killed append left
+            self._file.seek(valid_rows * row_bytes)
+
+    @property
+    def rows(self) -> int:
+        """Rows the file holds once closed: every committed image's patches."""
+        return self.end_image * self.hw
+
+    def feed(self, first_image: int, vectors: np.ndarray) -> None:
+        """Rows of whole images ``first_image``… (all of them, failed images' zeros included);
+        blocks before the file's end are skipped, a gap is filled from the store."""
+        if self._file is None:
+            return
+        n_images = len(vectors) // self.hw
+        last = min(first_image + n_images, self.end_image)
+        if last <= self.next_image:
+            return
+        if first_image > self.next_image:
+            self._copy_from_store(first_image)
+        skip = (self.next_image - first_image) * self.hw
+        rows = np.asarray(vectors).reshape(-1, self.dim)[skip:(last - first_image) * self.hw]
+        self._file.write(np.ascontiguousarray(rows, dtype=DTYPE).tobytes())
+        self.next_image = last
+
+    def close(self) -> int:
+        """Write the images not fed, fsync, rename a new file into place; returns the row count."""
+        if self._file is None:
+            return self.rows
+        try:
+            self._copy_from_store(self.end_image)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if self.fresh:
+                os.replace(self._target, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._file = None
+        return self.rows
+
+    def abort(self) -> None:
+        """Give up: a new file is deleted, an appended one keeps its vouched rows (cut next time)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.fresh and os.path.exists(self._target):
+            os.unlink(self._target)
+
+    def _copy_from_store(self, until_image: int) -> None:
+        assert self._file is not None
+        for lo in range(self.next_image, until_image, self.block):
+            hi = min(until_image, lo + self.block)
+            block = self.reader.vectors(self.layer, slice(lo, hi)).reshape(-1, self.dim)
+            self._file.write(np.ascontiguousarray(block, dtype=DTYPE).tobytes())
+        self.next_image = max(self.next_image, until_image)
+
+
+def write_rerank_rows(reader: StoreReader, layer: str, valid_rows: int, images_per_block: int = 256) -> int:
+    """Bring the re-rank file up to the reader's committed images, reading them from the store;
+    returns its row count (see :class:`RerankAppender`)."""
+    return RerankAppender(reader, layer, valid_rows, images_per_block).close()
 
 
 def open_rerank_rows(store_url: str, layer: str, meta: dict[str, Any], dim: int) -> np.memmap | None:

@@ -298,3 +298,36 @@ def test_recall_lower_bound_is_the_mean_less_z_standard_errors():
     probe.last_per_query = per_query
     expected = per_query.mean() - TUNE_Z * per_query.std(ddof=1) / 2
     assert probe.lower_bound() == pytest.approx(expected) and probe.lower_bound() < per_query.mean()
+
+
+def test_one_pass_feeds_the_index_the_rerank_file_and_the_probe_truth_failed_images_included(tmp_path):
+    from stores.rerank import vector_fetcher
+    from stores.synthetic import clustered_activations, synthetic_pixels
+    from stores.writer import create_store
+
+    geo = LayerGeometry(4, 4, 32)
+    writer = create_store(tmp_path / "s", model={"spec": "synthetic"}, preprocessing={}, image_size=8,
+                          layers={"l": geo}, chunk=16)
+    rng = np.random.default_rng(0)
+    n = 200
+    start = writer.reserve(n)
+    writer.write_block(start, synthetic_pixels(rng, n, 8), {"l": clustered_activations(rng, (n, 4, 4, 32))})
+    failed = {3, 70, 199}
+    writer.write_table(start, [{"source": f"x{i}", "label": "a", "hash": f"h{i}",
+                                "status": "failed" if i in failed else "ok",
+                                "reason": "corrupt" if i in failed else ""} for i in range(n)])
+    writer.commit(n)
+    reader = open_store(tmp_path / "s")
+    exact = update_index(reader, "l", factory="IDMap,Flat", n_queries=40)
+    assert exact["ntotal"] == (n - len(failed)) * 16 and exact["recall"]["value"] == 1.0  # truth = index
+    ivf = update_index(reader, "l", factory="IVF8,SQ8", rebuild=True, n_queries=40)
+    assert ivf["rerank"]["rows"] == n * 16 and "probe_truth_s" not in ivf["build_phases"]
+    index = PatchIndex.load(reader.url, "l")
+    fetch = vector_fetcher(reader, "l", index.meta)
+    every = np.arange(n * 16)
+    np.testing.assert_array_equal(fetch(every), reader.patch_vectors("l", every))  # failed rows included
+    index.set_params(nprobe=8)  # every list, so recall is the re-rank's: exact
+    from pipeline.indexing import RecallProbe
+
+    probe = RecallProbe.sample(reader, "l", 10, 40, seed=5)  # truth from its own full scan
+    assert probe.recall(reader, "l", index) >= 0.99

@@ -64,3 +64,20 @@ def test_an_hnsw_quantizer_keeps_its_search_setting_after_adding():
     assert hnsw.hnsw.efSearch == 80
     index.add(x, np.arange(len(x)))
     assert hnsw.hnsw.efSearch == 80 and index.ntotal == len(x)
+
+
+def test_two_level_training_goes_through_an_opq_rotation():
+    import faiss
+
+    rng = np.random.default_rng(3)
+    x = _unit(clustered_activations(rng, (40_000, 16), local_dim=6)).astype(np.float32)
+    index = PatchIndex.create(16, f"OPQ4,IVF{TWO_LEVEL_FROM}_HNSW32,PQ4x4")  # 4-bit: quick to train
+    index.train(x[:8_000])
+    assert index.is_trained and index.meta["kmeans"] == "two-level"
+    assert faiss.extract_index_ivf(index.index).quantizer.ntotal == TWO_LEVEL_FROM
+    index.add(x, np.arange(len(x)))
+    index.set_params(nprobe=256)
+    _, ids = index.search(x[:100], 50)
+    # each vector is among its own candidates (4-bit codes: not always); centroids computed in
+    # the wrong space (before the rotation) would put it in the wrong lists: near 0
+    assert np.mean([i in row for i, row in enumerate(ids)]) > 0.7
