@@ -7,7 +7,7 @@ scikit-image's demo pictures (one view each, and six random crops each) and comp
 with :func:`stores.synthetic.clustered_activations` at the same width, isotropic
 (``local_dim`` None) and with the ``local_dim`` the index benchmark uses.
 
-    python -m bench.intrinsic [--local-dim 12]
+    python -m bench.intrinsic [--local-dim 16]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from bench.common import report
+from bench.index import LOCAL_DIM
 
 LAYERS = ("_blocks.10.add", "_blocks.15._bn2")
 
@@ -61,7 +62,7 @@ def demo_views(crops: int, size: int = 224, seed: int = 0) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--local-dim", type=int, default=12, help="the synthetic local_dim to compare")
+    p.add_argument("--local-dim", type=int, default=LOCAL_DIM, help="the synthetic local_dim to compare")
     a = p.parse_args(argv)
     from pipeline.models import load_model
     from stores.synthetic import clustered_activations
