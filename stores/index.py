@@ -24,7 +24,7 @@ import numpy as np
 from ._zarr import is_local, normalize_url
 from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
-from .kmeans import TWO_LEVEL_FROM, ivf_centroids
+from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
 
 #: Exact search while the index holds at most this many vectors at D=112 (≈ 4 ms per top-32 on
 #: one core); the bound is on vectors × D, the float32 values one query scans (≈ 22M).
@@ -108,6 +108,7 @@ class PatchIndex:
 
     index: faiss.Index
     meta: dict[str, Any] = field(default_factory=dict)
+    _groups: CentroidGroups | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(cls, dim: int, factory: str) -> PatchIndex:
@@ -192,6 +193,12 @@ class PatchIndex:
             raise StoreError(f"index {self.meta.get('factory')!r} must be trained before adding")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
+        groups = self._centroid_groups()
+        if groups is not None:  # lists from two matrix products, then FAISS encodes and appends
+            ivf = faiss.extract_index_ivf(self.index)
+            lists = groups.assign(x)
+            ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+            return
         hnsw = _hnsw_quantizer(self.index)
         if hnsw is None:
             self.index.add_with_ids(x, ids)
@@ -202,6 +209,16 @@ class PatchIndex:
             self.index.add_with_ids(x, ids)
         finally:
             hnsw.hnsw.efSearch = ef
+
+    def _centroid_groups(self) -> CentroidGroups | None:
+        """Grouped centroids for adding to a large IVF index (built once per object), or None:
+        small IVF, no IVF, or IVF behind a pre-transform (OPQ), which FAISS's own add handles."""
+        if self._groups is None:
+            ivf = faiss.downcast_index(self.index)
+            if not isinstance(ivf, faiss.IndexIVF) or ivf.nlist < TWO_LEVEL_FROM:
+                return None
+            self._groups = CentroidGroups.build(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+        return self._groups
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search: (scores, ids), ids -1 where fewer than k vectors exist."""

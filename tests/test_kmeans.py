@@ -81,3 +81,43 @@ def test_two_level_training_goes_through_an_opq_rotation():
     # each vector is among its own candidates (4-bit codes: not always); centroids computed in
     # the wrong space (before the rotation) would put it in the wrong lists: near 0
     assert np.mean([i in row for i, row in enumerate(ids)]) > 0.7
+
+
+def test_grouped_centroids_assign_vectors_to_their_nearest_list():
+    import faiss
+
+    from stores.kmeans import CentroidGroups
+
+    rng = np.random.default_rng(4)
+    x = _unit(clustered_activations(rng, (30_000, 24), local_dim=8)).astype(np.float32)
+    centroids = ivf_centroids(x[:20_000], 400)
+    groups = CentroidGroups.build(centroids)
+    assert sorted(np.concatenate(groups.members).tolist()) == list(range(400))  # each centroid once
+    _, exact = faiss.knn(x[20_000:], centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    got = groups.assign(x[20_000:])
+    assert np.mean(got == exact.ravel()) > 0.97
+    np.testing.assert_array_equal(groups.assign(x[20_000:], groups=len(groups.centres)), exact.ravel())
+
+
+def test_a_large_ivf_index_adds_through_grouped_centroids_like_faiss_does():
+    import faiss
+
+    rng = np.random.default_rng(5)
+    x = _unit(clustered_activations(rng, (50_000, 16), local_dim=6)).astype(np.float32)
+    ours = PatchIndex.create(16, f"IVF{TWO_LEVEL_FROM},SQ8")
+    ours.train(x[:30_000])
+    theirs = PatchIndex(faiss.clone_index(ours.index), dict(ours.meta))
+    ids = np.arange(len(x)) * 3  # patch ids need not be dense
+    ours.add(x, ids)
+    assert ours._groups is not None and ours.ntotal == len(x)
+    theirs.index.add_with_ids(x, ids)  # FAISS's own assignment (flat quantizer: exact)
+    a, b = faiss.extract_index_ivf(ours.index), faiss.extract_index_ivf(theirs.index)
+    sizes_a = np.array([a.invlists.list_size(i) for i in range(a.nlist)])
+    sizes_b = np.array([b.invlists.list_size(i) for i in range(b.nlist)])
+    assert np.abs(sizes_a - sizes_b).sum() / len(x) < 0.04  # < 2% of the vectors in another list
+    for index in (ours, theirs):
+        index.set_params(nprobe=TWO_LEVEL_FROM)  # every list: the same answers whatever the lists
+    _, got = ours.search(x[:50], 5)
+    _, want = theirs.search(x[:50], 5)
+    np.testing.assert_array_equal(got[:, 0], ids[:50])
+    np.testing.assert_array_equal(got[:, 0], want[:, 0])
