@@ -31,8 +31,9 @@ def series() -> dict[str, list[tuple[float, float]]]:
     for name in sorted(os.listdir(RESULTS)):
         if name.startswith("index_d") and name.endswith(".json"):
             rows = _rows(os.path.join(RESULTS, name))
-            dim = name.removeprefix("index_d").removesuffix(".json")
-            out[f"top-32 + re-rank, D={dim} (x = patch vectors)"] = [(r["vectors"], r["p50_ms"]) for r in rows]
+            dim, _, kind = name.removeprefix("index_d").removesuffix(".json").partition("_")
+            data = ", isotropic worst case" if kind == "isotropic" else ""
+            out[f"top-32 + re-rank, D={dim}{data} (x = patch vectors)"] = [(r["vectors"], r["p50_ms"]) for r in rows]
     return out
 
 

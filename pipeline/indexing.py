@@ -233,9 +233,12 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
 
     ``memory_budget`` bytes bound the index (None: :func:`default_index_budget`); the factory
     is the most exact one that fits (:func:`stores.choose_factory`). For IVF indexes ``nprobe``
-    is tuned (``tune``) to the smallest value reaching ``target_recall`` on held-out queries,
-    and both are recorded in ``index/<layer>.json``. ``device`` "cuda…" trains IVF k-means on
-    the GPUs when FAISS has GPU support (faiss-gpu), else on the CPU (``meta["trained_on"]``)."""
+    is tuned (``tune``) to the smallest value whose recall on ``n_queries`` held-out queries
+    reaches ``target_recall`` with 95% confidence (:meth:`RecallProbe.lower_bound`), and both
+    are recorded in ``index/<layer>.json``. The store is read once for adding, the re-rank file
+    and the probe's exact top-k; a rebuild keeps re-rank rows read from this same store.
+    ``device`` "cuda…" trains IVF k-means on the GPUs when FAISS has GPU support (faiss-gpu),
+    else on the CPU (``meta["trained_on"]``)."""
     t0 = time.perf_counter()
     g = reader.geometry(layer)
     index: PatchIndex | None = None
