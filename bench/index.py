@@ -4,6 +4,9 @@ For each size: write a store through ``stores`` in chunks (never the whole set i
 build the layer index the way ``hoverlay build`` does (factory chosen by size and memory
 budget), then time k=32 queries (FAISS, then exact re-rank from the stored fp16 vectors for
 compressed codes) and measure recall@32 against an exact scan on held-out stored patches.
+The 200 timed queries run twice: ``cold_p50_ms`` is the first round (index and re-rank file
+pages as the build and earlier cases left them in the page cache), ``p50_ms``/``p99_ms`` the
+second (steady state of a serving process).
 
     python -m bench.index [--sizes 100000,1000000,10000000@2G] [--dim 112] [--workdir DIR]
 
@@ -72,14 +75,17 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
     rng = np.random.default_rng(5)
     ids = rng.integers(0, n_images * hw, size=200)
     queries = reader.patch_vectors("l", ids).astype(np.float32)
-    lat, faiss_lat = [], []
-    for q in queries:
-        t = time.perf_counter()
-        search.search(q, k)
-        lat.append((time.perf_counter() - t) * 1e3)
-        t = time.perf_counter()
-        search.index.search(q, 4 * k)  # type: ignore[union-attr]
-        faiss_lat.append((time.perf_counter() - t) * 1e3)
+    cold: list[float] = []
+    for _round in range(2):  # first touch of the mapped index and re-rank file, then steady state
+        lat, faiss_lat = [], []
+        for q in queries:
+            t = time.perf_counter()
+            search.search(q, k)
+            lat.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            search.index.search(q, 4 * k)  # type: ignore[union-attr]
+            faiss_lat.append((time.perf_counter() - t) * 1e3)
+        cold = cold or lat
     recall = meta["recall"]["value"]
     if search.index is not None and meta["factory"] != "IDMap,Flat":
         recall = measure_recall(reader, "l", PatchIndex.load(url, "l"), k=k, n_queries=n_queries, seed=11)
@@ -88,7 +94,8 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
         "fp16 file" if rerank_bytes else "zarr")
     return {"vectors": n_images * hw, "dim": dim, "local_dim": local_dim, "budget_GB": budget / 1e9 if budget else None,
             "factory": meta["factory"], "rerank": rerank, "rerank_MB": rerank_bytes / 1e6,
-            "nprobe": meta.get("params", {}).get("nprobe"), "p50_ms": float(np.percentile(lat, 50)),
+            "nprobe": meta.get("params", {}).get("nprobe"), "cold_p50_ms": float(np.percentile(cold, 50)),
+            "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)), "trained_on": meta.get("trained_on"),
             "faiss_p50_ms": float(np.percentile(faiss_lat, 50)),
             f"recall@{k}": recall, "probe_bound": meta.get("tuned", {}).get("lower_bound"),
