@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import fsspec
 
-from .index import index_path
+from .index import index_path, read_index_meta
 from .reader import StoreReader
 
 
@@ -19,11 +18,13 @@ def store_size_bytes(url: str) -> int:
         return 0
 
 
-def index_meta(reader: StoreReader, layer: str) -> dict[str, Any] | None:
-    fs, path = fsspec.core.url_to_fs(index_path(reader.url, layer) + ".json")
-    if not fs.exists(path):
-        return None
-    return dict(json.loads(fs.cat_file(path)))
+def index_file_bytes(reader: StoreReader, layer: str) -> int:
+    """Size of ``index/<layer>.faiss`` (0 when missing): the memory a server maps for it."""
+    fs, path = fsspec.core.url_to_fs(index_path(reader.url, layer) + ".faiss")
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError:
+        return 0
 
 
 def describe(reader: StoreReader) -> str:
@@ -41,7 +42,7 @@ def describe(reader: StoreReader) -> str:
         "layers",
     ]
     for name, g in a.layers.items():
-        meta = index_meta(reader, name)
+        meta = read_index_meta(reader.url, name)
         if meta is None:
             idx = "no index"
         else:
@@ -52,6 +53,7 @@ def describe(reader: StoreReader) -> str:
             took = f" p50 {rec['p50_ms']:.1f} ms" if "p50_ms" in rec else ""
             via = f" re-rank file {rerank * g.dim * 2 / 1e6:.1f} MB" if rerank else ""
             idx = (f"index {meta.get('factory')} ntotal={meta.get('ntotal')} "
+                   f"file {index_file_bytes(reader, name) / 1e6:.1f} MB "
                    f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{took}{via}{stale}")
         lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
     labels, counts = _label_counts(table["label"][table.ok])

@@ -138,6 +138,8 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     from stores.info import describe
 
     assert f"re-rank file {rows * 32 * 2 / 1e6:.1f} MB" in describe(reader)
+    faiss_bytes = os.path.getsize(rerank_path(reader.url, "l").removesuffix(".f16") + ".faiss")
+    assert f"file {faiss_bytes / 1e6:.1f} MB" in describe(reader)
     assert 0 < meta["recall"]["p50_ms"] < 1000 and f"p50 {meta['recall']['p50_ms']:.1f} ms" in describe(reader)
     fetch = vector_fetcher(reader, "l", PatchIndex.load(reader.url, "l").meta)
     ids = np.array([0, 17, 2999, rows - 1])
