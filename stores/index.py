@@ -41,7 +41,7 @@ HNSW_QUANTIZER_FROM = 4096
 #: Measured on 100k real-geometry vectors (D=512) into 12,649 centroids: efSearch 16 agrees
 #: with the exact nearest centroid for 98.6% of vectors (64: 99.0%, 128: 99.4%) in half the
 #: time of 64 — and a vector in its second-nearest list is still found by the searches that
-#: probe it. Assignment is most of a 10M-vector build.
+#: probe it. Only IVF behind OPQ still assigns through the graph (see PatchIndex.add).
 ADD_QUANTIZER_EF = 16
 #: Candidates re-ranked per wanted result for compressed codes; tuning doubles it (up to
 #: MAX_RERANK_FACTOR) when probing every list still misses the recall target (coarse PQ codes).
@@ -186,9 +186,13 @@ class PatchIndex:
             self.meta.setdefault("params", {})[name] = value
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add vectors under their patch ids. An HNSW coarse quantizer assigns them with
-        ``efSearch`` ADD_QUANTIZER_EF (a nearest-centroid lookup), not the search setting:
-        2·nprobe is ~200 at 10M vectors and made adding 10M vectors several times slower."""
+        """Add vectors under their patch ids.
+
+        An IVF index of TWO_LEVEL_FROM lists or more gets its lists from grouped centroids
+        (:class:`stores.kmeans.CentroidGroups`). FAISS's own add serves the others. Behind
+        OPQ that add walks the HNSW coarse quantizer at ``efSearch`` ADD_QUANTIZER_EF, not
+        at the search setting: 2·nprobe is ~200 at 10M vectors, which made adding several
+        times slower."""
         if not self.is_trained:
             raise StoreError(f"index {self.meta.get('factory')!r} must be trained before adding")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -413,9 +417,3 @@ def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Fraction of each query's true top-k ids present in its found top-k (-1 ids ignored)."""
     return np.array([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))
                      for f, t in zip(found, truth, strict=True)], dtype=np.float64)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of the true top-k ids present in the found top-k (per query, then averaged)."""
-    hits = recall_per_query(found, truth)
-    return float(hits.mean()) if hits.size else 1.0

@@ -1,10 +1,10 @@
 """Coarse centroids for IVF indexes: one k-means for a few thousand lists, two levels past that.
 
 One k-means costs n·K·D per iteration. For 10M vectors FAISS's rule of thumb asks for
-K ≈ 12,649 lists and ≥ 39·K training points, and flat k-means of 200k × 512 into 12,649 lists
-is ≈ 64 TFLOP over 25 iterations, an estimated 20 of a 29-minute build on 2 cores. Two levels — √K coarse clusters, then each one split
-into sub-clusters in proportion to its size — cost n·2√K·D per iteration: seconds, with room
-for the 39·K points a good clustering needs.
+K ≈ 12,649 lists and ≥ 39·K training points. Flat k-means of 200k × 512 into 12,649 lists is
+≈ 64 TFLOP over 25 iterations, an estimated 20 of a 29-minute build on 2 cores. Two levels —
+√K coarse clusters, then each one split into sub-clusters in proportion to its size — cost
+n·2√K·D per iteration: seconds, with room for the 39·K points a good clustering needs.
 """
 
 from __future__ import annotations

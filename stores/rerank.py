@@ -12,8 +12,10 @@ images are zero rows). The valid row count is recorded in the index's ``.json`` 
 
 - a reader maps exactly the rows its ``.json`` names, written and fsynced before that ``.json``;
 - bytes past that count (a run killed while appending) are cut before the next append;
-- a rebuild writes a new file and renames it over the old one, so mapped pages of readers that
-  still hold the old file stay valid (POSIX keeps the old inode alive until they unmap it).
+- a rebuild of the same store (same ``created`` stamp) keeps the vouched rows and appends;
+- a new file (another store, or no vouched rows) is written aside and renamed over the old
+  one, so mapped pages of readers that still hold the old file stay valid (POSIX keeps the old
+  inode alive until they unmap it).
 
 The file exists for local stores only; remote (fsspec) stores re-rank from Zarr.
 """
@@ -135,12 +137,6 @@ class RerankAppender:
             block = self.reader.vectors(self.layer, slice(lo, hi)).reshape(-1, self.dim)
             self._file.write(np.ascontiguousarray(block, dtype=DTYPE).tobytes())
         self.next_image = max(self.next_image, until_image)
-
-
-def write_rerank_rows(reader: StoreReader, layer: str, valid_rows: int, images_per_block: int = 256) -> int:
-    """Bring the re-rank file up to the reader's committed images, reading them from the store;
-    returns its row count (see :class:`RerankAppender`)."""
-    return RerankAppender(reader, layer, valid_rows, images_per_block).close()
 
 
 def open_rerank_rows(store_url: str, layer: str, meta: dict[str, Any], dim: int) -> np.ndarray | None:
