@@ -39,9 +39,9 @@ DISTINCT_BLOCKS = 8  # blocks of 256 images with their own random activations; t
 
 def make_store(url: str, n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> str:
     """A committed synthetic store of n images with the default model's layer geometry."""
-    from stores import LayerGeometry, open_store
-    from stores.synthetic import clustered_activations, synthetic_pixels
-    from stores.writer import create_store
+    from hoverlay.stores import LayerGeometry, open_store
+    from hoverlay.stores.synthetic import clustered_activations, synthetic_pixels
+    from hoverlay.stores.writer import create_store
 
     if os.path.exists(url):
         try:
@@ -76,9 +76,9 @@ def build_index(url: str, layer: str, max_train: int = 30_000, max_nlist: int = 
     IVF lists are capped at ``max_nlist`` and training at ``max_train`` vectors so that a 10k
     store's index builds in about a minute on 2 cores; the explorer re-ranks exactly either way.
     """
-    from stores import PatchIndex, choose_factory, open_store
-    from stores.index import nlist_for
-    from stores.search import iter_vector_blocks
+    from hoverlay.stores import PatchIndex, choose_factory, open_store
+    from hoverlay.stores.index import nlist_for
+    from hoverlay.stores.search import iter_vector_blocks
 
     reader = open_store(url)
     g = reader.geometry(layer)
@@ -110,10 +110,9 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
     """Per-hover server work for a page of 16 images x 3 layers."""
     from bokeh.document import Document
     from bokeh.protocol import Protocol
-
-    from explorer.app import create_app
-    from explorer.engine import OverlayEngine, Query
-    from explorer.resources import get_reader
+    from hoverlay.explorer.app import create_app
+    from hoverlay.explorer.engine import OverlayEngine, Query
+    from hoverlay.explorer.resources import get_reader
 
     reader = get_reader(url)
     rng = np.random.default_rng(seed)
@@ -179,11 +178,11 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
 
 
 def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[str, Any]:
-    from explorer.engine import OverlayEngine, Query
-    from explorer.kernels import QueryVector
-    from explorer.topk import card_data, crop_png, search_hits
-    from stores import open_store
-    from stores.search import LayerSearch
+    from hoverlay.explorer.engine import OverlayEngine, Query
+    from hoverlay.explorer.kernels import QueryVector
+    from hoverlay.explorer.topk import card_data, crop_png, search_hits
+    from hoverlay.stores import open_store
+    from hoverlay.stores.search import LayerSearch
 
     reader = open_store(url)
     search = LayerSearch(reader, layer)
@@ -207,7 +206,7 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
     a50, a99 = _pct(times_app)
     recall = 1.0
     if search.index is not None and not (search.index.stores_exact_vectors and search.index.nlist is None):
-        from pipeline.indexing import measure_recall
+        from hoverlay.pipeline.indexing import measure_recall
 
         recall = measure_recall(reader, layer, search.index, k=32, n_queries=50, seed=9)
     return {"layer": layer, "search": "index" if search.index is not None else "exact scan", "recall@32": recall,
@@ -271,7 +270,7 @@ def bench_browser(url: str, moves: int = 200, seed: int = 3, live_topk: bool = F
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", url, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "hoverlay.explorer.serve", url, "--port", str(port),
                              "--page-size", str(PAGE), "--tile-px", "110",
                              *([] if live_topk else ["--no-live-topk"])], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,7 +33,7 @@ LOCAL_DIM = 16
 
 def store_bytes_per_patch(url: str, layer: str, n_patches: int) -> tuple[float, float]:
     """(vectors+norms bytes per patch, vectors-only bytes per patch) on disk."""
-    from stores.format import layer_path
+    from hoverlay.stores.format import layer_path
 
     def du(p: str) -> int:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
@@ -46,12 +46,11 @@ def store_bytes_per_patch(url: str, layer: str, n_patches: int) -> tuple[float, 
 def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, n_queries: int,
                device: str = "cpu", reuse_index: bool = False, local_dim: int | None = LOCAL_DIM) -> dict:
     import faiss
-
-    from pipeline.indexing import measure_recall, update_index
-    from stores import LayerGeometry, PatchIndex, open_store
-    from stores.rerank import rerank_path
-    from stores.search import LayerSearch
-    from stores.synthetic import make_synthetic_store
+    from hoverlay.pipeline.indexing import measure_recall, update_index
+    from hoverlay.stores import LayerGeometry, PatchIndex, open_store
+    from hoverlay.stores.rerank import rerank_path
+    from hoverlay.stores.search import LayerSearch
+    from hoverlay.stores.synthetic import make_synthetic_store
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core; LayerSearch sets 1
 

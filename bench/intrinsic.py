@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--local-dim", type=int, default=LOCAL_DIM, help="the synthetic local_dim to compare")
     a = p.parse_args(argv)
-    from pipeline.models import load_model
-    from stores.synthetic import clustered_activations
+    from hoverlay.pipeline.models import load_model
+    from hoverlay.stores.synthetic import clustered_activations
 
     model = load_model()
     rows = []

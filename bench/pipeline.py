@@ -40,9 +40,9 @@ def make_images(folder: str, n: int, size: int = 320, seed: int = 0) -> str:
 def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: int,
                  device: str = "cpu") -> float:
     """images/s of extract() alone on pre-decoded, pre-resized pixels."""
-    from pipeline.models import load_model
-    from pipeline.preprocess import load_pixels
-    from pipeline.sources import read_bytes
+    from hoverlay.pipeline.models import load_model
+    from hoverlay.pipeline.preprocess import load_pixels
+    from hoverlay.pipeline.sources import read_bytes
 
     adapter = load_model(model, device=device)
     layers = layers or adapter.default_layers
@@ -58,8 +58,8 @@ def bare_forward(folder: str, model: str, layers: list[str] | None, batch_size: 
 
 def build_rate(folder: str, store: str, model: str, batch_size: int, device: str = "cpu",
                **kw: object) -> float:
-    from pipeline.build import build
-    from pipeline.models import load_model
+    from hoverlay.pipeline.build import build
+    from hoverlay.pipeline.models import load_model
 
     adapter = load_model(model, device=device)  # loading the weights and tracing are start-up, not throughput
     adapter.extract(np.zeros((1, adapter.image_size, adapter.image_size, 3), np.uint8),
@@ -74,7 +74,7 @@ def build_rate(folder: str, store: str, model: str, batch_size: int, device: str
 def peak_rss_mb(folder: str, store: str, batch_size: int, index: bool) -> float:
     """Peak RSS of a fresh build process, read from /proc by the child itself (VmHWM)."""
     shutil.rmtree(store, ignore_errors=True)
-    code = ("from pipeline.build import build; "
+    code = ("from hoverlay.pipeline.build import build; "
             f"build({folder!r}, {store!r}, batch_size={batch_size}, chunk={batch_size}, quiet=True, "
             f"index={index}); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")

@@ -141,7 +141,7 @@ def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workd
 
 # -------------------------------------------------------------------------- reload
 async def _reload(url: str, store: str, commits: int, interval: float) -> list[float]:
-    from stores.synthetic import append_synthetic_images
+    from hoverlay.stores.synthetic import append_synthetic_images
 
     s = await BokehSession.open(url)
     delays = []
@@ -176,7 +176,7 @@ def bench_reload(store: str, commits: int, interval: float, workdir: str) -> dic
 # -------------------------------------------------------------------- kills in save
 SAVER = """
 import sys, numpy as np
-from stores import PatchIndex
+from hoverlay.stores import PatchIndex
 url, n = sys.argv[1], int(sys.argv[2])
 vecs = np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)
 versions = []
@@ -195,8 +195,8 @@ while True:
 
 
 def bench_kills(kills: int, n: int, workdir: str) -> dict[str, Any]:
-    from stores import PatchIndex
-    from stores.errors import StoreError
+    from hoverlay.stores import PatchIndex
+    from hoverlay.stores.errors import StoreError
 
     url = os.path.join(workdir, "kill-store")
     outcomes: dict[str, int] = {"old_or_new": 0, "stale_detected": 0, "unloadable": 0}
@@ -223,7 +223,7 @@ def bench_kills(kills: int, n: int, workdir: str) -> dict[str, Any]:
 
 
 def add_index(store: str, layer: str) -> None:
-    from stores import PatchIndex, open_store
+    from hoverlay.stores import PatchIndex, open_store
 
     r = open_store(store)
     g = r.geometry(layer)
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--commits", type=int, default=8)
     args = p.parse_args(argv)
 
-    from stores import LayerGeometry
-    from stores.synthetic import make_synthetic_store
+    from hoverlay.stores import LayerGeometry
+    from hoverlay.stores.synthetic import make_synthetic_store
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         store = os.path.join(tmp, "store")

@@ -29,8 +29,7 @@ import panel as pn
 import param
 from bokeh.models import ColumnDataSource
 from holoviews.plotting.util import process_cmap
-
-from stores import StoreError, StoreReader
+from hoverlay.stores import StoreError, StoreReader
 
 from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 
 import panel as pn
-
-from explorer.app import create_app
-from explorer.reload import DEFAULT_INTERVAL
-from explorer.serve import attach_session, split_store_list
-from explorer.session import show_session_error
+from hoverlay.explorer.app import create_app
+from hoverlay.explorer.reload import DEFAULT_INTERVAL
+from hoverlay.explorer.serve import attach_session, split_store_list
+from hoverlay.explorer.session import show_session_error
 
 pn.extension()
 pn.config.exception_handler = show_session_error

@@ -25,8 +25,7 @@ import panel as pn
 import param
 from bokeh.models import ColumnDataSource, CustomJS
 from holoviews.plotting.util import process_cmap
-
-from stores import ImageTable, StoreReader
+from hoverlay.stores import ImageTable, StoreReader
 
 from .engine import OverlayEngine, Query
 from .figures import (

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from stores import OutOfRangeError, StoreReader
+from hoverlay.stores import OutOfRangeError, StoreReader
 
 from .kernels import PageBlock, QueryVector, map_patch, page_block, page_similarity
 

@@ -26,9 +26,8 @@ import numpy as np
 import panel as pn
 from bokeh.models import ColumnDataSource, GlyphRenderer, ImageRGBA
 from bokeh.palettes import Category10_10, Category20_20
-
-from stores import StoreReader
-from stores.groups import NO_GROUP, read_group_meta, read_group_weights, read_groups
+from hoverlay.stores import StoreReader
+from hoverlay.stores.groups import NO_GROUP, read_group_meta, read_group_weights, read_groups
 
 from .resources import get_reader, sample_ids
 from .topk import Hit, crop_png

@@ -32,11 +32,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import fsspec
 import panel as pn
-
-from stores._zarr import is_local, normalize_url
-from stores.format import INDEX_DIR
+from hoverlay.stores.reader import Signature
 
 from .resources import get_reader, get_search
 from .session import in_document, sessions
@@ -48,38 +45,6 @@ DEFAULT_INTERVAL = 2.0
 #: Name of the ``pn.state.as_cached`` entries :func:`explorer.resources.get_search` creates.
 SEARCH_CACHE_KEY = "hoverlay-search"
 
-Signature = tuple[Any, ...]
-
-
-# ====================================================================== what changed?
-def store_signature(url: str) -> Signature:
-    """What identifies the store's visible state: the root ``zarr.json`` and index ``.json`` files.
-
-    Local stores: (inode, size, mtime) of each, no file is read. Remote stores (fsspec): the
-    root document's bytes (a few kB) and the index listing's sizes / mtimes / ETags, whatever
-    the filesystem reports.
-    """
-    url = normalize_url(url)
-    if is_local(url):
-        root = url.removeprefix("file://")
-        out: list[Any] = [_stat(os.path.join(root, "zarr.json"))]
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
-                os.scandir(os.path.join(root, INDEX_DIR)) as entries:
-            out += sorted((e.name, _stat(e.path)) for e in entries if e.name.endswith(".json"))
-        return tuple(out)
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    out = [fs.cat_file(f"{root}/zarr.json")]
-    with contextlib.suppress(FileNotFoundError):
-        listing = fs.ls(f"{root}/{INDEX_DIR}", detail=True)
-        out += sorted((d["name"], d.get("size"), str(d.get("mtime") or d.get("LastModified") or d.get("ETag")))
-                      for d in listing if str(d["name"]).endswith(".json"))
-    return tuple(out)
-
-
-def _stat(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def forget_searches(url: str) -> int:
@@ -107,7 +72,7 @@ class StoreWatcher:
 
     def _signature(self) -> Signature | None:
         try:
-            return store_signature(self.url)
+            return get_reader(self.url).signature()
         except Exception:  # the store being replaced right now; look again next time
             log.debug("could not stat %s", self.url, exc_info=True)
             return None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import panel as pn
-
-from stores import StoreReader, open_store
-from stores.search import LayerSearch
+from hoverlay.stores import StoreReader, open_store
+from hoverlay.stores.search import LayerSearch
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,23 @@ def compute_layer_stats(reader: StoreReader, layer: str) -> LayerStats:
                       norm_hi=float(np.percentile(nonzero, 99)))
 
 
+#: fsspec options per store URL, set once by :func:`set_storage_options` before serving.
+_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def set_storage_options(url: str, options: dict[str, Any] | None) -> None:
+    """Remember the fsspec options (credentials, endpoint) a remote store is opened with."""
+    if options:
+        _STORAGE_OPTIONS[str(url)] = dict(options)
+
+
 def get_reader(url: str) -> StoreReader:
     """The process-wide reader of a store."""
-    return pn.state.as_cached("hoverlay-reader", open_store, url=str(url))
+    return pn.state.as_cached("hoverlay-reader", _open_reader, url=str(url))
+
+
+def _open_reader(url: str) -> StoreReader:
+    return open_store(url, storage_options=_STORAGE_OPTIONS.get(url))
 
 
 def get_search(url: str, layer: str) -> LayerSearch:

@@ -28,9 +28,13 @@ from typing import Any
 
 import panel as pn
 
+from hoverlay.errors import HoverlayError, UsageError
+from hoverlay.options import FLAG, STORAGE_OPTIONS
+
 from .app import ExplorerApp, create_app
+from .options import SERVER_ARGUMENTS, add_serve_arguments
 from .reload import DEFAULT_INTERVAL, watch_session
-from .resources import get_reader
+from .resources import get_reader, set_storage_options
 from .session import register_session, show_session_error
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ APP_OPTIONS = frozenset(name for name in ExplorerApp.param if name not in ("name
 COOKIE_SECRET_ENV = ("PANEL_COOKIE_SECRET", "BOKEH_COOKIE_SECRET")
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(UsageError):
     """A server option that would fail open or late (bad auth file, OAuth without secrets)."""
 
 
@@ -161,14 +165,16 @@ def freeze_startup_heap() -> None:
 
 
 def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1", show: bool = False,
-          reload_interval: float = DEFAULT_INTERVAL, **kw: Any) -> Any:
+          reload_interval: float = DEFAULT_INTERVAL, storage_options: dict[str, Any] | None = None,
+          **kw: Any) -> Any:
     """Serve the explorer on ``address:port`` (0: any free port) with ``pn.serve``.
 
     Keyword arguments naming :class:`~explorer.app.ExplorerApp` parameters (``layer``,
     ``page_size``, ``k``, ``cmap``, ...) configure every session; the rest go to ``pn.serve``
     (``threaded``, ``start``, ``websocket_origin``, ``num_procs``, ``prefix``, ``basic_auth``,
     ``oauth_provider``, ``cookie_secret``, ``admin``, ``liveness``, ...). ``reload_interval``:
-    seconds between checks for a new commit (0: never; see :mod:`explorer.reload`).
+    seconds between checks for a new commit (0: never; see :mod:`explorer.reload`);
+    ``storage_options``: fsspec options for remote stores (endpoint, credentials).
     Blocks unless ``threaded=True`` or ``start=False``; returns what ``pn.serve`` returns.
     """
     urls = [stores] if isinstance(stores, str) else [str(s) for s in stores]
@@ -176,6 +182,7 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
         raise ServeConfigError("num_procs > 1 forks the server process: it cannot run threaded")
     check_auth(kw)
     for url in urls:
+        set_storage_options(url, storage_options)
         get_reader(url)  # fail fast, and warm the per-process cache the sessions share
     freeze_startup_heap()
     options = {k: kw.pop(k) for k in list(kw) if k in APP_OPTIONS}
@@ -186,55 +193,6 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
         stop_workers_with_supervisor()
     return pn.serve(session_factory(urls, options, reload_interval), port=port, address=address,
                     show=show, **kw)
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``hoverlay serve STORE [STORE ...]``."""
-    parser.add_argument("stores", nargs="+", metavar="STORE", help="store path(s) or fsspec URL(s)")
-    parser.add_argument("--port", type=int, default=5006, help="port (0: any free port; default 5006)")
-    parser.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--show", action="store_true", help="open a browser tab")
-    parser.add_argument("--allow-websocket-origin", action="append", default=None, metavar="HOST[:PORT]",
-                        help="extra websocket origins allowed (when serving beyond localhost)")
-    parser.add_argument("--layer", default=None, help="layer the pointer snaps to at start")
-    parser.add_argument("--page-size", type=int, default=None, help="images per page (default 16)")
-    parser.add_argument("--ncols", type=int, default=None, help="tiles per row (default 4)")
-    parser.add_argument("--tile-px", type=int, default=None, help="tile size in pixels (default 110)")
-    parser.add_argument("-k", "--k", type=int, default=None, help="top-k neighbours shown (default 8)")
-    parser.add_argument("--cmap", default=None, help="overlay colour map (default viridis)")
-    parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
-                        help="search top-k only on pin / button, not whenever the pointer rests "
-                             "(for large stores without an index)")
-    srv = parser.add_argument_group("server (passed to Panel's server)")
-    srv.add_argument("--num-procs", type=int, default=1, metavar="N",
-                     help="worker processes forked after the stores are opened (0: one per CPU); "
-                          "a browser session lives in one process, so a proxy in front must be sticky")
-    srv.add_argument("--prefix", default=None, help="URL prefix, e.g. 'hoverlay' behind a proxy at /hoverlay/")
-    srv.add_argument("--admin", action="store_true", help="Panel's admin page at /admin (behind the same auth)")
-    srv.add_argument("--reload-interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
-                     help=f"check for new commits every SECONDS (0: never; default {DEFAULT_INTERVAL:g})")
-    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                     help="server log level (default info)")
-    auth = parser.add_argument_group("authentication (Panel's; secrets are best given as environment "
-                                     "variables PANEL_COOKIE_SECRET, PANEL_OAUTH_KEY, PANEL_OAUTH_SECRET)")
-    auth.add_argument("--basic-auth", metavar="FILE", default=None,
-                      help='JSON file {"user": "password", ...}: a login page guards the app')
-    auth.add_argument("--oauth-provider", default=None,
-                      help="OAuth provider (github, google, azure, okta, generic, ...; see Panel's docs)")
-    auth.add_argument("--oauth-key", default=None, help="OAuth client id")
-    auth.add_argument("--oauth-secret", default=None, help="OAuth client secret")
-    auth.add_argument("--oauth-redirect-uri", default=None, help="OAuth redirect URI (behind a proxy)")
-    auth.add_argument("--oauth-extra-params", default=None, metavar="JSON",
-                      help="extra provider parameters as a JSON object")
-    auth.add_argument("--oauth-encryption-key", default=None, help="key encrypting OAuth tokens in cookies")
-    auth.add_argument("--cookie-secret", default=None,
-                      help="secret signing login cookies (default: PANEL_COOKIE_SECRET, else random per start)")
-    return parser
-
-
-#: argparse destinations passed to ``pn.serve`` under the same name when given.
-SERVER_ARGUMENTS = ("prefix", "basic_auth", "oauth_provider", "oauth_key", "oauth_secret",
-                    "oauth_redirect_uri", "oauth_encryption_key", "cookie_secret")
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,7 +216,7 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
 def main_serve(args: argparse.Namespace) -> int:
     """Run ``hoverlay serve`` from parsed arguments; blocks until interrupted."""
     level = getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO)
-    logging.getLogger("explorer").setLevel(level)
+    logging.getLogger("hoverlay.explorer").setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk")
@@ -266,21 +224,28 @@ def main_serve(args: argparse.Namespace) -> int:
     try:
         extra = server_options(args)
         check_auth(extra)
-    except ServeConfigError as exc:
+        storage_options = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if getattr(
+            args, "storage_options", None) else None
+    except UsageError as exc:
         print(f"hoverlay serve: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     prefix = "/" + str(extra.get("prefix", "")).strip("/") if extra.get("prefix") else ""
     print(f"hoverlay explorer: http://{args.address}:{args.port}{prefix}/", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
         serve(args.stores, port=args.port, address=args.address, show=args.show,
-              reload_interval=getattr(args, "reload_interval", DEFAULT_INTERVAL), **options, **extra)
+              reload_interval=getattr(args, "reload_interval", DEFAULT_INTERVAL),
+              storage_options=storage_options, **options, **extra)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_serve_arguments(argparse.ArgumentParser(prog="python -m explorer.serve",
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="python -m hoverlay.explorer.serve",
                                                          description="Serve the hoverlay explorer."))
-    return main_serve(parser.parse_args(argv))
+    try:
+        return main_serve(parser.parse_args(argv))
+    except HoverlayError as exc:  # a store that does not open: one line, as `hoverlay serve` says it
+        print(f"hoverlay serve: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
-from stores.table import ImageTable
-from stores.transforms import copies_of, map_patch, sweep_similarity
+from hoverlay.stores.table import ImageTable
+from hoverlay.stores.transforms import copies_of, map_patch, sweep_similarity
 
 #: Transform kinds charted, each with the parameter value at which the copy *is* the base image.
 IDENTITY: dict[str, float] = {"rotate": 0.0, "scale": 1.0}

@@ -20,7 +20,7 @@ DATA = os.environ.get("HOVERLAY_NB_DATA", os.path.abspath("_data"))
 os.makedirs(DATA, exist_ok=True)'''
 
 FIGURE = '''\
-from explorer.export import blend_tile
+from hoverlay.explorer.export import blend_tile
 from PIL import Image as PILImage
 import io
 
@@ -41,9 +41,9 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "model (EfficientNet-Lite0), hover a patch, see how similar every other patch is."),
         ("code", SETUP),
         ("code", '''\
-from pipeline.build import build
-from pipeline.demo import copy_demo_images
-from stores import open_store
+from hoverlay.pipeline.build import build
+from hoverlay.pipeline.demo import copy_demo_images
+from hoverlay.stores import open_store
 
 images = copy_demo_images(os.path.join(DATA, "demo-images"))
 store = os.path.join(DATA, "demo.zarr")
@@ -54,7 +54,7 @@ print(summary.line()); print(reader)'''),
         ("md", "The query: the left eye of the cat (patch y=5, x=4 of the 14x14 layer). One matmul "
                "gives its cosine similarity with every patch of every image on the page."),
         ("code", '''\
-from explorer.kernels import page_block, similarity_map, QueryVector
+from hoverlay.explorer.kernels import page_block, similarity_map, QueryVector
 layer = "_blocks.10.add"
 table = reader.table()
 cat = int(np.flatnonzero([("chelsea" in s) for s in table["source"]])[0])
@@ -66,7 +66,7 @@ print({str(table["source"][i]).rsplit("/", 1)[-1]: round(float(m.max()), 3) for 
 show_row(reader.pixels(page), maps)'''),
         ("md", "The same query at three layers (coarser layers see larger parts):"),
         ("code", '''\
-from explorer.kernels import map_patch
+from hoverlay.explorer.kernels import map_patch
 row_maps, row_px = [], []
 for l in reader.layers:
     g = reader.geometry(l)
@@ -79,7 +79,7 @@ show_row(row_px, row_maps)'''),
         ("code", '''\
 import panel as pn
 pn.extension()
-from explorer.app import create_app
+from hoverlay.explorer.app import create_app
 create_app(store)'''),
     ],
     "02_class_similarities": [
@@ -90,9 +90,9 @@ create_app(store)'''),
         ("code", '''\
 import shutil
 from PIL import Image as PILImage, ImageOps
-from pipeline.demo import copy_demo_images
-from pipeline.build import build
-from stores import open_store
+from hoverlay.pipeline.demo import copy_demo_images
+from hoverlay.pipeline.build import build
+from hoverlay.stores import open_store
 
 src = copy_demo_images(os.path.join(DATA, "demo-images"))
 classes = os.path.join(DATA, "classes")
@@ -135,10 +135,10 @@ show_row(reader.pixels(chelseas), [reader.vectors(layer, i).astype(np.float32) @
                "follow its corresponding patch in every copy and plot similarity against angle/scale."),
         ("code", SETUP),
         ("code", '''\
-from pipeline.build import build
-from pipeline.demo import copy_demo_images
-from stores import open_store
-from stores.transforms import copies_of, sweep_similarity, map_patch
+from hoverlay.pipeline.build import build
+from hoverlay.pipeline.demo import copy_demo_images
+from hoverlay.stores import open_store
+from hoverlay.stores.transforms import copies_of, sweep_similarity, map_patch
 
 src = copy_demo_images(os.path.join(DATA, "demo-images"))
 store = os.path.join(DATA, "sweep.zarr")
@@ -195,11 +195,11 @@ hv.Overlay([hv.Curve((angles, c), "angle", "cosine", label=n) for n, c in curves
                "the store's chunks and stores each patch's group."),
         ("code", SETUP),
         ("code", '''\
-from pipeline.build import build
-from pipeline.demo import copy_demo_images
-from pipeline.factorize import factorize
-from stores import open_store
-from stores.groups import read_groups
+from hoverlay.pipeline.build import build
+from hoverlay.pipeline.demo import copy_demo_images
+from hoverlay.pipeline.factorize import factorize
+from hoverlay.stores import open_store
+from hoverlay.stores.groups import read_groups
 
 images = copy_demo_images(os.path.join(DATA, "demo-images"))
 store = os.path.join(DATA, "demo.zarr")
@@ -210,7 +210,7 @@ reader = open_store(store)
 groups, meta = read_groups(reader, "_blocks.10.add", np.arange(min(6, reader.n_images)))
 print(groups.shape, meta["k"], meta["negative"])'''),
         ("code", '''\
-from explorer.export import blend_tile
+from hoverlay.explorer.export import blend_tile
 from PIL import Image as PILImage
 import io
 palette = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33"]
@@ -226,9 +226,9 @@ buf = io.BytesIO(); row.save(buf, "PNG"); display(Image(buf.getvalue()))'''),
                "supervision contrast of the paper, offline. Images are paired by content hash."),
         ("code", SETUP),
         ("code", '''\
-from pipeline.build import build
-from pipeline.demo import copy_demo_images
-from stores import open_store
+from hoverlay.pipeline.build import build
+from hoverlay.pipeline.demo import copy_demo_images
+from hoverlay.stores import open_store
 
 images = copy_demo_images(os.path.join(DATA, "demo-images"))
 a = os.path.join(DATA, "demo.zarr")

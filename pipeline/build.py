@@ -12,25 +12,34 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask
-import fsspec
+from hoverlay.stores import (
+    LayerGeometry,
+    StoreReader,
+    StoreWriter,
+    create_store,
+    filesystem,
+    normalize_url,
+)
+from hoverlay.stores.errors import NotAStoreError, StoreMismatchError
+from hoverlay.stores.format import StoreAttrs
+from hoverlay.stores.index import read_index_meta
+from hoverlay.stores.lock import LOCK_NAME, StoreLock
 
-from stores import StoreReader, StoreWriter, create_store
-from stores._zarr import normalize_url
-from stores.errors import NotAStoreError
-from stores.lock import StoreLock
+from hoverlay.options import KEYWORD
 
+from .errors import BuildUsageError, SourceError
 from .indexing import update_index
-from .models import DEFAULT_MODEL, load_model, resolve_device
+from .models import ModelAdapter, load_model, resolve_device
+from .options import BUILD_OPTIONS, DEFAULT_MODEL
 from .partition import plan_partitions, select_new, waves
-from .preprocess import MAX_PIXELS
-from .progress import Progress
-from .sources import discover, hash_source
+from .progress import Phase, ProgressReporter
+from .sources import Discovery, ImageSource, discover, hash_source
 from .tasks import ModelRef, TaskItem, process_partition
 from .transforms import transform_list
 
@@ -45,55 +54,121 @@ class BuildSummary:
     duplicates: int = 0        # same content twice within this run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
     ignored: int = 0           # files without an image extension
-    seconds: float = 0.0
+    seconds: float = 0.0       # the whole run
+    embed_seconds: float = 0.0   # decode + forward + write of the added images
+    hash_seconds: float = 0.0
+    index_seconds: float = 0.0
     committed: int = 0
     store_bytes: int = 0
     indexes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dashboard: str | None = None
 
     @property
     def images_per_second(self) -> float:
-        return self.added / self.seconds if self.seconds > 0 else 0.0
+        """The embedding rate (decode, forward, write), the one the progress bar shows."""
+        return self.added / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
     def line(self) -> str:
         return (f"added {self.added} images ({len(self.failed)} failed), skipped {self.skipped} "
-                f"already stored, {self.duplicates} duplicates, {self.ignored} ignored; "
-                f"{self.seconds:.1f}s, {self.images_per_second:.1f} images/s; store {self.store} "
-                f"now has {self.committed} images, {self.store_bytes / 1e6:.1f} MB")
+                f"already stored, {self.duplicates} duplicates, {self.ignored} ignored; embedding "
+                f"{self.images_per_second:.1f} images/s ({self.embed_seconds:.1f}s); total "
+                f"{self.seconds:.1f}s (hashing {self.hash_seconds:.1f}s, indexes "
+                f"{self.index_seconds:.1f}s); store {self.store} now has {self.committed} images, "
+                f"{self.store_bytes / 1e6:.1f} MB")
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs, checked before anything is written (see :func:`plan_build`)."""
+
+    url: str
+    options: dict[str, Any]
+    adapter: ModelAdapter
+    layers: list[str]
+    size: int
+    chunk: int
+    existing: StoreAttrs | None
+    found: Discovery
+    sweep: list[tuple[str, float]]
+    geometry: dict[str, LayerGeometry] | None  # for a new store
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        return self.options["storage_options"]
 
 
 def _store_bytes(url: str, storage_options: dict[str, Any] | None) -> int:
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = filesystem(url, storage_options)
         return int(fs.du(path))
     except Exception:
         return 0
 
 
-def _open_or_create(url: str, adapter: Any, layers: list[str], size: int, chunk: int,
-                    storage_options: dict[str, Any] | None) -> StoreWriter:
-    preprocessing = adapter.preprocessing() | {"size": size}
+def existing_store(url: str, storage_options: dict[str, Any] | None) -> StoreAttrs | None:
+    """The attributes of the store at ``url``; None where nothing (or only a lock) is there yet.
+
+    A regular file, or a folder holding other things, is refused: a build never turns a
+    user's folder into a store by writing beside their files.
+    """
+    fs, path = filesystem(url, storage_options)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        raise NotAStoreError(f"{url!r} is a file, not a store (a store is a folder); choose "
+                             f"another --store")
+    if fs.exists(f"{path}/zarr.json"):
+        return StoreReader(url, storage_options=storage_options).attrs
+    if fs.isdir(path):
+        others = [e for e in fs.ls(path, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]
+        if others:
+            raise NotAStoreError(f"{url!r} is a folder that is not a hoverlay store and not empty; "
+                                 f"choose a new path for --store")
+    return None
+
+
+def plan_build(options: dict[str, Any]) -> BuildPlan:
+    """Validate a whole build without writing: store, source, model, weights, layers, sweep.
+
+    Model, weights, layers and input size default to an existing store's own, so a scheduled
+    ``hoverlay build --images new/ --store s`` needs no other flag.
+    """
+    if not options["images"] or not options["store"]:
+        missing = [k for k in ("images", "store") if not options[k]]
+        raise BuildUsageError(f"a build needs {' and '.join(missing)} (flag --{missing[0]}, config "
+                              f"key or keyword {missing[0]})")
+    so = options["storage_options"]
+    url = normalize_url(options["store"])
+    existing = existing_store(url, so)
     try:
-        writer = StoreWriter.open(url, storage_options=storage_options)
-    except NotAStoreError:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if fs.exists(path + "/zarr.json"):
-            raise
-        geometry = adapter.layer_geometry(layers) if size == adapter.image_size else \
-            _geometry_at(adapter, layers, size)
-        return create_store(url, model=adapter.describe(), preprocessing=preprocessing, image_size=size,
-                            layers=geometry, chunk=chunk, storage_options=storage_options)
-    writer.check_compatible(model=adapter.describe(), preprocessing=preprocessing, image_size=size,
-                            layers=layers)
-    return writer
+        sweep = transform_list(options["rotate"], options["scale"])
+    except ValueError as exc:
+        raise BuildUsageError(str(exc)) from None
+    bad_scale = [p for kind, p in sweep if kind == "scale" and not 0 < p <= 1]
+    if bad_scale:
+        raise BuildUsageError(f"scale factors must be in (0, 1]; --scale {options['scale']!r} "
+                              f"gives {bad_scale[0]:g}")
+    found = discover(options["images"], so)
+    if not found.images:
+        shown = options["images"] if isinstance(options["images"], str) else ", ".join(options["images"])
+        extra = (f" ({len(found.ignored)} other files ignored, e.g. {found.ignored[0]})"
+                 if found.ignored else "")
+        raise SourceError(f"no image files found in {shown!r}{extra}; nothing to build")
 
-
-def _geometry_at(adapter: Any, layers: list[str], size: int) -> dict[str, Any]:
-    import numpy as np
-
-    from stores import LayerGeometry
-
-    acts = adapter.extract(np.zeros((1, size, size, 3), np.uint8), layers)
-    return {n: LayerGeometry(*map(int, a.shape[1:])) for n, a in acts.items()}
+    spec = options["model"] or (existing.model.get("spec") if existing else None) or DEFAULT_MODEL
+    if existing is not None and spec != existing.model.get("spec"):
+        raise StoreMismatchError(f"store {url!r} was built with model {existing.model.get('spec')!r}, "
+                                 f"not {spec!r}; build another store for another model")
+    weights = options["weights"] or (existing.model.get("weights") if existing else None)
+    device = resolve_device(options["device"])
+    adapter = load_model(spec, weights, device)
+    layers = list(options["layers"] or (list(existing.layers) if existing else adapter.default_layers))
+    adapter.check_layers(layers)
+    size = int(options["size"] or (existing.image_size if existing else adapter.image_size))
+    chunk = existing.chunk if existing else int(options["chunk"])
+    geometry = None
+    if existing is None:
+        geometry = adapter.layer_geometry(layers, size)
+    return BuildPlan(url, options, adapter, layers, size, chunk, existing, found, sweep, geometry)
 
 
 class _Scheduler:
@@ -102,122 +177,143 @@ class _Scheduler:
     def __init__(self, spec: str, workers: int | None, stack: ExitStack):
         self.spec = spec
         self.workers = workers or min(4, os.cpu_count() or 1)
-        self.client = None
+        self.client: Any = None
+        self.dashboard: str | None = None
         if spec in ("threads", "sync"):
             return
         from distributed import Client, LocalCluster
 
-        if spec in ("processes", "local-cluster"):
+        if spec == "processes":
             cluster = stack.enter_context(LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                                       processes=True, dashboard_address=None))
+                                                       processes=True, dashboard_address=":0"))
             self.client = stack.enter_context(Client(cluster))
-        elif "://" in spec or ":" in spec:
-            self.client = stack.enter_context(Client(spec))
-            self.workers = max(1, sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values()))
         else:
-            raise ValueError(f"unknown scheduler {spec!r}; use threads, sync, processes or an address "
-                             f"like tcp://host:8786")
+            try:
+                self.client = stack.enter_context(Client(spec, timeout="30s"))
+            except OSError as exc:
+                raise BuildUsageError(f"cannot reach the Dask scheduler {spec!r}: {exc}") from None
+            self.workers = max(1, sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values()))
+        self.dashboard = getattr(self.client, "dashboard_link", None)
+
+    @property
+    def in_process(self) -> bool:
+        """Tasks run in this process (they may call back into the progress bar)."""
+        return self.client is None
 
     @property
     def torch_threads(self) -> int | None:
         if self.client is None:
             return None  # one process: the forward lock serialises, torch uses every core
-        return max(1, (os.cpu_count() or 1) // self.workers) if self.spec in ("processes", "local-cluster") else None
+        return max(1, (os.cpu_count() or 1) // self.workers) if self.spec == "processes" else None
 
-    def compute(self, tasks: list[Any]) -> list[Any]:
-        if self.client is not None:
-            return list(self.client.compute(tasks, sync=True))
-        return list(dask.compute(*tasks, scheduler=self.spec, num_workers=self.workers))
+    def compute(self, tasks: list[Any], phase: Phase | None = None,
+                count: Callable[[Any], int] = len) -> list[Any]:
+        """Results in task order. On a cluster, ``phase`` advances by ``count(result)`` as each
+        task finishes (in-process tasks report their own progress as they go)."""
+        if self.client is None:
+            return list(dask.compute(*tasks, scheduler=self.spec, num_workers=self.workers))
+        from distributed import as_completed
+
+        futures = self.client.compute(tasks)
+        for done in as_completed(futures):
+            if phase is not None:
+                phase.update(count(done.result()))
+        return [f.result() for f in futures]
 
 
-def build(
-    images: str | Sequence[str],
-    store: str,
-    *,
-    model: str = DEFAULT_MODEL,
-    weights: str | None = None,
-    layers: Sequence[str] | str | None = None,
-    size: int | None = None,
-    batch_size: int = 16,
-    chunk: int = 16,
-    scheduler: str = "threads",
-    workers: int | None = None,
-    device: str = "cpu",
-    index: bool = True,
-    index_memory: int | None = None,
-    rebuild_index: bool = False,
-    recall_k: int = 10,
-    max_pixels: int = MAX_PIXELS,
-    quiet: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    rotate: str | None = None,
-    scale: str | None = None,
-    stop_after_waves: int | None = None,
-) -> BuildSummary:
+def build(images: str | os.PathLike[str] | list[str] | None = None,
+          store: str | os.PathLike[str] | None = None, **options: Any) -> BuildSummary:
     """Add every new image under ``images`` to ``store`` and bring its indexes up to date.
 
-    Errors that make the whole run pointless (unknown model or layer, a store built with
-    another model, a locked store) are raised before any image is read.
+    Keywords are the options of :data:`hoverlay.pipeline.options.BUILD_OPTIONS` (the same as
+    the ``hoverlay build`` flags and config keys): each is checked before any work, and every
+    error that makes the run pointless (bad value, missing source, unknown model or layer,
+    weights that do not load, a store built with another model, a locked store) is raised
+    before anything is written. Model, weights, layers and size default to an existing store's.
 
     ``rotate="0:360:15"`` / ``scale="0.5:1.0:0.1"`` also store, for every image, its rotated /
     rescaled copies as images of their own (table: base_id, transform, param).
+    The one-line summary is printed to stderr (also with ``quiet``) and returned.
     """
     t0 = time.perf_counter()
-    url = normalize_url(store)
-    adapter = load_model(model, weights, device)
-    if isinstance(layers, str):
-        layers = [s.strip() for s in layers.split(",") if s.strip()]
-    layer_list = list(layers) if layers else list(adapter.default_layers)
-    adapter.check_layers(layer_list)
-    size = int(size or adapter.image_size)
-    summary = BuildSummary(store=url)
-    with ExitStack() as stack:
-        stack.enter_context(StoreLock(url, storage_options=storage_options))
-        writer = _open_or_create(url, adapter, layer_list, size, chunk, storage_options)
-        chunk = writer.attrs.chunk  # an existing store keeps its own shard size
-        found = discover(images, storage_options)
-        summary.ignored = len(found.ignored)
-        sched = _Scheduler(scheduler, workers, stack)
-        progress = Progress(quiet=quiet)
+    opts = BUILD_OPTIONS.resolve((KEYWORD, {"images": images, "store": store, **options}))
+    plan = plan_build(opts)
+    progress = ProgressReporter(quiet=opts["quiet"], interval=opts["progress_interval"])
+    summary = run_build(plan, progress)
+    summary.seconds = time.perf_counter() - t0
+    summary.store_bytes = _store_bytes(plan.url, plan.storage_options)
+    print(summary.line(), file=sys.stderr, flush=True)
+    return summary
 
-        hashed = _hash_all(found.images, sched, storage_options)
+
+def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
+    """Lock, hash, embed in waves (one commit each), then update the indexes."""
+    opts, url, so = plan.options, plan.url, plan.storage_options
+    summary = BuildSummary(store=url, ignored=len(plan.found.ignored))
+    with ExitStack() as stack:
+        stack.enter_context(StoreLock(url, storage_options=so))
+        writer = _open_or_create(plan)
+        sched = _Scheduler(opts["scheduler"], opts["workers"], stack)
+        if sched.dashboard:
+            summary.dashboard = sched.dashboard
+            progress.note(f"Dask dashboard: {sched.dashboard}")
+
+        t = time.perf_counter()
+        hashed = _hash_all(plan.found.images, sched, so, progress)
+        summary.hash_seconds = time.perf_counter() - t
         known = writer.known_hashes()
         new_pos, summary.skipped, summary.duplicates = select_new([h for h, _ in hashed], known)
         start = writer.committed
-        items = _expand_transforms(found.images, hashed, new_pos, known, start, transform_list(rotate, scale))
+        items = _expand_transforms(plan.found.images, hashed, new_pos, known, start, plan.sweep)
         writer.reserve(len(items))
-        parts = plan_partitions(start, len(items), chunk)
-        ref = ModelRef(model, weights, device, sched.torch_threads)
-        progress.start(len(items))
-        for n_wave, wave in enumerate(waves(parts, 2 * sched.workers)):
-            if stop_after_waves is not None and n_wave >= stop_after_waves:
-                break
-            tasks = [dask.delayed(process_partition, pure=False)(
-                url, lo, items[lo - start:hi - start], ref, layer_list, size, batch_size,
-                storage_options, max_pixels) for lo, hi in wave]
-            results = sched.compute(tasks)
-            rows = [row for part in results for row in part]
-            writer.write_table(wave[0][0], rows)
-            writer.commit(wave[-1][1])
-            for row in rows:
-                if row["status"] != "ok":
-                    summary.failed.append((row["source"], row["reason"]))
-                    progress.note(f"failed: {row['source']}: {row['reason']}")
-            summary.added += len(rows)
-            progress.update(len(rows))
-        progress.finish()
+        parts = plan_partitions(start, len(items), plan.chunk)
+        ref = ModelRef(plan.adapter.spec, plan.adapter.weights, plan.adapter.device, sched.torch_threads)
+        t = time.perf_counter()
+        with progress.phase("embedding", len(items)) as phase:
+            on_batch = phase.update if sched.in_process else None
+            for n_wave, wave in enumerate(waves(parts, 2 * sched.workers)):
+                if opts["stop_after_waves"] is not None and n_wave >= opts["stop_after_waves"]:
+                    break
+                tasks = [dask.delayed(process_partition, pure=False)(
+                    url, lo, items[lo - start:hi - start], ref, plan.layers, plan.size, opts["batch_size"],
+                    so, opts["max_pixels"], on_batch) for lo, hi in wave]
+                results = sched.compute(tasks, phase)
+                rows = [row for part in results for row in part]
+                writer.write_table(wave[0][0], rows)
+                writer.commit(wave[-1][1])
+                for row in rows:
+                    if row["status"] != "ok":
+                        summary.failed.append((row["source"], row["reason"]))
+                        progress.note(f"failed: {row['source']}: {row['reason']}")
+                summary.added += len(rows)
+        summary.embed_seconds = time.perf_counter() - t
         summary.committed = writer.committed
-        if index and (summary.added or rebuild_index or not _has_indexes(url, layer_list, storage_options)):
-            reader = StoreReader(url, storage_options=storage_options)
-            for layer in layer_list:
-                summary.indexes[layer] = update_index(reader, layer, memory_budget=index_memory,
-                                                      rebuild=rebuild_index, k=recall_k,
-                                                      device=resolve_device(device))
-    summary.seconds = time.perf_counter() - t0
-    summary.store_bytes = _store_bytes(url, storage_options)
-    if not quiet:
-        print(summary.line(), file=sys.stderr)
+        t = time.perf_counter()
+        if opts["index"]:
+            stale = _layers_needing_index(url, plan.layers, summary.committed, so)
+            todo = plan.layers if (summary.added or opts["rebuild_index"]) else stale
+            if todo:
+                reader = StoreReader(url, storage_options=so)
+                for layer in todo:
+                    summary.indexes[layer] = update_index(
+                        reader, layer, memory_budget=opts["index_memory"], rebuild=opts["rebuild_index"],
+                        k=opts["recall_k"], device=plan.adapter.device, progress=progress)
+        summary.index_seconds = time.perf_counter() - t
     return summary
+
+
+def _open_or_create(plan: BuildPlan) -> StoreWriter:
+    adapter = plan.adapter
+    preprocessing = adapter.preprocessing() | {"size": plan.size}
+    if plan.existing is None:
+        assert plan.geometry is not None
+        return create_store(plan.url, model=adapter.describe(), preprocessing=preprocessing,
+                            image_size=plan.size, layers=plan.geometry, chunk=plan.chunk,
+                            storage_options=plan.storage_options)
+    writer = StoreWriter.open(plan.url, storage_options=plan.storage_options)
+    writer.check_compatible(model=adapter.describe(), preprocessing=preprocessing, image_size=plan.size,
+                            layers=plan.layers)
+    return writer
 
 
 def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_pos: list[int],
@@ -250,25 +346,39 @@ def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_po
     return items
 
 
-def _has_indexes(url: str, layers: list[str], storage_options: dict[str, Any] | None) -> bool:
-    from stores.index import index_path
-
+def _layers_needing_index(url: str, layers: list[str], committed: int,
+                          storage_options: dict[str, Any] | None) -> list[str]:
+    """Layers whose index is missing, unreadable or covers fewer images than are committed."""
+    out = []
     for layer in layers:
-        fs, path = fsspec.core.url_to_fs(index_path(url, layer) + ".json", **(storage_options or {}))
-        if not fs.exists(path):
-            return False
-    return True
+        try:
+            meta = read_index_meta(url, layer, storage_options)
+        except (OSError, ValueError):
+            meta = None
+        if meta is None or int(meta.get("images_indexed", -1)) != committed:
+            out.append(layer)
+    return out
 
 
-def _hash_all(sources: list[Any], sched: _Scheduler, storage_options: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _hash_all(sources: list[ImageSource], sched: _Scheduler, storage_options: dict[str, Any] | None,
+              progress: ProgressReporter) -> list[tuple[str, str]]:
     """Content hashes of every discovered file, computed in parallel batches (I/O bound)."""
     if not sources:
         return []
-    per_task = max(1, len(sources) // (4 * sched.workers) + 1)
-    tasks = [dask.delayed(_hash_batch, pure=False)([s.uri for s in sources[i:i + per_task]], storage_options)
-             for i in range(0, len(sources), per_task)]
-    return [h for batch in sched.compute(tasks) for h in batch]
+    per_task = max(1, min(64, len(sources) // (4 * sched.workers) + 1))
+    with progress.phase("hashing", len(sources), unit="files") as phase:
+        on_file = phase.update if sched.in_process else None
+        tasks = [dask.delayed(_hash_batch, pure=False)([s.uri for s in sources[i:i + per_task]],
+                                                       storage_options, on_file)
+                 for i in range(0, len(sources), per_task)]
+        return [h for batch in sched.compute(tasks, phase) for h in batch]
 
 
-def _hash_batch(uris: list[str], storage_options: dict[str, Any] | None) -> list[tuple[str, str]]:
-    return [hash_source(u, storage_options) for u in uris]
+def _hash_batch(uris: list[str], storage_options: dict[str, Any] | None,
+                on_file: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+    out = []
+    for u in uris:
+        out.append(hash_source(u, storage_options))
+        if on_file is not None:
+            on_file(1)
+    return out

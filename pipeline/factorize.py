@@ -19,10 +19,8 @@ attributes of ``groups`` are written last so readers never see a half-written fa
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,15 +28,18 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+from hoverlay.stores import StoreReader, StoreWriter, open_store
+from hoverlay.stores.errors import OutOfRangeError
+from hoverlay.stores.format import STATUS_OK, TABLE, TABLE_COLUMNS
+from hoverlay.stores.groups import NO_GROUP, GroupsWriter
+from hoverlay.stores.lock import StoreLock
+from hoverlay.stores.table import ImageTable
 
-from stores import StoreReader, StoreWriter, open_store
-from stores.errors import OutOfRangeError
-from stores.format import STATUS_OK, TABLE, TABLE_COLUMNS, layer_path
-from stores.groups import GROUP_WEIGHTS, GROUPS, GROUPS_FORMAT_VERSION, NO_GROUP
-from stores.lock import StoreLock
-from stores.table import ImageTable
+from hoverlay.options import KEYWORD
 
-from .progress import Progress
+from .errors import BuildUsageError
+from .options import FACTORIZE_OPTIONS
+from .progress import ProgressReporter
 
 METHOD = "MiniBatchNMF"
 
@@ -53,7 +54,7 @@ INPUT_DESCRIPTION = {
 MAX_DESCRIPTION = 200
 
 
-class FactorizeUsageError(ValueError):
+class FactorizeUsageError(BuildUsageError):
     """Bad arguments or an image filter that selects nothing: the user has to change the call."""
 
 
@@ -202,22 +203,6 @@ def _row_ranges(n: int, chunk: int, batch_images: int) -> Iterator[tuple[int, in
         yield lo, min(n, lo + step)
 
 
-def _compressor() -> zarr.codecs.BloscCodec:
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-
-
-def _create_arrays(group: zarr.Group, layer: str, n: int, h: int, w: int, k: int,
-                   chunk: int) -> tuple[zarr.Array, zarr.Array]:
-    """(Re)create both arrays empty; ``groups`` first, so readers see "absent" from now on."""
-    groups = group.create_array(layer_path(layer, GROUPS), shape=(n, h, w), dtype="int16",
-                                chunks=(chunk, h, w), compressors=_compressor(),
-                                fill_value=NO_GROUP, overwrite=True)
-    weights = group.create_array(layer_path(layer, GROUP_WEIGHTS), shape=(n, h, w, k),
-                                 dtype="float16", chunks=(1, h, w, k), shards=(chunk, h, w, k),
-                                 compressors=_compressor(), fill_value=0, overwrite=True)
-    return groups, weights
-
-
 def _tool_version() -> str:
     try:
         from importlib.metadata import version
@@ -233,24 +218,32 @@ def _short(values: np.ndarray) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------- factorize
-def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
-              images: str | Sequence[int] | np.ndarray | None = None, negative: str = "clip",
-              batch_images: int = 64, epochs: int = 3, tol: float = 1e-3, seed: int = 0,
-              quiet: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def factorize(store: str | os.PathLike[str] | None = None, layer: str | None = None,
+              **options: Any) -> dict[str, Any]:
     """Factorise ``layer``'s patch activations into ``k`` NMF groups and store them; returns a summary.
 
-    Memory is O(batch_images · H · W · D), whatever the store size. Holds the store's writer
-    lock (no build can append meanwhile). Negative activations follow ``negative`` (module
-    docstring); the default ``clip`` means the groups are an NMF of ReLU(a). ``epochs`` is the
-    most fitting passes; fitting stops earlier once the components move less than ``tol``
-    (relative) over a pass.
+    Keywords are :data:`hoverlay.pipeline.options.FACTORIZE_OPTIONS` (``k``, ``images``,
+    ``negative``, ``batch_images``, ``epochs``, ``tol``, ``seed``, ``quiet``,
+    ``storage_options``), the same as the ``hoverlay factorize`` flags, checked before any work.
+    ``images`` may also be a sequence of ids. Memory is O(batch_images · H · W · D), whatever the
+    store size. Holds the store's writer lock (no build can append meanwhile). Negative
+    activations follow ``negative`` (module docstring); the default ``clip`` means the groups
+    are an NMF of ReLU(a). ``epochs`` is the most fitting passes; fitting stops earlier once the
+    components move less than ``tol`` (relative) over a pass.
     """
+    selection = options.pop("images", None)
+    ids_given = selection is not None and not isinstance(selection, str)
+    o = FACTORIZE_OPTIONS.resolve((KEYWORD, {"store": store, "layer": layer, **options,
+                                             "images": None if ids_given else selection}))
+    if not o["store"] or not o["layer"]:
+        raise FactorizeUsageError("factorize needs a store and a layer (--store, --layer)")
+    images = selection if ids_given else o["images"]
+    store, layer, k, negative = o["store"], o["layer"], o["k"], o["negative"]
+    batch_images, epochs, tol, seed = o["batch_images"], o["epochs"], o["tol"], o["seed"]
+    storage_options = o["storage_options"]
+    progress = ProgressReporter(quiet=o["quiet"])
     from . import nmf_kernels as nk
 
-    if negative not in nk.NEGATIVE_POLICIES:
-        raise FactorizeUsageError(f"negative must be one of {nk.NEGATIVE_POLICIES}, got {negative!r}")
-    if batch_images < 1 or epochs < 1:
-        raise FactorizeUsageError(f"batch_images and epochs must be >= 1, got {batch_images}, {epochs}")
     t0 = time.perf_counter()
     reader = open_store(store, storage_options=storage_options)  # before locking: must exist
     geo = reader.geometry(layer)
@@ -259,15 +252,14 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
     with StoreLock(reader.url, storage_options=storage_options):
         reader.refresh()  # a build may have committed before we got the lock
         ids, description, skipped = select_images(_TableColumns(reader), images)
-        progress = Progress(quiet=quiet)
         fit, stats, shift = _fit(reader, layer, ids, k, negative, batch_images, epochs, tol, seed,
                                  progress)
         components, _ = nk.unit_components(fit.model)
         group = StoreWriter.open(reader.url, storage_options=storage_options).group
-        written = _transform_and_write(reader, group, layer, ids, fit.model, components, negative,
+        out = GroupsWriter(group, layer, reader.n_images, geo.height, geo.width, k, reader.attrs.chunk)
+        written = _transform_and_write(reader, out, layer, ids, fit.model, components, negative,
                                        shift, batch_images, progress)
         meta = {
-            "format_version": GROUPS_FORMAT_VERSION,
             "k": k,
             "components": [_short(row) for row in components],
             "method": METHOD,
@@ -293,13 +285,13 @@ def factorize(store: str | os.PathLike[str], layer: str, k: int = 6,
             "tool_version": _tool_version(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        written["groups"].attrs.update(meta)  # last: from here on readers see the new groups
+        out.finish(meta)  # last: from here on readers see the new groups
     summary = {key: v for key, v in meta.items() if key not in ("components", "shift")}
     return summary | {"store": reader.url, "layer": layer, "seconds": time.perf_counter() - t0}
 
 
 def _fit(reader: StoreReader, layer: str, ids: np.ndarray, k: int, negative: str,
-         batch_images: int, epochs: int, tol: float, seed: int, progress: Progress) -> tuple[Any, Any, np.ndarray | None]:
+         batch_images: int, epochs: int, tol: float, seed: int, progress: ProgressReporter) -> tuple[Any, Any, np.ndarray | None]:
     """(FitResult, InputStats of the raw activations, shift or None): all passes before writing.
 
     Statistics come from the first fitting epoch (one pass less), except for ``shift``, which
@@ -312,22 +304,21 @@ def _fit(reader: StoreReader, layer: str, ids: np.ndarray, k: int, negative: str
     stats = nk.InputStats()
     shift = None
     if negative == "shift":
-        progress.note(f"layer {layer}: measuring the per-channel minimum of {len(ids)} images")
-        for batch in _batches(ids, batch_images):
-            stats.update(_read_block(reader, layer, batch))
+        with progress.phase(f"{layer}: per-channel minimum", len(ids)) as phase:
+            for batch in _batches(ids, batch_images):
+                stats.update(_read_block(reader, layer, batch))
+                phase.update(len(batch))
         assert stats.channel_min is not None  # ids is never empty (select_images)
         shift = nk.channel_shift(stats.channel_min)
 
     def epoch_blocks(epoch: int) -> Iterator[np.ndarray]:
-        progress.note(f"layer {layer}: fitting k={k}, epoch {epoch + 1} of at most {epochs}")
-        progress.start(len(ids))
-        for batch in _batches(ids, batch_images, np.random.default_rng([seed, epoch])):
-            block = _read_block(reader, layer, batch)
-            if epoch == 0 and negative != "shift":
-                stats.update(block)
-            yield nk.make_nonnegative(block, negative, shift=shift, layer=layer)
-            progress.update(len(batch))
-        progress.finish()
+        with progress.phase(f"{layer}: fitting k={k}, epoch {epoch + 1}/{epochs}", len(ids)) as phase:
+            for batch in _batches(ids, batch_images, np.random.default_rng([seed, epoch])):
+                block = _read_block(reader, layer, batch)
+                if epoch == 0 and negative != "shift":
+                    stats.update(block)
+                yield nk.make_nonnegative(block, negative, shift=shift, layer=layer)
+                phase.update(len(batch))
 
     fit = nk.fit_blocks(epoch_blocks, k, total_rows=len(ids) * geo.patches_per_image,
                         rows_per_block=batch_images * geo.patches_per_image, epochs=epochs,
@@ -335,21 +326,18 @@ def _fit(reader: StoreReader, layer: str, ids: np.ndarray, k: int, negative: str
     return fit, stats, shift
 
 
-def _transform_and_write(reader: StoreReader, group: zarr.Group, layer: str, ids: np.ndarray,
+def _transform_and_write(reader: StoreReader, out: GroupsWriter, layer: str, ids: np.ndarray,
                          model: Any, components: np.ndarray, negative: str, shift: np.ndarray | None,
-                         batch_images: int, progress: Progress) -> dict[str, Any]:
+                         batch_images: int, progress: ProgressReporter) -> dict[str, Any]:
     """Last pass: weights and groups of every selected image, written shard by shard."""
     from . import nmf_kernels as nk
 
     geo = reader.geometry(layer)
     k = components.shape[0]
-    groups_arr, weights_arr = _create_arrays(group, layer, reader.n_images, geo.height, geo.width,
-                                             k, reader.attrs.chunk)
     err_sq = norm_sq = 0.0
     sizes = np.zeros(k, dtype=np.int64)
     empty = 0
-    progress.note(f"layer {layer}: writing groups of {len(ids)} images")
-    progress.start(len(ids))
+    phase = progress.phase(f"{layer}: writing groups", len(ids))
     for lo, hi in _row_ranges(reader.n_images, reader.attrs.chunk, batch_images):
         sel = ids[(ids >= lo) & (ids < hi)]
         if sel.size == 0:
@@ -366,55 +354,19 @@ def _transform_and_write(reader: StoreReader, group: zarr.Group, layer: str, ids
         out_weights = np.zeros((hi - lo, geo.height, geo.width, k), dtype=np.float16)
         out_groups[sel - lo] = labels.reshape(len(sel), geo.height, geo.width)
         out_weights[sel - lo] = nk.to_float16(weights).reshape(len(sel), geo.height, geo.width, k)
-        weights_arr[lo:hi] = out_weights
-        groups_arr[lo:hi] = out_groups
-        progress.update(len(sel))
-    progress.finish()
-    return {"groups": groups_arr,
-            "reconstruction_error": float(np.sqrt(err_sq / norm_sq)) if norm_sq > 0 else 0.0,
+        out.write(lo, out_groups, out_weights)
+        phase.update(len(sel))
+    phase.close()
+    return {"reconstruction_error": float(np.sqrt(err_sq / norm_sq)) if norm_sq > 0 else 0.0,
             "group_sizes": [int(s) for s in sizes], "patches_without_group": empty}
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def add_factorize_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``hoverlay factorize``."""
-    p.add_argument("--store", required=True, help="store path or fsspec URL")
-    p.add_argument("--layer", required=True, help="layer name, as in `hoverlay info`")
-    p.add_argument("--k", type=int, default=6, help="number of groups (NMF components; default 6)")
-    p.add_argument("--images", default=None,
-                   help="which images: all (default), label=animals[,people][&transform=none], "
-                        "or ids like 0-99,120; failed images are always left out (group -1)")
-    p.add_argument("--negative", choices=("clip", "shift", "error"), default="clip",
-                   help="negative activations (layers without ReLU): clip = NMF of ReLU(a), "
-                        "the dropped mass fraction is reported (default); shift = add a "
-                        "per-channel offset so the minimum is 0; error = refuse")
-    p.add_argument("--batch-images", type=int, default=64,
-                   help="images per minibatch: memory is about this many images' activations")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="at most this many fitting passes (stops early when components settle)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress (cron)")
-
-
-def cmd_factorize(args: argparse.Namespace) -> int:
-    """Run :func:`factorize` from parsed flags; prints one summary line on success."""
-    from pipeline.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
-    from pipeline.nmf_kernels import NegativeActivationsError, NothingToFactorizeError
-
-    try:
-        s = factorize(args.store, args.layer, k=args.k, images=args.images, negative=args.negative,
-                      batch_images=args.batch_images, epochs=args.epochs, seed=args.seed,
-                      quiet=args.quiet)
-    except FactorizeUsageError as exc:
-        print(f"hoverlay factorize: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (NegativeActivationsError, NothingToFactorizeError) as exc:
-        print(f"hoverlay factorize: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    print(f"factorised layer {s['layer']} of {s['store']}: k={s['k']} over "
-          f"{s['images_factorized']} images ({s['images']}, {s['patches']} patches); negative="
-          f"{s['negative']}, {100 * s['negative_mass_fraction']:.1f}% of activation mass negative"
-          f"{' and clipped' if s['negative'] == 'clip' else ''}; relative reconstruction error "
-          f"{s['reconstruction_error']:.3f}; group sizes {s['group_sizes']}; {s['epochs']} epochs, "
-          f"{s['seconds']:.1f}s")
-    return EXIT_OK
+def summary_line(s: dict[str, Any]) -> str:
+    """The one line ``hoverlay factorize`` prints on success."""
+    return (f"factorised layer {s['layer']} of {s['store']}: k={s['k']} over "
+            f"{s['images_factorized']} images ({s['images']}, {s['patches']} patches); negative="
+            f"{s['negative']}, {100 * s['negative_mass_fraction']:.1f}% of activation mass negative"
+            f"{' and clipped' if s['negative'] == 'clip' else ''}; relative reconstruction error "
+            f"{s['reconstruction_error']:.3f}; group sizes {s['group_sizes']}; {s['epochs']} epochs, "
+            f"{s['seconds']:.1f}s")

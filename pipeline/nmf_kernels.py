@@ -19,6 +19,8 @@ import numpy as np
 from sklearn.decomposition import NMF, MiniBatchNMF
 from sklearn.exceptions import ConvergenceWarning
 
+from .errors import PipelineError
+
 #: What to do with negative activations (block outputs without a ReLU have them):
 #: ``clip`` factorises ReLU(a); ``shift`` adds a per-channel constant so that the smallest
 #: value seen is 0; ``error`` refuses.
@@ -31,11 +33,11 @@ FORGET_FACTOR = 0.7
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class NegativeActivationsError(ValueError):
+class NegativeActivationsError(PipelineError, ValueError):
     """The input has negative values and the policy is ``error``."""
 
 
-class NothingToFactorizeError(ValueError):
+class NothingToFactorizeError(PipelineError, ValueError):
     """Every selected value is zero after the negative policy: NMF has nothing to explain."""
 
 

@@ -15,8 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-#: Refuse images with more pixels than this (Pillow's default bomb limit is ~89 Mpx).
-MAX_PIXELS = 64_000_000
+from .options import MAX_PIXELS
 
 
 class ImageDecodeError(ValueError):

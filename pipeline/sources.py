@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+from hoverlay.stores import filesystem
+
+from .errors import SourceError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".pnm"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
-
-
-class SourceError(ValueError):
-    """An image source that names nothing usable."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def discover(src: str | os.PathLike[str] | Sequence[str],
     if "://" not in text:
         text = os.path.abspath(os.path.expanduser(text))
     prefix = _protocol_prefix(text)
-    fs, path = fsspec.core.url_to_fs(text, **opts)
+    fs, path = filesystem(text, opts)
     candidates: list[str]
     if any(ch in path for ch in "*?["):
         candidates = sorted(fs.glob(path))

@@ -7,17 +7,16 @@ the store by URL. The model is loaded once per process (``load_model`` is cached
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from stores import STATUS_FAILED, STATUS_OK
-from stores._zarr import open_root
-from stores.writer import write_image_block
+from hoverlay.stores import STATUS_FAILED, STATUS_OK, StoreWriter
 
 from .models import load_model
-from .preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
+from .options import MAX_PIXELS
+from .preprocess import ImageDecodeError, load_pixels
 from .sources import read_bytes
 from .transforms import apply_transform
 
@@ -73,17 +72,19 @@ def pad_batch(batch: np.ndarray, batch_size: int) -> np.ndarray:
 def process_partition(store_url: str, start: int, items: list[TaskItem], model: ModelRef,
                       layers: list[str], size: int, batch_size: int,
                       storage_options: dict[str, Any] | None = None,
-                      max_pixels: int = MAX_PIXELS) -> list[dict[str, Any]]:
-    """Write rows [start, start+len(items)) and return their table rows (status + reason)."""
+                      max_pixels: int = MAX_PIXELS,
+                      on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Write rows [start, start+len(items)) and return their table rows (status + reason).
+
+    ``on_batch(n)`` (in-process schedulers only: a progress bar) hears of each forward batch of
+    ``n`` images, and of the images that failed to decode once they are known."""
     if model.torch_threads:
         import torch
 
         torch.set_num_threads(model.torch_threads)
     adapter = load_model(model.spec, model.weights, model.device)
-    group = open_root(store_url, mode="r+", storage_options=storage_options)
-    from stores._zarr import read_attrs
-
-    geometry = read_attrs(group, store_url).layers
+    writer = StoreWriter.open(store_url, storage_options=storage_options)
+    geometry = writer.layers
     n = len(items)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     rows: list[dict[str, Any]] = []
@@ -109,5 +110,9 @@ def process_partition(store_url: str, start: int, items: list[TaskItem], model: 
         out = adapter.extract(pad_batch(pixels[idx], batch_size), layers)
         for name in layers:
             acts[name][idx] = out[name][: len(idx)]
-    write_image_block(group, start, pixels, acts, geometry)
+        if on_batch is not None:
+            on_batch(len(idx))
+    writer.write_block(start, pixels, acts)
+    if on_batch is not None and n > len(ok):
+        on_batch(n - len(ok))
     return rows

@@ -2,9 +2,14 @@
 
 No torch and no Panel here: everything is Zarr v3, numpy and FAISS. See
 ``docs/store-format.md`` for the layout this package reads and writes.
+
+This module and the public submodules (``reader``, ``writer``, ``index``, ``search``, ``urls``,
+``groups``, ``info``, …) are the contract; modules whose names start with ``_`` are private to
+the package, and nothing outside it imports them (tests/test_dependencies.py checks).
 """
 
 from .errors import (
+    BadURLError,
     FormatVersionError,
     NotAStoreError,
     OutOfRangeError,
@@ -18,10 +23,12 @@ from .geometry import LayerGeometry, patch_coords, patch_id
 from .index import PatchIndex, choose_factory, search_reranked
 from .reader import StoreReader, open_store
 from .table import ImageTable
+from .urls import filesystem, is_local, normalize_url
 from .vectors import normalize_patches
 from .writer import StoreWriter, create_store
 
 __all__ = [
+    "BadURLError", "filesystem", "is_local", "normalize_url",
     "FORMAT_VERSION", "STATUS_FAILED", "STATUS_OK", "FormatVersionError", "ImageTable",
     "LayerGeometry", "NotAStoreError", "OutOfRangeError", "PatchIndex", "StoreAttrs",
     "StoreError", "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import zarr
@@ -10,18 +9,7 @@ import zarr.errors
 
 from .errors import NotAStoreError
 from .format import FORMAT_NAME, StoreAttrs
-
-
-def normalize_url(url: str | os.PathLike[str]) -> str:
-    """Local paths become absolute strings; fsspec URLs (``s3://``, ``memory://``) pass through."""
-    text = os.fspath(url)
-    if "://" in text:
-        return text
-    return os.path.abspath(os.path.expanduser(text))
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+from .urls import ensure_filesystem, is_local
 
 
 def array(group: zarr.Group, path: str) -> zarr.Array:
@@ -34,6 +22,7 @@ def array(group: zarr.Group, path: str) -> zarr.Array:
 
 def open_root(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
     """Open the root group of an existing store; :class:`NotAStoreError` names the path otherwise."""
+    ensure_filesystem(url)
     kwargs: dict[str, Any] = {}
     if storage_options and not is_local(url):
         kwargs["storage_options"] = storage_options

@@ -1,14 +1,18 @@
 """Errors raised by the store layer.
 
-Every error names the bad value so that a user reading a traceback (or the explorer's
-message box) knows what to fix without reading code.
+Every error names the bad value so that a user reading the one-line message (or the
+explorer's message box) knows what to fix without reading code. All are expected failures
+(:class:`hoverlay.errors.HoverlayError`): the command line prints the message and exits with
+the class's code (4, or 3 for a locked store), never a traceback.
 """
 
 from __future__ import annotations
 
+from hoverlay.errors import EXIT_LOCKED, InputError
 
-class StoreError(Exception):
-    """Base class for every error raised by :mod:`stores`."""
+
+class StoreError(InputError):
+    """Base class for every error raised by :mod:`hoverlay.stores`."""
 
 
 class NotAStoreError(StoreError, FileNotFoundError):
@@ -36,3 +40,9 @@ class StoreMismatchError(StoreError, ValueError):
 
 class StoreLockedError(StoreError):
     """Another writer holds the store's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class BadURLError(StoreError, ValueError):
+    """A location whose scheme or storage options no filesystem takes."""

@@ -113,3 +113,47 @@ def read_group_weights(reader: StoreReader, layer: str, images: ImageSelection) 
     ids, scalar = reader.image_ids(images)
     weights = _read_rows(arr, ids, 0)
     return weights[0] if scalar else weights
+
+
+# ================================================================================ write side
+class GroupsWriter:
+    """Writes one layer's NMF groups (``hoverlay factorize`` computes them; this stores them).
+
+    Both arrays are (re)created empty first — ``groups`` before ``group_weights``, without the
+    attributes, so readers see "absent" from then on — then filled range by range, and
+    :meth:`finish` sets the attributes last, which is what makes the result visible. The caller
+    holds the store's lock (:class:`~hoverlay.stores.lock.StoreLock`).
+    """
+
+    def __init__(self, writer_group: zarr.Group, layer: str, n_images: int, height: int, width: int,
+                 k: int, chunk: int):
+        import zarr.codecs
+
+        codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        self.layer, self.k = layer, int(k)
+        self.groups = writer_group.create_array(
+            layer_path(layer, GROUPS), shape=(n_images, height, width), dtype="int16",
+            chunks=(chunk, height, width), compressors=codec, fill_value=NO_GROUP, overwrite=True)
+        self.weights = writer_group.create_array(
+            layer_path(layer, GROUP_WEIGHTS), shape=(n_images, height, width, k), dtype="float16",
+            chunks=(1, height, width, k), shards=(chunk, height, width, k), compressors=codec,
+            fill_value=0, overwrite=True)
+
+    def write(self, lo: int, groups: np.ndarray, weights: np.ndarray) -> None:
+        """Rows ``lo .. lo+len(groups)``: int16 groups (n, H, W), float16 weights (n, H, W, k).
+
+        Write whole shards (multiples of the store's chunk) so no object is rewritten."""
+        hi = lo + len(groups)
+        self.weights[lo:hi] = np.asarray(weights, dtype=np.float16)
+        self.groups[lo:hi] = np.asarray(groups, dtype=np.int16)
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Publish: the attributes (``components`` as k rows) are the last write."""
+        meta = {"format_version": GROUPS_FORMAT_VERSION, **meta}
+        missing = [key for key in REQUIRED_ATTRS if key not in meta]
+        if missing:
+            raise ValueError(f"groups metadata lacks {missing}")
+        if int(meta["k"]) != self.k or len(meta["components"]) != self.k:
+            raise ValueError(f"groups metadata has k={meta['k']} and {len(meta['components'])} "
+                             f"components; the arrays were made for k={self.k}")
+        self.groups.attrs.update(meta)

@@ -21,10 +21,10 @@ import faiss
 import fsspec
 import numpy as np
 
-from ._zarr import is_local, normalize_url
 from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
 from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
+from .urls import filesystem, is_local, normalize_url
 
 #: Exact search while the index holds at most this many vectors at D=112 (≈ 4 ms per top-32 on
 #: one core); the bound is on vectors × D, the float32 values one query scans (≈ 22M).
@@ -299,9 +299,10 @@ def _train_with_centroids(index: faiss.Index, sample: np.ndarray) -> None:
 _MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
 
 
-def read_index_meta(store_url: str, layer: str) -> dict[str, Any] | None:
+def read_index_meta(store_url: str, layer: str,
+                    storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The layer's ``index/<layer>.json``, or None when there is none."""
-    fs, path = fsspec.core.url_to_fs(index_path(store_url, layer) + ".json")
+    fs, path = filesystem(index_path(store_url, layer) + ".json", storage_options)
     if not fs.exists(path):
         return None
     meta: dict[str, Any] = json.loads(fs.cat_file(path))

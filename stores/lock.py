@@ -18,8 +18,8 @@ from typing import Any
 
 import fsspec
 
-from ._zarr import is_local, normalize_url
 from .errors import StoreLockedError
+from .urls import is_local, normalize_url
 
 LOCK_NAME = ".hoverlay.lock"
 

@@ -7,6 +7,7 @@ commit by re-reading one small JSON document.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,17 +15,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from ._zarr import array, normalize_url, open_root, read_attrs
+from ._zarr import array, open_root, read_attrs
 from .errors import OutOfRangeError, UnknownLayerError
-from .format import PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
+from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
 from .table import ImageTable
+from .urls import filesystem, is_local, normalize_url
 
 if TYPE_CHECKING:
     import dask.array
 
 
 ImageSelection = int | slice | Sequence[int] | np.ndarray
+#: What identifies a store's visible state (see :meth:`StoreReader.signature`).
+Signature = tuple[Any, ...]
 
 
 class StoreReader:
@@ -62,6 +66,35 @@ class StoreReader:
         except KeyError:
             raise UnknownLayerError(f"unknown layer {layer!r}; store {self.url!r} has "
                                     f"{self.layers}") from None
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options this store was opened with (remote stores)."""
+        return self._storage_options
+
+    def signature(self) -> Signature:
+        """What identifies the store's visible state: the root ``zarr.json`` and index ``.json``
+        files. A server compares it every few seconds to notice a new commit or index.
+
+        Local stores: (inode, size, mtime) of each, no file is read. Remote stores (fsspec): the
+        root document's bytes (a few kB) and the index listing's sizes / mtimes / ETags, whatever
+        the filesystem reports.
+        """
+        if is_local(self.url):
+            root = self.url
+            out: list[Any] = [_stat(os.path.join(root, "zarr.json"))]
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                    os.scandir(os.path.join(root, INDEX_DIR)) as entries:
+                out += sorted((e.name, _stat(e.path)) for e in entries if e.name.endswith(".json"))
+            return tuple(out)
+        fs, root = filesystem(self.url, self._storage_options)
+        root = root.rstrip("/")
+        out = [fs.cat_file(f"{root}/zarr.json")]
+        with contextlib.suppress(FileNotFoundError):
+            listing = fs.ls(f"{root}/{INDEX_DIR}", detail=True)
+            out += sorted((d["name"], d.get("size"), str(d.get("mtime") or d.get("LastModified") or d.get("ETag")))
+                          for d in listing if str(d["name"]).endswith(".json"))
+        return tuple(out)
 
     def refresh(self) -> bool:
         """Re-read the root attributes; True when a new commit became visible."""
@@ -165,6 +198,11 @@ class StoreReader:
 
     def __repr__(self) -> str:
         return f"StoreReader({self.url!r}, images={self.n_images}, layers={self.layers})"
+
+
+def _stat(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> StoreReader:

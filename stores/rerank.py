@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ._zarr import is_local
 from .reader import StoreReader
+from .urls import is_local
 
 SUFFIX = ".f16"
 DTYPE = np.dtype("<f2")

@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from ._zarr import array, normalize_url, open_root, read_attrs
+from ._zarr import array, open_root, read_attrs
 from .errors import StoreError, StoreMismatchError, UnknownLayerError
 from .format import (
     FORMAT_NAME,
@@ -34,6 +34,7 @@ from .format import (
 )
 from .geometry import LayerGeometry
 from .table import column_dtype, fill_value, rows_to_columns
+from .urls import normalize_url
 from .vectors import normalize_patches
 
 TABLE_CHUNK = 4096

@@ -43,7 +43,7 @@ def generated_images(tmp_path):
 @pytest.fixture(scope="session")
 def demo_subset(tmp_path_factory) -> str:
     """Four scikit-image demo images in label folders (chelsea among them)."""
-    from pipeline.demo import skimage_data_dir
+    from hoverlay.pipeline.demo import skimage_data_dir
 
     root = tmp_path_factory.mktemp("demo")
     for label, name in [("animals", "chelsea.png"), ("people", "astronaut.png"),
@@ -56,7 +56,7 @@ def demo_subset(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_store(demo_subset, tmp_path_factory) -> str:
     """A real store built by the pipeline from the demo subset with the default model."""
-    from pipeline.build import build
+    from hoverlay.pipeline.build import build
 
     path = str(tmp_path_factory.mktemp("stores") / "demo.zarr")
     build(demo_subset, path, quiet=True)

@@ -11,13 +11,14 @@ import time
 import numpy as np
 import pytest
 from conftest import write_generated_images
+from hoverlay.pipeline.build import build
+from hoverlay.stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
+from hoverlay.stores.index import PatchIndex
+from hoverlay.stores.lock import StoreLock
 from PIL import Image
 
-from pipeline.build import build
-from pipeline.cli import EXIT_INPUT, EXIT_LOCKED, main
-from stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
-from stores.index import PatchIndex
-from stores.lock import StoreLock
+from hoverlay.cli import main
+from hoverlay.errors import EXIT_INPUT, EXIT_LOCKED
 
 GOOGLENET = {"model": "torchvision:googlenet", "weights": "none", "layers": ["inception4d"]}
 
@@ -62,7 +63,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     write_generated_images(str(src), 40, seed=3)
     args = ["--images", str(src), "--chunk", "2", "--workers", "1", "--batch-size", "2", "-q"]
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--store", killed, *args],
+    proc = subprocess.Popen([sys.executable, "-m", "hoverlay", "build", "--store", killed, *args],
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     deadline = time.time() + 120
     while _committed(killed) < 4 and time.time() < deadline and proc.poll() is None:
@@ -139,7 +140,7 @@ def test_errors_before_any_work(tmp_path, generated_images):
         build(src, str(tmp_path / "s"), model="torchvision:googlenet", weights="none",
               layers="inception5b", quiet=True)
     with pytest.raises(StoreMismatchError, match="efficientnet"):
-        build(src, str(tmp_path / "s"), quiet=True)
+        build(src, str(tmp_path / "s"), model="efficientnet-lite0", quiet=True)
     with StoreLock(str(tmp_path / "s")):
         with pytest.raises(StoreLockedError, match="another build"):
             build(src, str(tmp_path / "s"), quiet=True, **GOOGLENET)
@@ -169,15 +170,22 @@ def test_info_and_layers_commands(demo_store, capsys):
     out = capsys.readouterr().out
     assert "efficientnet-lite0" in out and "4 committed" in out and "H=14  W=14  D=112" in out
     assert "IDMap,Flat" in out and "MB on disk" in out
-    assert main(["layers", "efficientnet-lite0", "--spatial"]) == 0
+    assert main(["layers", "efficientnet-lite0"]) == 0
     out = capsys.readouterr().out
-    assert "_blocks.10.add" in out and "D=112 H=14 W=14" in out
+    lines = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in out.splitlines()[1:]}
+    assert lines["_blocks.10.add"].startswith("*") and "D=112 H=14 W=14" in lines["_blocks.10.add"]
+    assert not lines["_blocks.9.add"].startswith("*")
+    assert "inputs" not in lines and "_fc" not in lines  # the raw input and the logits are no feature maps
+    assert main(["layers", "efficientnet-lite0", "--all"]) == 0
+    assert "_fc" in capsys.readouterr().out
 
 
 def test_shipped_nightly_config_is_valid():
-    from pipeline.config import load_config
+    from hoverlay.pipeline.options import BUILD_OPTIONS
 
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "deploy", "nightly.toml"))
+    from hoverlay.options import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "deploy", "nightly.toml"), BUILD_OPTIONS)
     assert cfg["quiet"] is True and cfg["store"].endswith(".zarr")
 
 

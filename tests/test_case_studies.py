@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from explorer.compare import pair_by_hash, pointer_location, relative_cell
-from explorer.groups_view import (
+from hoverlay.explorer.compare import pair_by_hash, pointer_location, relative_cell
+from hoverlay.explorer.groups_view import (
     GROUP_PALETTE,
     group_colors,
     group_palette_index,
@@ -19,10 +18,10 @@ from explorer.groups_view import (
     outline_cells,
     top_group_patches,
 )
-from explorer.sweep import bases_with_copies, copy_cells, sweep_chart, sweep_set
-from stores import LayerGeometry, create_store, open_store
-from stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels
-from stores.transforms import map_patch, sweep_similarity
+from hoverlay.explorer.sweep import bases_with_copies, copy_cells, sweep_chart, sweep_set
+from hoverlay.stores import LayerGeometry, create_store, open_store
+from hoverlay.stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels
+from hoverlay.stores.transforms import map_patch, sweep_similarity
 
 S = 32
 LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(4, 4, 8)}
@@ -89,7 +88,7 @@ def test_sweep_chart_equals_sweep_similarity_of_the_stored_vectors(sweep_store):
 
 
 def test_sweep_view_hover_sends_chart_overlays_and_copy_outlines(sweep_store):
-    from explorer.app import create_app
+    from hoverlay.explorer.app import create_app
 
     app = create_app(sweep_store, layer="fine").app
     view = app.sweep_view
@@ -120,7 +119,7 @@ def test_sweep_view_hover_sends_chart_overlays_and_copy_outlines(sweep_store):
 
 
 def test_sweep_tab_only_for_stores_with_copies(sweep_store, tmp_path):
-    from explorer.app import create_app
+    from hoverlay.explorer.app import create_app
 
     plain = str(tmp_path / "plain")
     make_synthetic_store(plain, 4, layers=LAYERS, image_size=S, chunk=4)
@@ -170,9 +169,9 @@ def test_top_group_patches_match_brute_force_and_merge_across_batches():
 
 
 def test_groups_overlay_colours_the_page_from_stored_groups(tmp_path):
-    from explorer.app import create_app
-    from pipeline.factorize import factorize
-    from stores.groups import read_groups
+    from hoverlay.explorer.app import create_app
+    from hoverlay.pipeline.factorize import factorize
+    from hoverlay.stores.groups import read_groups
 
     url = str(tmp_path / "groups")
     make_synthetic_store(url, 6, layers=LAYERS, image_size=S, chunk=4)
@@ -223,7 +222,7 @@ def test_pointer_location_drops_rows_no_page_writes():
 
 
 def test_compare_view_shows_both_stores_for_one_location(tmp_path):
-    from explorer.app import create_app
+    from hoverlay.explorer.app import create_app
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     make_synthetic_store(a, 6, layers={"l": LayerGeometry(8, 8, 16)}, image_size=S, chunk=4, seed=0)

@@ -13,16 +13,16 @@ def _modules_after(code: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.parametrize("module", ["stores", "stores.search", "stores.groups", "stores.transforms",
-                                    "stores.info"])
+@pytest.mark.parametrize("module", ["hoverlay.stores", "hoverlay.stores.search", "hoverlay.stores.groups",
+                                    "hoverlay.stores.transforms", "hoverlay.stores.info"])
 def test_stores_import_neither_torch_nor_panel(module):
     mods = _modules_after(f"import {module}")
     assert "torch" not in mods and "panel" not in mods and "bokeh" not in mods
 
 
 def test_explorer_never_imports_torch():
-    mods = _modules_after("import explorer.app, explorer.serve, explorer.kernels")
-    assert "torch" not in mods and "pipeline" not in mods and "sklearn" not in mods
+    mods = _modules_after("import hoverlay.explorer.app, hoverlay.explorer.serve, hoverlay.explorer.kernels")
+    assert "torch" not in mods and "hoverlay.pipeline" not in mods and "sklearn" not in mods
 
 
 def test_the_installed_package_has_every_module_and_the_console_script(tmp_path):
@@ -42,7 +42,9 @@ def test_the_installed_package_has_every_module_and_the_console_script(tmp_path)
                     str(tmp_path), str(src)], check=True, capture_output=True, text=True)
     (wheel,) = tmp_path.glob("hoverlay-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = [f for f in files if f.startswith(("stores/", "pipeline/", "explorer/"))]
-    assert tracked and [p for p in tracked if p.endswith(".py") and p not in names] == []
+    tracked = [f for f in files if f.startswith(("stores/", "pipeline/", "explorer/", "hoverlay/"))]
+    installed = [f if f.startswith("hoverlay/") else "hoverlay/" + f for f in tracked if f.endswith(".py")]
+    assert tracked and [p for p in installed if p not in names] == []
+    assert not [n for n in names if n.split("/")[0] in ("stores", "pipeline", "explorer")]  # no generic names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "hoverlay = pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "hoverlay = hoverlay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

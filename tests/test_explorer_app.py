@@ -10,10 +10,9 @@ import io
 
 import numpy as np
 import pytest
-
-from explorer.engine import OverlayEngine, Query, parse_query_text
-from stores import LayerGeometry, OutOfRangeError, open_store
-from stores.synthetic import make_synthetic_store
+from hoverlay.explorer.engine import OverlayEngine, Query, parse_query_text
+from hoverlay.stores import LayerGeometry, OutOfRangeError, open_store
+from hoverlay.stores.synthetic import make_synthetic_store
 
 S = 32
 LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(2, 2, 8)}
@@ -28,7 +27,7 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture
 def app(store):
-    from explorer.app import create_app
+    from hoverlay.explorer.app import create_app
 
     layout = create_app(store, page_size=6, ncols=3, k=4)
     return layout.app
@@ -143,7 +142,7 @@ def test_layer_switch_remaps_pinned_query_and_function_changes_colour_range(app)
     assert app.query == "2,1,0" and app.message == ""
     coarse = next(f for f in app._figures if f.layer == "coarse")
     app.function = "dot"
-    from explorer.resources import get_layer_stats
+    from hoverlay.explorer.resources import get_layer_stats
 
     hi = get_layer_stats(app.store, "coarse").norm_hi
     assert (coarse.mapper.low, coarse.mapper.high) == pytest.approx((0.0, hi * hi))
@@ -183,7 +182,7 @@ def test_scheduler_runs_deferred_work_in_a_running_loop_and_inline_without_one()
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from explorer.session import Scheduler
+    from hoverlay.explorer.session import Scheduler
 
     ran = []
     sync = Scheduler(None)
@@ -218,8 +217,8 @@ def test_numeric_inputs_pin_an_exact_query(app):
 
 
 def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
-    from explorer.app import create_app
-    from stores.synthetic import append_synthetic_images
+    from hoverlay.explorer.app import create_app
+    from hoverlay.stores.synthetic import append_synthetic_images
 
     url = str(tmp_path / "growing")
     make_synthetic_store(url, 8, layers=LAYERS, image_size=S, chunk=8)
@@ -236,7 +235,7 @@ def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
 def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, tmp_path):
     """A search started on one store finishes on that store; its hits are dropped, not shown on
     the other, and the hovered patch of the new store is searched next."""
-    from explorer.app import create_app
+    from hoverlay.explorer.app import create_app
 
     small = str(tmp_path / "small")
     make_synthetic_store(small, 5, layers=LAYERS, image_size=S, chunk=8, seed=3)

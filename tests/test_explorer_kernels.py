@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from explorer.kernels import (
+from hoverlay.explorer.kernels import (
     QueryVector,
     cell_bounds,
     color_range,
@@ -17,7 +16,7 @@ from explorer.kernels import (
     pointer_to_patch,
     similarity_map,
 )
-from stores.vectors import normalize_patches
+from hoverlay.stores.vectors import normalize_patches
 
 
 def _page(rng: np.random.Generator, n: int, h: int, w: int, d: int, signed: bool = False):
@@ -173,7 +172,7 @@ def test_images_by_best_patch_keeps_first_occurrence_order():
 
 
 def test_paging_helpers():
-    from explorer.paging import (
+    from hoverlay.explorer.paging import (
         ALL_LABELS,
         candidate_ids,
         n_pages,

@@ -5,13 +5,12 @@ import time
 
 import numpy as np
 import pytest
-
-from pipeline.indexing import update_index
-from stores import LayerGeometry, PatchIndex, choose_factory, open_store
-from stores.index import FLAT_MAX_VALUES, nlist_for
-from stores.rerank import rerank_path
-from stores.search import LayerSearch
-from stores.synthetic import append_synthetic_images, make_synthetic_store
+from hoverlay.pipeline.indexing import update_index
+from hoverlay.stores import LayerGeometry, PatchIndex, choose_factory, open_store
+from hoverlay.stores.index import FLAT_MAX_VALUES, nlist_for
+from hoverlay.stores.rerank import rerank_path
+from hoverlay.stores.search import LayerSearch
+from hoverlay.stores.synthetic import append_synthetic_images, make_synthetic_store
 
 
 def indexed_store(tmp_path, factory: str, n_queries: int = 30, **options):
@@ -57,7 +56,7 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     nprobe = tuned["nprobe"]
     assert meta["params"]["nprobe"] == nprobe and 1 <= nprobe < meta["nlist"]
     if nprobe > 1:
-        from pipeline.indexing import RecallProbe
+        from hoverlay.pipeline.indexing import RecallProbe
 
         idx = PatchIndex.load(reader.url, "l")
         idx.set_params(nprobe=nprobe - 1)
@@ -79,8 +78,8 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     reader.refresh()
     stale = LayerSearch(reader, "l")  # until extended: the index for old images, a scan for new ones
     assert f"covers {n_images} of {n_images + 10} images" in stale.warning and stale.scan_from == n_images
-    from stores.index import exact_topk
-    from stores.search import iter_vector_blocks
+    from hoverlay.stores.index import exact_topk
+    from hoverlay.stores.search import iter_vector_blocks
 
     for image in (n_images + 4, 77):  # a query from a new image and from an old one
         q = stale.query_vector(image, 3, 3).astype(np.float32)
@@ -129,13 +128,13 @@ def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
 
 
 def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_append(tmp_path):
-    from stores.rerank import DTYPE, vector_fetcher
+    from hoverlay.stores.rerank import DTYPE, vector_fetcher
 
     reader, meta = indexed_store(tmp_path, "IVF16,SQ8")
     path = rerank_path(reader.url, "l")
     rows = 300 * 16
     assert meta["rerank"]["rows"] == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
-    from stores.info import describe
+    from hoverlay.stores.info import describe
 
     assert f"re-rank file {rows * 32 * 2 / 1e6:.1f} MB" in describe(reader)
     faiss_bytes = os.path.getsize(rerank_path(reader.url, "l").removesuffix(".f16") + ".faiss")
@@ -184,7 +183,7 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
 
 
 def test_exact_topk_streams_blocks_to_the_brute_force_answer():
-    from stores.index import exact_topk
+    from hoverlay.stores.index import exact_topk
 
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((1000, 24)).astype(np.float32)
@@ -204,7 +203,7 @@ def test_exact_topk_streams_blocks_to_the_brute_force_answer():
 
 LOAD_AND_MEASURE = """
 import sys, numpy as np, psutil
-from stores import PatchIndex
+from hoverlay.stores import PatchIndex
 url, layer, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 me = psutil.Process()
 before = me.memory_full_info().uss
@@ -242,7 +241,7 @@ def test_mmap_loading_keeps_flat_and_ivf_codes_off_the_heap(tmp_path):
 
 
 def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
-    from stores.index import gpu_count
+    from hoverlay.stores.index import gpu_count
 
     reader, meta = indexed_store(tmp_path, "IVF16,Flat", 20, device="cuda")
     assert meta["trained_on"] == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
@@ -263,7 +262,7 @@ def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path
 
 
 def test_recall_probe_queries_come_from_many_images_and_never_from_training_points(tmp_path):
-    from pipeline.indexing import RecallProbe, _sample_patches
+    from hoverlay.pipeline.indexing import RecallProbe, _sample_patches
 
     make_synthetic_store(tmp_path / "p", 120, layers={"l": LayerGeometry(4, 4, 8)}, image_size=8, chunk=16)
     reader = open_store(tmp_path / "p")
@@ -290,7 +289,7 @@ def test_an_update_with_nothing_new_rewrites_nothing(tmp_path):
 
 
 def test_recall_lower_bound_is_the_mean_less_z_standard_errors():
-    from pipeline.indexing import TUNE_Z, RecallProbe
+    from hoverlay.pipeline.indexing import TUNE_Z, RecallProbe
 
     probe = RecallProbe(np.zeros((4, 2), np.float32), np.zeros((4, 3), np.int64), 3)
     assert np.isnan(probe.lower_bound())  # never run
@@ -303,9 +302,9 @@ def test_recall_lower_bound_is_the_mean_less_z_standard_errors():
 
 
 def test_one_pass_feeds_the_index_the_rerank_file_and_the_probe_truth_failed_images_included(tmp_path):
-    from stores.rerank import vector_fetcher
-    from stores.synthetic import clustered_activations, synthetic_pixels
-    from stores.writer import create_store
+    from hoverlay.stores.rerank import vector_fetcher
+    from hoverlay.stores.synthetic import clustered_activations, synthetic_pixels
+    from hoverlay.stores.writer import create_store
 
     geo = LayerGeometry(4, 4, 32)
     writer = create_store(tmp_path / "s", model={"spec": "synthetic"}, preprocessing={}, image_size=8,
@@ -329,7 +328,7 @@ def test_one_pass_feeds_the_index_the_rerank_file_and_the_probe_truth_failed_ima
     every = np.arange(n * 16)
     np.testing.assert_array_equal(fetch(every), reader.patch_vectors("l", every))  # failed rows included
     index.set_params(nprobe=8)  # every list, so recall is the re-rank's: exact
-    from pipeline.indexing import RecallProbe
+    from hoverlay.pipeline.indexing import RecallProbe
 
     probe = RecallProbe.sample(reader, "l", 10, 40, seed=5)  # truth from its own full scan
     assert probe.recall(reader, "l", index) >= 0.99

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from stores import PatchIndex
-from stores.kmeans import TWO_LEVEL_FROM, ivf_centroids, kmeans, split_counts
-from stores.synthetic import clustered_activations
+from hoverlay.stores import PatchIndex
+from hoverlay.stores.kmeans import TWO_LEVEL_FROM, ivf_centroids, kmeans, split_counts
+from hoverlay.stores.synthetic import clustered_activations
 
 
 def test_split_counts_is_proportional_exact_and_never_exceeds_a_clusters_points():
@@ -85,8 +84,7 @@ def test_two_level_training_goes_through_an_opq_rotation():
 
 def test_grouped_centroids_assign_vectors_to_their_nearest_list():
     import faiss
-
-    from stores.kmeans import CentroidGroups
+    from hoverlay.stores.kmeans import CentroidGroups
 
     rng = np.random.default_rng(4)
     x = _unit(clustered_activations(rng, (30_000, 24), local_dim=8)).astype(np.float32)

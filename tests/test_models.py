@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from hoverlay.pipeline.models import ModelSpecError, load_model
+from hoverlay.pipeline.preprocess import resize_center_crop
+from hoverlay.stores import UnknownLayerError
 from PIL import Image
-
-from pipeline.models import ModelSpecError, load_model
-from pipeline.preprocess import resize_center_crop
-from stores import UnknownLayerError
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_layer_listing_has_spatial_layers(default_model):
 
 def test_stored_similarity_matches_float64_cosine_of_hooked_activations(default_model, demo_store):
     """The whole path (preprocess -> extract -> normalise -> fp16 Zarr) against an independent hook."""
-    from stores import open_store
+    from hoverlay.stores import open_store
 
     reader = open_store(demo_store)
     table = reader.table()
@@ -99,7 +98,7 @@ def test_bad_specs_and_layers_name_the_value():
 
 
 def test_device_selection_on_a_cpu_machine():
-    from pipeline.models import resolve_device
+    from hoverlay.pipeline.models import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == expected

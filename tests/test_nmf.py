@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import tracemalloc
 
 import numpy as np
 import pytest
 import zarr
-
-from pipeline import nmf_kernels as nk
-from pipeline.factorize import (
+from hoverlay.pipeline import nmf_kernels as nk
+from hoverlay.pipeline.factorize import (
     FactorizeUsageError,
-    add_factorize_arguments,
-    cmd_factorize,
     factorize,
     select_images,
 )
-from stores import LayerGeometry, StoreWriter, create_store, open_store
-from stores.format import layer_path
-from stores.groups import REQUIRED_ATTRS, read_group_meta, read_group_weights, read_groups
-from stores.synthetic import make_synthetic_store
+from hoverlay.stores import LayerGeometry, StoreWriter, create_store, open_store
+from hoverlay.stores.format import layer_path
+from hoverlay.stores.groups import REQUIRED_ATTRS, read_group_meta, read_group_weights, read_groups
+from hoverlay.stores.synthetic import make_synthetic_store
+
+from hoverlay.cli import main
 
 GEO = LayerGeometry(4, 4, 8)
 FAILED = (3,)
@@ -201,13 +199,13 @@ def test_select_images(tmp_path):
 def test_cli_exit_codes(tmp_path, capsys):
     url = str(tmp_path / "s.zarr")
     signed_store(url)
-    parser = argparse.ArgumentParser()
-    add_factorize_arguments(parser)
-    args = parser.parse_args(["--store", url, "--layer", "l", "--k", "2", "--negative", "error", "-q"])
-    assert cmd_factorize(args) == 4
+    base = ["factorize", "--store", url, "--layer", "l", "--k", "2", "-q"]
+    assert main([*base, "--negative", "error"]) == 4
     assert "layer 'l'" in capsys.readouterr().err
-    args = parser.parse_args(["--store", url, "--layer", "l", "--k", "2", "--images", "label=nope", "-q"])
-    assert cmd_factorize(args) == 2
-    args = parser.parse_args(["--store", url, "--layer", "l", "--k", "2", "-q"])
-    assert cmd_factorize(args) == 0
+    assert main([*base, "--images", "label=nope"]) == 2
+    assert main([*base, "--k", "two"]) == 2
+    assert "--k: 'two' is not a positive integer" in capsys.readouterr().err
+    assert main([*base, "--negative", "flip"]) == 2
+    assert "one of clip, shift, error" in capsys.readouterr().err
+    assert main(base) == 0
     assert "clipped" in capsys.readouterr().out

@@ -6,7 +6,7 @@ server cannot tell the difference). Three servers start together when the module
 
 - ``main``: ``python -m explorer.serve`` over stores A (default; "fine" indexed, "coarse" not),
   B (index stale) and C (appended to while serving), checking for commits every 0.5 s;
-- ``auth``: ``hoverlay serve`` (``python -m pipeline.cli``) with basic auth, a URL prefix and two
+- ``auth``: ``hoverlay serve`` (``python -m hoverlay``) with basic auth, a URL prefix and two
   forked processes;
 - ``plain``: ``panel serve explorer/app_module.py`` with the stores in ``HOVERLAY_STORE``.
 
@@ -42,12 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from hoverlay.stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
+from hoverlay.stores.errors import StoreError  # noqa: E402
+from hoverlay.stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels  # noqa: E402
+
 from bench.servers import Server, free_port, launch  # noqa: E402
 from bench.serving import SAVER, hover_like_a_user, percentiles  # noqa: E402
 from bench.wsclient import BokehSession, SessionRefused  # noqa: E402
-from stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
-from stores.errors import StoreError  # noqa: E402
-from stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -97,11 +98,11 @@ def servers(stores, tmp_path_factory):
     main_port, auth_port, plain_port = free_port(), free_port(), free_port()
     py = sys.executable
     out = {
-        "main": launch("main", [py, "-m", "explorer.serve", stores["a"], stores["b"], stores["c"],
+        "main": launch("main", [py, "-m", "hoverlay.explorer.serve", stores["a"], stores["b"], stores["c"],
                                 "--port", str(main_port), "--page-size", str(PAGE_SIZE), "-k", str(K),
                                 "--reload-interval", "0.5"],
                        f"http://127.0.0.1:{main_port}/", logs),
-        "auth": launch("auth", [py, "-m", "pipeline.cli", "serve", stores["a"], "--port", str(auth_port),
+        "auth": launch("auth", [py, "-m", "hoverlay", "serve", stores["a"], "--port", str(auth_port),
                                 "--basic-auth", str(users), "--prefix", "hv", "--num-procs", "2",
                                 "--page-size", str(PAGE_SIZE)],
                        f"http://127.0.0.1:{auth_port}/hv/", logs,
@@ -174,18 +175,24 @@ async def rest_and_topk(session: BokehSession, tile: int, y: int, x: int) -> str
 
 # ================================================================================ CLI
 def test_hoverlay_serve_passes_server_options_to_panel(tmp_path):
-    from explorer.serve import ServeConfigError, check_auth, server_options, split_store_list
-    from pipeline.cli import parser
+    from hoverlay.explorer.serve import (
+        ServeConfigError,
+        check_auth,
+        server_options,
+        split_store_list,
+    )
+
+    from hoverlay.cli import command_parser
 
     users = tmp_path / "users.json"
     users.write_text(json.dumps(USERS))
-    args = parser().parse_args(["serve", "s1", "s2", "--port", "0", "--num-procs", "3", "--prefix", "hv",
+    args = command_parser("serve").parse_args(["s1", "s2", "--port", "0", "--num-procs", "3", "--prefix", "hv",
                                 "--allow-websocket-origin", "example.org", "--basic-auth", str(users),
                                 "--cookie-secret", "x" * 32, "--admin", "--reload-interval", "5"])
     assert args.stores == ["s1", "s2"] and args.reload_interval == 5
     assert server_options(args) == {"prefix": "hv", "basic_auth": str(users), "cookie_secret": "x" * 32,
                                     "websocket_origin": ["example.org"], "num_procs": 3, "admin": True}
-    oauth = parser().parse_args(["serve", "s", "--oauth-provider", "github", "--oauth-key", "k",
+    oauth = command_parser("serve").parse_args(["s", "--oauth-provider", "github", "--oauth-key", "k",
                                  "--oauth-secret", "s", "--oauth-extra-params", '{"scope": "read"}'])
     opts = server_options(oauth)
     assert opts["oauth_provider"] == "github" and opts["oauth_extra_params"] == {"scope": "read"}

@@ -5,8 +5,7 @@ import os
 
 import numpy as np
 import pytest
-
-from stores import (
+from hoverlay.stores import (
     FormatVersionError,
     LayerGeometry,
     NotAStoreError,
@@ -19,8 +18,8 @@ from stores import (
     open_store,
     search_reranked,
 )
-from stores.index import exact_rerank
-from stores.search import LayerSearch
+from hoverlay.stores.index import exact_rerank
+from hoverlay.stores.search import LayerSearch
 
 LAYERS = {"a": LayerGeometry(4, 3, 8), "b": LayerGeometry(2, 2, 16)}
 
@@ -85,7 +84,7 @@ def test_uncommitted_append_is_invisible_and_dropped_on_resume(tmp_path):
     with pytest.raises(OutOfRangeError, match="image id 4"):
         r.vectors("a", [4])
     # the next writer reserves from the commit, dropping the crashed tail
-    from stores import StoreWriter
+    from hoverlay.stores import StoreWriter
 
     w2 = StoreWriter.open(tmp_path / "s")
     assert set(w2.known_hashes()) == {"h0", "h1", "h2", "h3"}
@@ -225,8 +224,9 @@ def test_stale_or_missing_index_falls_back_to_exact(tmp_path):
 
 
 def test_synthetic_clusters_with_a_local_dim_have_real_activations_local_dimension():
+    from hoverlay.stores.synthetic import clustered_activations
+
     from bench.intrinsic import local_intrinsic_dimension
-    from stores.synthetic import clustered_activations
 
     rng = np.random.default_rng(0)
     isotropic = local_intrinsic_dimension(clustered_activations(rng, (5000, 128)))

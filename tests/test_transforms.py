@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
-from pipeline.build import build
-from pipeline.transforms import apply_transform, parse_sweep
-from stores import open_store
-from stores.transforms import copies_of, map_patch, sweep_similarity
+from hoverlay.pipeline.build import build
+from hoverlay.pipeline.transforms import apply_transform, parse_sweep
+from hoverlay.stores import open_store
+from hoverlay.stores.transforms import copies_of, map_patch, sweep_similarity
 
 
 def test_parse_sweep_excludes_the_identity():

@@ -44,9 +44,8 @@ if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
 @pytest.fixture(scope="session")
 def stores(tmp_path_factory) -> tuple[str, str]:
     from conftest import write_generated_images
-
-    from pipeline.build import build
-    from pipeline.factorize import factorize
+    from hoverlay.pipeline.build import build
+    from hoverlay.pipeline.factorize import factorize
 
     root = tmp_path_factory.mktemp("case_studies")
     images = str(root / "images")
@@ -61,7 +60,7 @@ def stores(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def readers(stores):
-    from stores import open_store
+    from hoverlay.stores import open_store
 
     return tuple(open_store(s) for s in stores)
 
@@ -153,7 +152,7 @@ def shot(page, name: str) -> None:
 
 # ------------------------------------------------------------------------------- tests
 def test_sweep_chart_follows_the_hovered_patch(page, readers):
-    from stores.transforms import copies_of, map_patch, sweep_similarity
+    from hoverlay.stores.transforms import copies_of, map_patch, sweep_similarity
 
     reader = readers[0]
     table = reader.table()
@@ -199,8 +198,10 @@ def test_sweep_chart_follows_the_hovered_patch(page, readers):
 
 
 def test_groups_overlay_colours_patches_by_group_and_hover_keeps_similarity(page, readers):
-    from explorer.groups_view import GROUP_PALETTE  # the fixed palette is the specification
-    from stores.groups import read_groups
+    from hoverlay.explorer.groups_view import (
+        GROUP_PALETTE,  # the fixed palette is the specification
+    )
+    from hoverlay.stores.groups import read_groups
 
     reader = readers[0]
     s = reader.image_size

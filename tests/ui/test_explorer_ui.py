@@ -38,8 +38,8 @@ if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    from stores import LayerGeometry, PatchIndex, open_store
-    from stores.synthetic import make_synthetic_store
+    from hoverlay.stores import LayerGeometry, PatchIndex, open_store
+    from hoverlay.stores.synthetic import make_synthetic_store
 
     url = str(tmp_path_factory.mktemp("ui") / "store")
     make_synthetic_store(url, 40, layers={"fine": LayerGeometry(*FINE, 16), "coarse": LayerGeometry(*COARSE, 32)},
@@ -57,7 +57,7 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reader(store):
-    from stores import open_store
+    from hoverlay.stores import open_store
 
     return open_store(store)
 

@@ -1,0 +1,66 @@
+"""The flags of ``hoverlay serve`` (and ``python -m hoverlay.explorer.serve``), standard library only.
+
+Kept apart from :mod:`hoverlay.explorer.serve` so that the command line can parse (and answer
+``--help``) without importing Panel and Bokeh; the server itself imports them when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hoverlay.options import STORAGE_OPTIONS
+
+#: Seconds between checks for new commits (explorer.reload's default, repeated here so this
+#: module needs no Panel; tests/test_cli.py checks they agree).
+DEFAULT_RELOAD_INTERVAL = 2.0
+
+#: argparse destinations passed to ``pn.serve`` under the same name when given.
+SERVER_ARGUMENTS = ("prefix", "basic_auth", "oauth_provider", "oauth_key", "oauth_secret",
+                    "oauth_redirect_uri", "oauth_encryption_key", "cookie_secret")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``hoverlay serve STORE [STORE ...]``."""
+    parser.add_argument("stores", nargs="+", metavar="STORE", help="store path(s) or fsspec URL(s)")
+    parser.add_argument(STORAGE_OPTIONS.flag, default=None, metavar=STORAGE_OPTIONS.metavar,
+                        help=STORAGE_OPTIONS.help)
+    parser.add_argument("--port", type=int, default=5006, help="port (0: any free port; default 5006)")
+    parser.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--show", action="store_true", help="open a browser tab")
+    parser.add_argument("--allow-websocket-origin", action="append", default=None, metavar="HOST[:PORT]",
+                        help="extra websocket origins allowed (when serving beyond localhost)")
+    parser.add_argument("--layer", default=None, help="layer the pointer snaps to at start")
+    parser.add_argument("--page-size", type=int, default=None, help="images per page (default 16)")
+    parser.add_argument("--ncols", type=int, default=None, help="tiles per row (default 4)")
+    parser.add_argument("--tile-px", type=int, default=None, help="tile size in pixels (default 110)")
+    parser.add_argument("-k", "--k", type=int, default=None, help="top-k neighbours shown (default 8)")
+    parser.add_argument("--cmap", default=None, help="overlay colour map (default viridis)")
+    parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
+                        help="search top-k only on pin / button, not whenever the pointer rests "
+                             "(for large stores without an index)")
+    srv = parser.add_argument_group("server (passed to Panel's server)")
+    srv.add_argument("--num-procs", type=int, default=1, metavar="N",
+                     help="worker processes forked after the stores are opened (0: one per CPU); "
+                          "a browser session lives in one process, so a proxy in front must be sticky")
+    srv.add_argument("--prefix", default=None, help="URL prefix, e.g. 'hoverlay' behind a proxy at /hoverlay/")
+    srv.add_argument("--admin", action="store_true", help="Panel's admin page at /admin (behind the same auth)")
+    srv.add_argument("--reload-interval", type=float, default=DEFAULT_RELOAD_INTERVAL, metavar="SECONDS",
+                     help=f"check for new commits every SECONDS (0: never; default {DEFAULT_RELOAD_INTERVAL:g})")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="server log level (default info)")
+    auth = parser.add_argument_group("authentication (Panel's; secrets are best given as environment "
+                                     "variables PANEL_COOKIE_SECRET, PANEL_OAUTH_KEY, PANEL_OAUTH_SECRET)")
+    auth.add_argument("--basic-auth", metavar="FILE", default=None,
+                      help='JSON file {"user": "password", ...}: a login page guards the app')
+    auth.add_argument("--oauth-provider", default=None,
+                      help="OAuth provider (github, google, azure, okta, generic, ...; see Panel's docs)")
+    auth.add_argument("--oauth-key", default=None, help="OAuth client id")
+    auth.add_argument("--oauth-secret", default=None, help="OAuth client secret")
+    auth.add_argument("--oauth-redirect-uri", default=None, help="OAuth redirect URI (behind a proxy)")
+    auth.add_argument("--oauth-extra-params", default=None, metavar="JSON",
+                      help="extra provider parameters as a JSON object")
+    auth.add_argument("--oauth-encryption-key", default=None, help="key encrypting OAuth tokens in cookies")
+    auth.add_argument("--cookie-secret", default=None,
+                      help="secret signing login cookies (default: PANEL_COOKIE_SECRET, else random per start)")
+    return parser
+

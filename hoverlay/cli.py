@@ -1,0 +1,265 @@
+"""The ``hoverlay`` command (also ``python -m hoverlay``).
+
+It sits above the pipeline and the explorer and imports neither until a subcommand runs: the
+top level knows only the subcommands' names and one-line help, so ``hoverlay --help`` and
+``--version`` load nothing heavy, ``build`` never loads Panel/Bokeh, and ``serve`` never
+loads torch (tests/test_cli.py checks ``sys.modules`` in fresh interpreters).
+
+Flags of ``build`` and ``factorize`` come from their option declarations
+(:mod:`hoverlay.pipeline.options`), so flag, Python keyword and config key cannot drift.
+Every expected failure (:class:`hoverlay.errors.HoverlayError`, or an ``OSError`` such as a full
+disk) ends as one line and the exit code of :data:`hoverlay.errors.EXIT_CODES`; a traceback is
+printed only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from . import __version__
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HoverlayError, UsageError
+from .options import CONFIG, FLAG, closest
+
+
+class HelpfulParser(argparse.ArgumentParser):
+    """argparse that answers an unknown flag with this (sub)command's usage and the closest flag."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            unknown = [w.split("=", 1)[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            hints = [f"{u} (did you mean {near}?)" for u in unknown if (near := closest(u, known))]
+            if hints:
+                message = "unrecognized arguments: " + ", ".join(hints)
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser(prog: str, description: str) -> HelpfulParser:
+    p = HelpfulParser(prog=prog, description=description, allow_abbrev=False)
+    p.add_argument("--verbose", "-v", action="store_true", help="log more, and show tracebacks")
+    return p
+
+
+# ====================================================================================== build
+def _add_build(p: argparse.ArgumentParser) -> None:
+    from .pipeline.options import BUILD_OPTIONS
+
+    BUILD_OPTIONS.add_arguments(p)
+    p.add_argument("--config", help="TOML file with any of these options as keys (flags override it)")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from .options import load_config
+    from .pipeline.options import BUILD_OPTIONS
+
+    config = load_config(args.config, BUILD_OPTIONS) if args.config else {}
+    options = BUILD_OPTIONS.resolve((CONFIG, config), (FLAG, BUILD_OPTIONS.from_args(args)))
+    if not options["images"] or not options["store"]:
+        missing = [k for k in ("images", "store") if not options[k]]
+        raise UsageError(f"missing {' and '.join('--' + m for m in missing)} (a flag or config key)")
+
+    from .pipeline.build import build
+
+    build(**options)  # validates again (cheap) and prints the summary line
+    return EXIT_OK
+
+
+# ====================================================================================== demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="demo-store", help="store to build (default demo-store)")
+    p.add_argument("--images", default="demo-images", help="where the demo images are copied")
+    p.add_argument("--no-serve", action="store_true", help="build and print info only")
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .pipeline.build import build
+    from .pipeline.demo import copy_demo_images
+    from .stores import open_store
+    from .stores.info import describe
+
+    images = copy_demo_images(args.images)
+    build(images, args.store, quiet=args.quiet)
+    print(describe(open_store(args.store)))
+    if args.no_serve:
+        return EXIT_OK
+    try:
+        from .explorer.serve import serve
+    except ImportError as exc:
+        print(f"hoverlay demo: the explorer is not installed ({exc}); the store is built", file=sys.stderr)
+        return EXIT_OK
+    print(f"hoverlay explorer: http://{args.address}:{args.port}/", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server stops
+        serve([args.store], port=args.port, address=args.address, show=False)
+    return EXIT_OK
+
+
+# ====================================================================================== info
+def _add_info(p: argparse.ArgumentParser) -> None:
+    from .options import STORAGE_OPTIONS
+
+    p.add_argument("store", nargs="+", metavar="STORE", help="store path(s) or URL(s)")
+    p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
+                   help=STORAGE_OPTIONS.help)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .options import STORAGE_OPTIONS
+    from .stores import open_store
+    from .stores.info import describe
+
+    so = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
+    for store in args.store:
+        print(describe(open_store(store, storage_options=so)))
+    return EXIT_OK
+
+
+# ==================================================================================== layers
+def _add_layers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="efficientnet-lite0", metavar="MODEL",
+                   help="model spec (default efficientnet-lite0)")
+    p.add_argument("--weights", default=None,
+                   help="weights to load (layer names and shapes do not depend on them: default "
+                        "none for torchvision models, so listing works offline)")
+    p.add_argument("--all", action="store_true",
+                   help="every node, not only feature maps (D, H, W)")
+    p.add_argument("--size", type=int, default=None, help="input size in px (default: the model's)")
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from .pipeline.models import list_layers
+
+    for line in list_layers(args.model, args.weights, show_all=args.all, size=args.size):
+        print(line)
+    return EXIT_OK
+
+
+# ================================================================================= factorize
+def _add_factorize(p: argparse.ArgumentParser) -> None:
+    from .pipeline.options import FACTORIZE_OPTIONS
+
+    FACTORIZE_OPTIONS.add_arguments(p)
+
+
+def _run_factorize(args: argparse.Namespace) -> int:
+    from .pipeline.options import FACTORIZE_OPTIONS
+
+    options = FACTORIZE_OPTIONS.resolve((FLAG, FACTORIZE_OPTIONS.from_args(args)))
+    missing = [k for k in ("store", "layer") if not options[k]]
+    if missing:
+        raise UsageError(f"missing {' and '.join('--' + m for m in missing)}")
+
+    from .pipeline.factorize import factorize, summary_line
+
+    print(summary_line(factorize(**options)))
+    return EXIT_OK
+
+
+# ===================================================================================== serve
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from .explorer.options import add_serve_arguments
+
+    add_serve_arguments(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .explorer.serve import main_serve
+
+    return int(main_serve(args) or EXIT_OK)
+
+
+# ================================================================================ the command
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "build": Command("add images to a store and update its indexes", _add_build, _run_build),
+    "info": Command("describe a store: model, layers, geometry, images, indexes", _add_info, _run_info),
+    "layers": Command("list a model's feature-map layers with (D, H, W)", _add_layers, _run_layers),
+    "serve": Command("serve the explorer for one or more stores", _add_serve, _run_serve),
+    "factorize": Command("NMF groups of a layer's patch activations, stored in the store",
+                         _add_factorize, _run_factorize),
+    "demo": Command("build the demo store from scikit-image's images and serve it", _add_demo, _run_demo),
+}
+
+
+def top_parser() -> HelpfulParser:
+    listing = "\n".join(f"  {name:<10} {c.help}" for name, c in COMMANDS.items())
+    p = HelpfulParser(prog="hoverlay", allow_abbrev=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="Interactive similarity overlays at dataset scale.",
+                      epilog=f"commands:\n{listing}\n\n`hoverlay COMMAND --help` shows a command's flags.")
+    p.add_argument("--version", action="version", version=f"hoverlay {__version__}")
+    p.add_argument("--verbose", "-v", action="store_true", help="log more, and show tracebacks")
+    p.add_argument("command", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def command_parser(name: str) -> HelpfulParser:
+    """The parser of one subcommand (imports that subcommand's option declarations)."""
+    command = COMMANDS[name]
+    p = _parser(f"hoverlay {name}", command.help)
+    command.add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        top = top_parser().parse_args(words)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return int(exc.code or 0)
+    if top.command not in COMMANDS:
+        near = closest(top.command, COMMANDS)
+        hint = f"; did you mean {near}?" if near else ""
+        print(f"hoverlay: unknown command {top.command!r}{hint} (commands: {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = command_parser(top.command).parse_args(top.args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    verbose = bool(top.verbose or args.verbose)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run(top.command, args, verbose)
+
+
+def run(name: str, args: argparse.Namespace, verbose: bool = False) -> int:
+    """Run a parsed subcommand; every failure becomes one line and an exit code."""
+    prog = f"hoverlay {name}"
+    try:
+        return int(COMMANDS[name].run(args))
+    except HoverlayError as exc:
+        return _fail(prog, str(exc), exc.exit_code, verbose)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last commit is intact, rerun to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # a full disk, a permission, a network file system going away
+        return _fail(prog, f"{exc}; the last commit is intact, rerun once this is fixed", EXIT_ERROR,
+                     verbose)
+    except Exception as exc:  # a bug: say so in one line unless asked for the traceback
+        return _fail(prog, f"unexpected error {type(exc).__name__}: {exc} (rerun with --verbose for "
+                           f"the traceback, and please report it)", EXIT_ERROR, verbose)
+
+
+def _fail(prog: str, message: str, code: int, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code

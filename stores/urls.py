@@ -1,0 +1,83 @@
+"""Store and image locations: local paths, ``file://`` and any fsspec URL (``s3://``, ``gs://``…).
+
+Every place that turns a location into a filesystem goes through :func:`filesystem`, so that a
+URL whose filesystem package is missing is one :class:`~hoverlay.errors.MissingDependencyError`
+naming the pip extra (``pip install hoverlay[s3]``), and an unknown scheme is an
+:class:`~hoverlay.stores.errors.BadURLError`, never an ImportError or ValueError traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+
+from hoverlay.errors import MissingDependencyError
+
+from .errors import BadURLError
+
+#: URL scheme -> (package, hoverlay extra that installs it)
+FILESYSTEM_EXTRAS: dict[str, tuple[str, str]] = {
+    "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure"),
+}
+
+
+def normalize_url(url: str | os.PathLike[str]) -> str:
+    """Local paths and ``file://`` URLs become absolute paths; other URLs pass through."""
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+        if text.startswith("localhost/"):
+            text = text.removeprefix("localhost")
+    if "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for ``url``, with one-line errors for what users hit."""
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        raise missing_filesystem(url) from exc
+    except ValueError as exc:
+        if "Protocol not known" in str(exc) or "not known" in str(exc):
+            raise BadURLError(f"unknown URL scheme {scheme(url)!r} in {url!r} (use a local path, "
+                              f"file://, s3://, gs://, or another fsspec protocol)") from None
+        raise
+    except TypeError as exc:  # storage options the filesystem does not take
+        raise BadURLError(f"storage options {storage_options} do not fit {scheme(url)}:// "
+                          f"URLs: {exc}") from None
+
+
+def missing_filesystem(url: str) -> MissingDependencyError:
+    """The message for a URL whose filesystem package is not installed."""
+    s = scheme(url)
+    package, extra = FILESYSTEM_EXTRAS.get(s, (f"the fsspec implementation for {s}://", ""))
+    how = f"pip install 'hoverlay[{extra}]'" if extra else f"install {package}"
+    return MissingDependencyError(f"{s}:// URLs need the package {package}, which is not installed: "
+                                  f"{how}")
+
+
+def ensure_filesystem(url: str) -> None:
+    """Fail early when the package behind ``url``'s scheme is missing (before any work)."""
+    if is_local(url):
+        return
+    try:
+        fsspec.get_filesystem_class(scheme(url))
+    except ImportError as exc:
+        raise missing_filesystem(url) from exc
+    except ValueError:
+        raise BadURLError(f"unknown URL scheme {scheme(url)!r} in {url!r} (use a local path, "
+                          f"file://, s3://, gs://, or another fsspec protocol)") from None
