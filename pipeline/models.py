@@ -444,22 +444,30 @@ def list_layers(spec: str, weights: str | None = None, show_all: bool = False,
         weights = "none"
     adapter = load_model(spec, weights)
     side = int(size or adapter.image_size)
-    defaults = set(adapter.default_layers)
+    shapes = adapter.layer_shapes(side)
+    names = [n for n, _ in shapes]
+    # a default may be a module name: it stands for its last node (torchvision's convention)
+    defaults = {d: d for d in adapter.default_layers if d in names}
+    for d in adapter.default_layers:
+        inside = [n for n in names if n.startswith(d + ".")]
+        if d not in names and inside:
+            defaults[inside[-1]] = f"{inside[-1]} ({d})"
     lines = [f"# {adapter.spec}: input {side}px; * = default layers "
              f"({', '.join(adapter.default_layers) or 'none'})"]
     shown = 0
-    for name, shape in adapter.layer_shapes(side):
+    for name, shape in shapes:
         # an RGB-shaped output is the input itself (or a copy of it): not a feature map
         spatial = shape is not None and len(shape) == 3 and tuple(shape) != (3, side, side)
         if not (show_all or spatial):
             continue
         mark = "*" if name in defaults else " "
+        label = defaults.get(name, name)
         if spatial:
             assert shape is not None
             dims = f"D={shape[0]} H={shape[1]} W={shape[2]}"
         else:
             dims = "x".join(map(str, shape)) if shape else "(not a tensor)"
-        lines.append(f"{mark} {name:<48} {dims}")
+        lines.append(f"{mark} {label:<48} {dims}")
         shown += 1
     if not shown:
         lines.append("(no feature-map layers; `--all` lists every node)")

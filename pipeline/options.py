@@ -76,7 +76,8 @@ BUILD_OPTIONS = OptionSet((
     STORAGE_OPTIONS,
     Option("quiet", Switch(), "no progress bars (cron); the summary line is still printed",
            default=False, short="-q"),
-    Option("progress_interval", Integer(), "seconds between progress lines when not on a terminal",
+    Option("progress_interval", Integer(minimum=0), "seconds between progress lines when not on a "
+           "terminal (0: a line per update)",
            default=10, metavar="SECONDS"),
     Option("stop_after_waves", Integer(minimum=0), "stop after this many committed waves (tests: a "
            "build killed mid-way)", cli=False),
