@@ -95,7 +95,7 @@ def build_index(url: str, layer: str, max_train: int = 30_000, max_nlist: int = 
         index.train(sample[:need].astype(np.float32))
     for ids, vecs in iter_vector_blocks(reader, layer, images_per_block=512):
         index.add(vecs.astype(np.float32), ids)
-    index.meta["images_indexed"] = reader.n_images
+    index.meta.images_indexed = reader.n_images
     index.save(url, layer)
     return {"factory": factory, "vectors": n_vec, "build_s": time.perf_counter() - t0,
             "index_bytes": os.path.getsize(os.path.join(url, "index", f"{layer}.faiss"))}
@@ -110,6 +110,7 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
     """Per-hover server work for a page of 16 images x 3 layers."""
     from bokeh.document import Document
     from bokeh.protocol import Protocol
+
     from hoverlay.explorer.app import create_app
     from hoverlay.explorer.engine import OverlayEngine, Query
     from hoverlay.explorer.resources import get_reader
@@ -210,7 +211,7 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
 
         recall = measure_recall(reader, layer, search.index, k=32, n_queries=50, seed=9)
     return {"layer": layer, "search": "index" if search.index is not None else "exact scan", "recall@32": recall,
-            "factory": (search.index.meta.get("factory") if search.index is not None else "-"),
+            "factory": (search.index.meta.factory if search.index is not None else "-"),
             "top32_p50_ms": s50 * 1e3, "top32_p99_ms": s99 * 1e3,
             "app_top8_p50_ms": a50 * 1e3, "app_top8_p99_ms": a99 * 1e3, "exact": bool(top.exact)}
 

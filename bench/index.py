@@ -46,6 +46,7 @@ def store_bytes_per_patch(url: str, layer: str, n_patches: int) -> tuple[float, 
 def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, n_queries: int,
                device: str = "cpu", reuse_index: bool = False, local_dim: int | None = LOCAL_DIM) -> dict:
     import faiss
+
     from hoverlay.pipeline.indexing import measure_recall, update_index
     from hoverlay.stores import LayerGeometry, PatchIndex, open_store
     from hoverlay.stores.rerank import rerank_path
@@ -65,7 +66,7 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
     reader = open_store(url)
     t0 = time.perf_counter()
     meta = update_index(reader, "l", memory_budget=budget, rebuild=not reuse_index, k=k,
-                        device=device)
+                        device=device).meta
     t_index = time.perf_counter() - t0
     index_bytes = os.path.getsize(os.path.join(url, "index", "l.faiss"))
     rerank_file = rerank_path(url, "l")
@@ -85,21 +86,21 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
             search.index.search(q, 4 * k)  # type: ignore[union-attr]
             faiss_lat.append((time.perf_counter() - t) * 1e3)
         cold = cold or lat
-    recall = meta["recall"]["value"]
-    if search.index is not None and meta["factory"] != "IDMap,Flat":
+    recall = meta.recall.value if meta.recall is not None else float("nan")
+    if search.index is not None and meta.factory != "IDMap,Flat":
         recall = measure_recall(reader, "l", PatchIndex.load(url, "l"), k=k, n_queries=n_queries, seed=11)
     per_patch, vec_only = store_bytes_per_patch(url, "l", n_images * hw)
     rerank = "-" if search.index is not None and search.index.stores_exact_vectors else (
         "fp16 file" if rerank_bytes else "zarr")
     return {"vectors": n_images * hw, "dim": dim, "local_dim": local_dim, "budget_GB": budget / 1e9 if budget else None,
-            "factory": meta["factory"], "rerank": rerank, "rerank_MB": rerank_bytes / 1e6,
-            "nprobe": meta.get("params", {}).get("nprobe"), "cold_p50_ms": float(np.percentile(cold, 50)),
+            "factory": meta.factory, "rerank": rerank, "rerank_MB": rerank_bytes / 1e6,
+            "nprobe": meta.params.get("nprobe"), "cold_p50_ms": float(np.percentile(cold, 50)),
             "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "trained_on": meta.get("trained_on"),
+            "p99_ms": float(np.percentile(lat, 99)), "trained_on": meta.trained_on,
             "faiss_p50_ms": float(np.percentile(faiss_lat, 50)),
-            f"recall@{k}": recall, "probe_bound": meta.get("tuned", {}).get("lower_bound"),
-            "index_MB": index_bytes / 1e6, "build_s": meta.get("build_seconds", t_index),
-            **meta.get("build_phases", {}), "write_s": t_write,
+            f"recall@{k}": recall, "probe_bound": meta.tuned.lower_bound if meta.tuned else None,
+            "index_MB": index_bytes / 1e6, "build_s": meta.build_seconds or t_index,
+            **meta.build_phases, "write_s": t_write,
             "store_B_per_patch": per_patch, "vs_2D": per_patch / (2 * dim), "vectors_B_per_patch": vec_only}
 
 

@@ -183,7 +183,7 @@ versions = []
 for total in (n // 2, n):
     index = PatchIndex.create(64, "IDMap,Flat")
     index.add(vecs[:total], np.arange(total))
-    index.meta["images_indexed"] = total
+    index.meta.images_indexed = total
     versions.append(index)
 versions[0].save(url, "l")
 print("saved", flush=True)
@@ -211,7 +211,7 @@ def bench_kills(kills: int, n: int, workdir: str) -> dict[str, Any]:
         proc.wait()
         try:
             index = PatchIndex.load(url, "l")
-            ok = index.ntotal in (n // 2, n) and index.meta["images_indexed"] == index.ntotal
+            ok = index.ntotal in (n // 2, n) and index.meta.images_indexed == index.ntotal
             outcomes["old_or_new" if ok else "unloadable"] += 1
         except StoreError:
             outcomes["stale_detected"] += 1
@@ -230,7 +230,7 @@ def add_index(store: str, layer: str) -> None:
     vecs = r.vectors(layer, slice(None)).reshape(-1, g.dim).astype(np.float32)
     index = PatchIndex.create(g.dim, "IDMap,Flat")
     index.add(vecs, np.arange(len(vecs), dtype=np.int64))
-    index.meta["images_indexed"] = r.n_images
+    index.meta.images_indexed = r.n_images
     index.save(store, layer)
 
 

@@ -29,6 +29,7 @@ import panel as pn
 import param
 from bokeh.models import ColumnDataSource
 from holoviews.plotting.util import process_cmap
+
 from hoverlay.stores import StoreError, StoreReader
 
 from .compare import CompareView, find_compare_pair

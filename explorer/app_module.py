@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import panel as pn
+
 from hoverlay.explorer.app import create_app
 from hoverlay.explorer.reload import DEFAULT_INTERVAL
 from hoverlay.explorer.serve import attach_session, split_store_list

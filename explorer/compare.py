@@ -25,6 +25,7 @@ import panel as pn
 import param
 from bokeh.models import ColumnDataSource, CustomJS
 from holoviews.plotting.util import process_cmap
+
 from hoverlay.stores import ImageTable, StoreReader
 
 from .engine import OverlayEngine, Query

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from hoverlay.stores import OutOfRangeError, StoreReader
 
 from .kernels import PageBlock, QueryVector, map_patch, page_block, page_similarity

@@ -26,6 +26,7 @@ import numpy as np
 import panel as pn
 from bokeh.models import ColumnDataSource, GlyphRenderer, ImageRGBA
 from bokeh.palettes import Category10_10, Category20_20
+
 from hoverlay.stores import StoreReader
 from hoverlay.stores.groups import NO_GROUP, read_group_meta, read_group_weights, read_groups
 

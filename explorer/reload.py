@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import panel as pn
+
 from hoverlay.stores.reader import Signature
 
 from .resources import get_reader, get_search

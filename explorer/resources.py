@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import panel as pn
+
 from hoverlay.stores import StoreReader, open_store
 from hoverlay.stores.search import LayerSearch
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from hoverlay.stores.table import ImageTable
 from hoverlay.stores.transforms import copies_of, map_patch, sweep_similarity
 

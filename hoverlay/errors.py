@@ -23,7 +23,8 @@ EXIT_INTERRUPTED = 130
 #: exit code -> what it means (the README's table).
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success (images that failed to decode are listed in the summary and the table, not fatal)",
-    EXIT_ERROR: "unexpected error: a bug (rerun with `--verbose` for the traceback)",
+    EXIT_ERROR: "the system refused (disk full, permission denied: the message says which file), or "
+                "an unexpected error, a bug (rerun with `--verbose` for the traceback)",
     EXIT_USAGE: "bad usage: unknown flag, bad option value or config file",
     EXIT_LOCKED: "the store is locked by another build",
     EXIT_INPUT: "bad model, weights, layer, image source, URL or store (another model, not a store, "

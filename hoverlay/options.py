@@ -244,14 +244,26 @@ class Option:
     default: Any = None
     flag: str = ""           # default: --name-with-dashes
     short: str | None = None
-    #: a Switch whose default is True is given on the command line as its negation (--no-index)
+    #: a Switch whose default is True is given on the command line as its negation (--no-index),
+    #: with its own help text
     negative_flag: str | None = None
+    negative_help: str | None = None
     metavar: str | None = None
     cli: bool = True          # False: Python and config only (e.g. test hooks)
 
     def __post_init__(self) -> None:
         if not self.flag:
             object.__setattr__(self, "flag", "--" + self.name.replace("_", "-"))
+
+    @property
+    def flag_help(self) -> str:
+        return (self.negative_help or self.help) if self.negative_flag else self.help
+
+    @property
+    def key_text(self) -> str:
+        """How the config key / keyword reads in docs: ``batch_size`` (a positive integer, 16)."""
+        default = "" if self.default is None else f"; default {self.default!r}".replace("'", "")
+        return f"`{self.name}` ({self.kind.expected}{default})"
 
     @property
     def flags(self) -> list[str]:
@@ -328,7 +340,7 @@ class OptionSet:
             if isinstance(o.kind, Switch):
                 const = not bool(o.default) if o.negative_flag else True
                 parser.add_argument(*o.flags, dest=o.name, action="store_const", const=const,
-                                    default=None, help=o.help)
+                                    default=None, help=o.flag_help)
             else:
                 parser.add_argument(*o.flags, dest=o.name, default=None, help=o.help,
                                     metavar=o.metavar or o.name.upper())
@@ -338,9 +350,9 @@ class OptionSet:
         return {o.name: getattr(args, o.name) for o in self.options
                 if o.cli and getattr(args, o.name, None) is not None}
 
-    def table(self) -> list[tuple[str, str]]:
-        """(flags, help) rows, as the README lists them."""
-        return [(", ".join(o.flags), o.help) for o in self.options if o.cli]
+    def table(self) -> list[str]:
+        """Markdown rows ``| flags | key (type; default) | help |``, as the README lists them."""
+        return [f"| `{', '.join(o.flags)}` | {o.key_text} | {o.flag_help} |" for o in self.options if o.cli]
 
 
 #: ``--storage-options JSON``: one declaration for every command that opens a store or images.

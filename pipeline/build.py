@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+
+from hoverlay.options import KEYWORD
 from hoverlay.stores import (
     LayerGeometry,
     StoreReader,
@@ -30,8 +32,6 @@ from hoverlay.stores.errors import NotAStoreError, StoreMismatchError
 from hoverlay.stores.format import StoreAttrs
 from hoverlay.stores.index import read_index_meta
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
-
-from hoverlay.options import KEYWORD
 
 from .errors import BuildUsageError, SourceError
 from .indexing import update_index
@@ -355,7 +355,7 @@ def _layers_needing_index(url: str, layers: list[str], committed: int,
             meta = read_index_meta(url, layer, storage_options)
         except (OSError, ValueError):
             meta = None
-        if meta is None or int(meta.get("images_indexed", -1)) != committed:
+        if meta is None or meta.images_indexed != committed:
             out.append(layer)
     return out
 

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+
+from hoverlay.options import KEYWORD
 from hoverlay.stores import StoreReader, StoreWriter, open_store
 from hoverlay.stores.errors import OutOfRangeError
 from hoverlay.stores.format import STATUS_OK, TABLE, TABLE_COLUMNS
 from hoverlay.stores.groups import NO_GROUP, GroupsWriter
 from hoverlay.stores.lock import StoreLock
 from hoverlay.stores.table import ImageTable
-
-from hoverlay.options import KEYWORD
 
 from .errors import BuildUsageError
 from .options import FACTORIZE_OPTIONS

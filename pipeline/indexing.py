@@ -10,7 +10,9 @@ from typing import Any
 
 import faiss
 import numpy as np
+
 from hoverlay.stores import PatchIndex, StoreReader, choose_factory
+from hoverlay.stores.errors import StoreError
 from hoverlay.stores.format import encode_layer
 from hoverlay.stores.index import (
     MAX_RERANK_FACTOR,
@@ -21,6 +23,7 @@ from hoverlay.stores.index import (
     recall_per_query,
     search_reranked,
 )
+from hoverlay.stores.index_meta import IndexMeta, RecallRecord, RerankRecord, TuneRecord
 from hoverlay.stores.rerank import Fetch, RerankAppender, rerank_path, vector_fetcher
 from hoverlay.stores.search import iter_vector_blocks
 
@@ -208,7 +211,7 @@ def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
         if done or index.stores_exact_vectors or index.rerank_factor >= MAX_RERANK_FACTOR:
             return {"nprobe": nprobe, "rerank_factor": index.rerank_factor, "recall": recall,
                     "lower_bound": bound}
-        index.meta["rerank_factor"] = index.rerank_factor * 2
+        index.meta.rerank_factor = index.rerank_factor * 2
 
 
 def _reusable_rerank_rows(reader: StoreReader, layer: str) -> int:
@@ -217,23 +220,32 @@ def _reusable_rerank_rows(reader: StoreReader, layer: str) -> int:
     a store recreated at the same path has another). Committed vectors never change, so
     rebuilding a 10M x 512 index need not rewrite its 10 GB of fp16 rows."""
     try:
-        previous = read_index_meta(reader.url, layer) or {}
-    except (OSError, ValueError):
+        previous = read_index_meta(reader.url, layer, reader.storage_options)
+    except (OSError, ValueError, StoreError):
         return 0
-    rerank = previous.get("rerank") or {}
-    rows = int(rerank.get("rows", 0))
+    if previous is None or previous.rerank is None:
+        return 0
+    rows = previous.rerank.rows
     hw = reader.geometry(layer).patches_per_image
-    same_store = bool(reader.attrs.created) and rerank.get("store_created") == reader.attrs.created
+    same_store = bool(reader.attrs.created) and previous.rerank.store_created == reader.attrs.created
     if not same_store or rows % hw or rows > reader.n_images * hw:
         return 0
     return rows
+
+
+@dataclass(frozen=True)
+class IndexUpdate:
+    """What :func:`update_index` left in ``index/<layer>.json``, and how many vectors it added."""
+
+    meta: IndexMeta
+    added: int
 
 
 def update_index(reader: StoreReader, layer: str, memory_budget: int | None = None,
                  rebuild: bool = False, k: int = 10, n_queries: int = DEFAULT_PROBE_QUERIES,
                  factory: str | None = None, seed: int = 0, tune: bool = True,
                  target_recall: float = 0.95, device: str = "cpu",
-                 progress: ProgressReporter = SILENT) -> dict[str, Any]:
+                 progress: ProgressReporter = SILENT) -> IndexUpdate:
     """Extend the layer's index with images committed since it was saved (no retraining),
     or build one (choosing the factory by size) when there is none or ``rebuild`` is set.
 
@@ -244,7 +256,7 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     are recorded in ``index/<layer>.json``. The store is read once for adding, the re-rank file
     and the probe's exact top-k; a rebuild keeps re-rank rows read from this same store.
     ``device`` "cuda…" trains IVF k-means on the GPUs when FAISS has GPU support (faiss-gpu),
-    else on the CPU (``meta["trained_on"]``).
+    else on the CPU (``meta.trained_on``). Returns the saved metadata and how many vectors were added.
 
     The steps: :func:`load_extendable_index` or :func:`create_trained_index`, then
     :func:`add_new_vectors`, :func:`measure_and_tune` and the save; each reports to ``progress``.
@@ -258,12 +270,12 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     if index is None:
         index, train_ids = create_trained_index(reader, layer, memory_budget, factory,
                                                 np.random.default_rng(seed), device, phases, progress)
-    start = int(index.meta["images_indexed"])
+    start = index.meta.images_indexed
     # One read of the store feeds the index, the re-rank file and — when every vector passes
     # through (a new index) — the recall probe's exact top-k.
     truth = StreamingTopK(RecallProbe.draw(reader, layer, n_queries, train_ids, seed + 1), k) if start == 0 else None
     added = add_new_vectors(reader, layer, index, truth, reusable_rerank_rows, phases, progress)
-    needs_recall = added > 0 or "recall" not in index.meta
+    needs_recall = added > 0 or index.meta.recall is None
     if needs_recall:
         if truth is not None:
             probe = RecallProbe(truth.queries, truth.ids, k)
@@ -273,23 +285,23 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
             phases["probe_truth_s"] = time.perf_counter() - t
         measure_and_tune(reader, layer, index, probe, tune, target_recall, phases, progress)
     if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
-        index.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
-        index.meta["build_phases"] = {name: round(v, 3) for name, v in phases.items()}
-        index.save(reader.url, layer)
-    return dict(index.meta, ntotal=index.ntotal, added=added)
+        index.meta.build_seconds = round(time.perf_counter() - t0, 3)
+        index.meta.build_phases = {name: round(v, 3) for name, v in phases.items()}
+        index.save(reader.url, layer, reader.storage_options)
+    return IndexUpdate(index.meta, added)
 
 
 def load_extendable_index(reader: StoreReader, layer: str) -> PatchIndex | None:
     """The saved index, if it can be extended: None when missing, unreadable, or describing a
     larger (rebuilt) store — then a new one is built rather than garbage extended."""
     try:
-        index = PatchIndex.load(reader.url, layer)
+        index = PatchIndex.load(reader.url, layer, storage_options=reader.storage_options)
     except FileNotFoundError:
         return None
     except Exception as exc:  # stale or corrupt
         log.warning("rebuilding index for %s: %s", layer, exc)
         return None
-    if int(index.meta.get("images_indexed", 0)) > reader.n_images:
+    if index.meta.images_indexed > reader.n_images:
         return None  # the store was rebuilt smaller: the index describes other data
     return index
 
@@ -304,7 +316,7 @@ def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | N
     budget = memory_budget if memory_budget is not None else default_index_budget()
     chosen = factory or choose_factory(n_vectors, g.dim, budget)
     index = PatchIndex.create(g.dim, chosen)
-    index.meta["memory_budget"] = budget
+    index.meta.memory_budget = budget
     train_ids: set[int] = set()
     if not index.is_trained:
         nlist = nlist_for(n_vectors)
@@ -321,11 +333,11 @@ def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | N
             index.train(sample, use_gpu=device.startswith("cuda"))  # FAISS GPU k-means if installed
             phase.update(1)
         phases["train_s"] = time.perf_counter() - t
-        index.meta["train_points"] = len(ids)
+        index.meta.train_points = len(ids)
         train_ids = set(ids.tolist())
         del sample
-    index.meta["images_indexed"] = 0
-    index.meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    index.meta.images_indexed = 0
+    index.meta.built = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return index, train_ids
 
 
@@ -335,11 +347,11 @@ def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: S
     """Add the vectors of images committed since ``images_indexed`` (and, for compressed codes,
     their fp16 re-rank rows; ``truth`` accumulates the probe's exact top-k); returns how many."""
     g = reader.geometry(layer)
-    start = int(index.meta["images_indexed"])
+    start = index.meta.images_indexed
     rerank: RerankAppender | None = None
     if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
         # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
-        valid = int((index.meta.get("rerank") or {}).get("rows", 0)) if start else reusable_rerank_rows
+        valid = index.meta.rerank_rows if start else reusable_rerank_rows
         rerank = RerankAppender(reader, layer, valid)
     ok, hw = reader.table().ok, g.patches_per_image
     added = 0
@@ -359,8 +371,9 @@ def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: S
             added += len(ids)
             phase.update(images_in_block)
         if rerank is not None:
-            index.meta["rerank"] = {"rows": rerank.close(), "dtype": "float16",
-                                    "file": f"{encode_layer(layer)}.f16", "store_created": reader.attrs.created}
+            index.meta.rerank = RerankRecord(rows=rerank.close(), dtype="float16",
+                                             file=f"{encode_layer(layer)}.f16",
+                                             store_created=reader.attrs.created)
     except BaseException:
         if rerank is not None:
             rerank.abort()
@@ -368,8 +381,8 @@ def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: S
     finally:
         phase.close()
     phases["pass_s"] = time.perf_counter() - t  # index add + re-rank rows + probe truth
-    index.meta["images_indexed"] = reader.n_images
-    index.meta["nlist"] = index.nlist
+    index.meta.images_indexed = reader.n_images
+    index.meta.nlist = index.nlist
     return added
 
 
@@ -378,13 +391,14 @@ def measure_and_tune(reader: StoreReader, layer: str, index: PatchIndex, probe: 
                      progress: ProgressReporter) -> None:
     """Tune the search parameters on ``probe`` (IVF, compressed codes), then record recall@k and
     the single-thread p50 latency of search + re-rank in the index's metadata."""
-    exact = index.meta["factory"] == "IDMap,Flat"
+    exact = index.meta.factory == "IDMap,Flat"
     t = time.perf_counter()
     if tune and not (index.stores_exact_vectors and not index.nlist):
         with progress.phase(f"{layer}: tuning nprobe", None, unit="settings") as phase:
-            index.meta["tuned"] = {**tune_search(reader, layer, index, probe, target_recall, phase.update),
-                                   "target_recall": target_recall,
-                                   "rule": f"lower {TUNE_Z}-sigma bound of the probe's mean recall >= target"}
+            index.meta.tuned = TuneRecord(
+                **tune_search(reader, layer, index, probe, target_recall, phase.update),
+                target_recall=target_recall,
+                rule=f"lower {TUNE_Z}-sigma bound of the probe's mean recall >= target")
     phases["tune_s"] = time.perf_counter() - t
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the explorer's setting (stores.search.LayerSearch)
@@ -392,7 +406,7 @@ def measure_and_tune(reader: StoreReader, layer: str, index: PatchIndex, probe: 
         recall = probe.recall(reader, layer, index)
     finally:
         faiss.omp_set_num_threads(threads)
-    index.meta["recall"] = {"k": probe.k, "value": recall, "queries": len(probe.queries), "exact_index": exact,
-                            "p50_ms": round(probe.last_latency_ms, 3),
-                            "measured": "index search + exact re-rank vs exact scan; p50_ms: one "
-                                        "query at a time on one thread, at this build"}
+    index.meta.recall = RecallRecord(k=probe.k, value=recall, queries=len(probe.queries), exact_index=exact,
+                                     p50_ms=round(probe.last_latency_ms, 3),
+                                     measured="index search + exact re-rank vs exact scan; p50_ms: one "
+                                              "query at a time on one thread, at this build")

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from hoverlay.stores import LayerGeometry, UnknownLayerError
 from torch import nn
+
+from hoverlay.stores import LayerGeometry, UnknownLayerError
 
 from .errors import ModelSpecError, WeightsError
 from .options import DEFAULT_MODEL

@@ -41,8 +41,8 @@ BUILD_OPTIONS = OptionSet((
            "glob, .txt list file, or fsspec URL", metavar="SRC"),
     Option("store", Path(), "local path, file:// or fsspec URL (s3://…); created on first run",
            metavar="DST"),
-    Option("model", MODEL, "efficientnet-lite0 (default for new stores), torchvision:<name>, "
-           "torchscript:<path>, python:<module>:<factory>; an existing store's own when not given",
+    Option("model", MODEL, "the model: efficientnet-lite0 for a new store (offline, shipped weights), "
+           "an existing store's own when not given (torchvision:googlenet is the paper's)",
            metavar="SPEC"),
     Option("weights", Text(), "torchvision weights: DEFAULT (downloads, or your torch cache), none "
            "(seeded random init) or a state-dict path (loaded strictly); the store's when not given",
@@ -60,7 +60,7 @@ BUILD_OPTIONS = OptionSet((
            metavar="N"),
     Option("device", DEVICE, "cpu, cuda, cuda:N, mps or auto", default="cpu"),
     Option("index", Switch(), "build or extend the FAISS indexes", default=True,
-           negative_flag="--no-index"),
+           negative_flag="--no-index", negative_help="skip building and extending the FAISS indexes"),
     Option("index_memory", ByteSize(), "memory budget per FAISS index, e.g. 8G (default 40% of RAM): "
            "the most exact codes that fit", metavar="BYTES"),
     Option("rebuild_index", Switch(), "retrain the indexes from scratch instead of extending them",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+
 from hoverlay.stores import filesystem
 
 from .errors import SourceError

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from hoverlay.stores import STATUS_FAILED, STATUS_OK, StoreWriter
 
 from .models import load_model

@@ -21,6 +21,7 @@ from .errors import (
 from .format import FORMAT_VERSION, STATUS_FAILED, STATUS_OK, StoreAttrs
 from .geometry import LayerGeometry, patch_coords, patch_id
 from .index import PatchIndex, choose_factory, search_reranked
+from .index_meta import IndexMeta
 from .reader import StoreReader, open_store
 from .table import ImageTable
 from .urls import filesystem, is_local, normalize_url
@@ -28,7 +29,7 @@ from .vectors import normalize_patches
 from .writer import StoreWriter, create_store
 
 __all__ = [
-    "BadURLError", "filesystem", "is_local", "normalize_url",
+    "BadURLError", "IndexMeta", "filesystem", "is_local", "normalize_url",
     "FORMAT_VERSION", "STATUS_FAILED", "STATUS_OK", "FormatVersionError", "ImageTable",
     "LayerGeometry", "NotAStoreError", "OutOfRangeError", "PatchIndex", "StoreAttrs",
     "StoreError", "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter",

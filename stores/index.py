@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
-import fsspec
 import numpy as np
 
 from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
+from .index_meta import IndexMeta
 from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
 from .urls import filesystem, is_local, normalize_url
 
@@ -107,7 +107,7 @@ class PatchIndex:
     """A FAISS index over one layer plus the metadata stored beside it (``index/<layer>.json``)."""
 
     index: faiss.Index
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: IndexMeta
     _groups: CentroidGroups | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -118,9 +118,7 @@ class PatchIndex:
             # vectors themselves are what make SQfp16 scores exact.
             with contextlib.suppress(RuntimeError):  # not IVF (IDMap,SQfp16): no residuals anyway
                 faiss.extract_index_ivf(index).by_residual = False
-        meta: dict[str, Any] = {"factory": factory, "dim": int(dim), "metric": "inner_product",
-                                "params": {}, "images_indexed": 0}
-        return cls(index, meta)
+        return cls(index, IndexMeta(factory=factory, dim=int(dim)))
 
     @property
     def ntotal(self) -> int:
@@ -142,22 +140,22 @@ class PatchIndex:
             self.index.train(sample)
         elif nlist is not None and nlist >= TWO_LEVEL_FROM:
             _train_with_centroids(self.index, sample)
-            self.meta["kmeans"] = "two-level"
+            self.meta.kmeans = "two-level"
         else:
             self.index.train(sample)
-        self.meta["trained_on"] = "gpu" if on_gpu else "cpu"
+        self.meta.trained_on = "gpu" if on_gpu else "cpu"
         if nlist:
             self.set_params(nprobe=default_nprobe(nlist))
 
     @property
     def rerank_factor(self) -> int:
         """Candidates per wanted result for compressed codes (4 unless tuning raised it)."""
-        return int(self.meta.get("rerank_factor", DEFAULT_RERANK_FACTOR))
+        return int(self.meta.rerank_factor or DEFAULT_RERANK_FACTOR)
 
     @property
     def stores_exact_vectors(self) -> bool:
         """True when the index's codes reproduce the stored fp16 vectors (its scores are exact)."""
-        factory = str(self.meta.get("factory", ""))
+        factory = self.meta.factory
         return factory.split(",")[-1] in EXACT_CODES and "PQ" not in factory
 
     @property
@@ -178,12 +176,12 @@ class PatchIndex:
         autofaiss rule) unless given.
         """
         if "nprobe" in params and "quantizer_efSearch" not in params and \
-                "_HNSW" in str(self.meta.get("factory", "")):
+                "_HNSW" in self.meta.factory:
             params = {**params, "quantizer_efSearch": max(16, 2 * int(params["nprobe"]))}
         space = faiss.ParameterSpace()
         for name, value in params.items():
             space.set_index_parameter(self.index, name, value)
-            self.meta.setdefault("params", {})[name] = value
+            self.meta.params[name] = value
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add vectors under their patch ids.
@@ -194,7 +192,7 @@ class PatchIndex:
         at the search setting: 2·nprobe is ~200 at 10M vectors, which made adding several
         times slower."""
         if not self.is_trained:
-            raise StoreError(f"index {self.meta.get('factory')!r} must be trained before adding")
+            raise StoreError(f"index {self.meta.factory!r} must be trained before adding")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         groups = self._centroid_groups()
@@ -230,38 +228,40 @@ class PatchIndex:
         return self.index.search(q, int(k))
 
     # --------------------------------------------------------------- persistence
-    def save(self, store_url: str, layer: str) -> None:
+    def save(self, store_url: str, layer: str, storage_options: dict[str, Any] | None = None) -> None:
         """Write ``index/<layer>.faiss`` and ``.json`` beside it, each renamed into place.
 
         The .faiss file is replaced before the .json; a reader compares ``ntotal`` from both
         and treats a mismatch as stale, so a crash between the two is detected, never misread.
         """
-        self.meta["ntotal"] = self.ntotal
+        self.meta.ntotal = self.ntotal
         data = faiss.serialize_index(self.index).tobytes()
         base = index_path(store_url, layer)
-        _atomic_write(base + ".faiss", data)
-        _atomic_write(base + ".json", json.dumps(self.meta, indent=2, sort_keys=True).encode())
+        _atomic_write(base + ".faiss", data, storage_options)
+        _atomic_write(base + ".json", json.dumps(self.meta.to_json(), indent=2, sort_keys=True).encode(),
+                      storage_options)
 
     @classmethod
-    def load(cls, store_url: str, layer: str, mmap: bool = False) -> PatchIndex:
+    def load(cls, store_url: str, layer: str, mmap: bool = False,
+             storage_options: dict[str, Any] | None = None) -> PatchIndex:
         base = index_path(store_url, layer)
-        meta = read_index_meta(store_url, layer)
+        meta = read_index_meta(store_url, layer, storage_options)
         if meta is None:
             raise FileNotFoundError(f"no index for layer {layer!r} at {base}.faiss")
         faiss_url = base + ".faiss"
         if is_local(faiss_url):
-            local = faiss_url.removeprefix("file://")
+            local = normalize_url(faiss_url)
             flags = _MMAP_FLAGS | faiss.IO_FLAG_READ_ONLY if mmap else 0
             index = faiss.read_index(local, flags)
         else:
-            fs, path = fsspec.core.url_to_fs(faiss_url)
+            fs, path = filesystem(faiss_url, storage_options)
             index = faiss.deserialize_index(np.frombuffer(fs.cat_file(path), dtype=np.uint8))
-        if int(meta.get("ntotal", -1)) != int(index.ntotal):
+        if meta.ntotal != int(index.ntotal):
             raise StoreError(f"index for layer {layer!r} is stale: .json says ntotal="
-                             f"{meta.get('ntotal')}, .faiss holds {index.ntotal}")
+                             f"{meta.ntotal}, .faiss holds {index.ntotal}")
         out = cls(index, meta)
-        if out.meta.get("params"):
-            out.set_params(**out.meta["params"])
+        if out.meta.params:
+            out.set_params(**out.meta.params)
         return out
 
 
@@ -300,24 +300,42 @@ _MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
 
 
 def read_index_meta(store_url: str, layer: str,
-                    storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The layer's ``index/<layer>.json``, or None when there is none."""
-    fs, path = filesystem(index_path(store_url, layer) + ".json", storage_options)
+                    storage_options: dict[str, Any] | None = None) -> IndexMeta | None:
+    """The layer's ``index/<layer>.json`` (validated), or None when there is none."""
+    url = index_path(store_url, layer) + ".json"
+    fs, path = filesystem(url, storage_options)
     if not fs.exists(path):
         return None
-    meta: dict[str, Any] = json.loads(fs.cat_file(path))
-    return meta
+    try:
+        data = json.loads(fs.cat_file(path))
+    except ValueError as exc:
+        raise StoreError(f"index metadata {url} is not valid JSON: {exc}") from None
+    return IndexMeta.from_json(data, url)
 
 
 def index_path(store_url: str, layer: str) -> str:
     return f"{normalize_url(store_url).rstrip('/')}/{INDEX_DIR}/{encode_layer(layer)}"
 
 
-def _atomic_write(url: str, data: bytes) -> None:
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     if is_local(url):
-        path = url.removeprefix("file://")
+        path = normalize_url(url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        # mkstemp creates 0600; the store's other files follow the umask (a server running as
+        # another user must be able to read the index as it reads the Zarr chunks)
+        os.fchmod(fd, 0o666 & ~_umask())
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -329,7 +347,7 @@ def _atomic_write(url: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     else:  # object stores replace whole objects atomically on PUT
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url, storage_options)
         fs.pipe_file(path, data)
 
 

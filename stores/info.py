@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
-
 from .index import index_path, read_index_meta
 from .reader import StoreReader
+from .urls import filesystem
 
 
-def store_size_bytes(url: str) -> int:
-    fs, path = fsspec.core.url_to_fs(url)
+def store_size_bytes(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    fs, path = filesystem(url, storage_options)
     try:
         return int(fs.du(path))
     except FileNotFoundError:
@@ -20,7 +19,7 @@ def store_size_bytes(url: str) -> int:
 
 def index_file_bytes(reader: StoreReader, layer: str) -> int:
     """Size of ``index/<layer>.faiss`` (0 when missing): the memory a server maps for it."""
-    fs, path = fsspec.core.url_to_fs(index_path(reader.url, layer) + ".faiss")
+    fs, path = filesystem(index_path(reader.url, layer) + ".faiss", reader.storage_options)
     try:
         return int(fs.size(path))
     except FileNotFoundError:
@@ -38,23 +37,22 @@ def describe(reader: StoreReader) -> str:
         f"input      {a.image_size}x{a.image_size} px, {a.preprocessing.get('normalization')}",
         f"images     {reader.n_images} committed ({ok} ok, {reader.n_images - ok} failed), "
         f"updated {a.updated}",
-        f"size       {store_size_bytes(reader.url) / 1e6:.1f} MB on disk",
+        f"size       {store_size_bytes(reader.url, reader.storage_options) / 1e6:.1f} MB on disk",
         "layers",
     ]
     for name, g in a.layers.items():
-        meta = read_index_meta(reader.url, name)
+        meta = read_index_meta(reader.url, name, reader.storage_options)
         if meta is None:
             idx = "no index"
         else:
-            stale = "" if meta.get("images_indexed") == reader.n_images else \
-                f", STALE: covers {meta.get('images_indexed')} images"
-            rec = meta.get("recall") or {}
-            rerank = (meta.get("rerank") or {}).get("rows")
-            took = f" p50 {rec['p50_ms']:.1f} ms" if "p50_ms" in rec else ""
-            via = f" re-rank file {rerank * g.dim * 2 / 1e6:.1f} MB" if rerank else ""
-            idx = (f"index {meta.get('factory')} ntotal={meta.get('ntotal')} "
-                   f"file {index_file_bytes(reader, name) / 1e6:.1f} MB "
-                   f"recall@{rec.get('k', '?')}={rec.get('value', float('nan')):.3f}{took}{via}{stale}")
+            stale = "" if meta.images_indexed == reader.n_images else \
+                f", STALE: covers {meta.images_indexed} images"
+            rec = meta.recall
+            took = f" p50 {rec.p50_ms:.1f} ms" if rec is not None and rec.p50_ms == rec.p50_ms else ""
+            via = f" re-rank file {meta.rerank_rows * g.dim * 2 / 1e6:.1f} MB" if meta.rerank_rows else ""
+            recall = f"recall@{rec.k}={rec.value:.3f}" if rec is not None else "recall not measured"
+            idx = (f"index {meta.factory} ntotal={meta.ntotal} "
+                   f"file {index_file_bytes(reader, name) / 1e6:.1f} MB {recall}{took}{via}{stale}")
         lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
     labels, counts = _label_counts(table["label"][table.ok])
     if labels:

@@ -26,10 +26,11 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
+from .index_meta import IndexMeta
 from .reader import StoreReader
 from .urls import is_local
 
@@ -139,9 +140,9 @@ class RerankAppender:
         self.next_image = max(self.next_image, until_image)
 
 
-def open_rerank_rows(store_url: str, layer: str, meta: dict[str, Any], dim: int) -> np.ndarray | None:
+def open_rerank_rows(store_url: str, layer: str, meta: IndexMeta | None, dim: int) -> np.ndarray | None:
     """Memory-map the rows the index's metadata vouches for; None when absent or too short."""
-    rows = int((meta.get("rerank") or {}).get("rows", 0))
+    rows = meta.rerank_rows if meta is not None else 0
     path = rerank_path(store_url, layer)
     if rows <= 0 or path is None or not os.path.exists(path):
         return None
@@ -156,11 +157,11 @@ def open_rerank_rows(store_url: str, layer: str, meta: dict[str, Any], dim: int)
     return np.frombuffer(mapped, dtype=DTYPE).reshape(rows, dim)  # keeps the mapping alive
 
 
-def vector_fetcher(reader: StoreReader, layer: str, meta: dict[str, Any] | None = None) -> Fetch:
+def vector_fetcher(reader: StoreReader, layer: str, meta: IndexMeta | None = None) -> Fetch:
     """``fetch(patch_ids) -> (n, D) fp16`` for exact re-rank: the re-rank file when it is
     there and covers the ids, else the Zarr store."""
     g = reader.geometry(layer)
-    rows = open_rerank_rows(reader.url, layer, meta or {}, g.dim)
+    rows = open_rerank_rows(reader.url, layer, meta, g.dim)
 
     def from_store(ids: np.ndarray) -> np.ndarray:
         return reader.patch_vectors(layer, ids)

@@ -78,13 +78,13 @@ class LayerSearch:
         #: images from here on are not in the index: searched by an exact scan and merged
         self.scan_from = 0
         try:
-            index = PatchIndex.load(reader.url, layer, mmap=mmap)
+            index = PatchIndex.load(reader.url, layer, mmap=mmap, storage_options=reader.storage_options)
         except FileNotFoundError:
             self.warning = f"no index for layer {layer!r}: using exact search"
         except (StoreError, RuntimeError) as exc:
             self.warning = f"index for layer {layer!r} unusable ({exc}): using exact search"
         else:
-            indexed = int(index.meta.get("images_indexed", -1))
+            indexed = index.meta.images_indexed
             if 0 < indexed < reader.n_images:
                 # a build committed images and has not extended the index yet (or failed to):
                 # the index answers for what it covers, an exact scan for the rest

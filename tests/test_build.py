@@ -11,14 +11,14 @@ import time
 import numpy as np
 import pytest
 from conftest import write_generated_images
-from hoverlay.pipeline.build import build
-from hoverlay.stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
-from hoverlay.stores.index import PatchIndex
-from hoverlay.stores.lock import StoreLock
 from PIL import Image
 
 from hoverlay.cli import main
 from hoverlay.errors import EXIT_INPUT, EXIT_LOCKED
+from hoverlay.pipeline.build import build
+from hoverlay.stores import StoreLockedError, StoreMismatchError, UnknownLayerError, open_store
+from hoverlay.stores.index import PatchIndex
+from hoverlay.stores.lock import StoreLock
 
 GOOGLENET = {"model": "torchvision:googlenet", "weights": "none", "layers": ["inception4d"]}
 
@@ -181,9 +181,8 @@ def test_info_and_layers_commands(demo_store, capsys):
 
 
 def test_shipped_nightly_config_is_valid():
-    from hoverlay.pipeline.options import BUILD_OPTIONS
-
     from hoverlay.options import load_config
+    from hoverlay.pipeline.options import BUILD_OPTIONS
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "deploy", "nightly.toml"), BUILD_OPTIONS)
     assert cfg["quiet"] is True and cfg["store"].endswith(".zarr")

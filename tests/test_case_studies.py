@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from hoverlay.explorer.compare import pair_by_hash, pointer_location, relative_cell
 from hoverlay.explorer.groups_view import (
     GROUP_PALETTE,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_generated_images
 
 import hoverlay
 from hoverlay.cli import COMMANDS, main
@@ -24,8 +25,6 @@ from hoverlay.options import OptionError, load_config
 from hoverlay.pipeline.build import build
 from hoverlay.pipeline.options import BUILD_OPTIONS
 from hoverlay.stores import open_store
-
-from conftest import write_generated_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
@@ -264,6 +263,16 @@ def test_a_missing_filesystem_package_names_the_extra(tmp_path):
     assert r.returncode == EXIT_INPUT and "unknown URL scheme 'nosuchfs'" in r.stderr
 
 
+def test_a_serve_only_install_is_told_to_install_the_build_extra(tmp_path, images):
+    code = ("import sys\nsys.modules['torch'] = None  # as in `pip install hoverlay` (no [build])\n"
+            "from hoverlay.cli import main\n"
+            f"raise SystemExit(main(['build', '--images', {images!r}, '--store', {str(tmp_path / 's')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == EXIT_INPUT and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "hoverlay build: needs the package torch, which is not installed: pip install 'hoverlay[build]'"
+    assert not (tmp_path / "s").exists()
+
+
 def test_storage_options_must_be_a_json_object(tmp_path, capsys):
     assert main(["info", str(tmp_path), "--storage-options", "[1, 2]"]) == EXIT_USAGE
     assert "is not a JSON object" in capsys.readouterr().err
@@ -309,8 +318,8 @@ def test_the_readme_documents_every_exit_code_and_build_flag():
     readme = (ROOT / "README.md").read_text()
     for code, meaning in EXIT_CODES.items():
         assert f"| `{code}` | {meaning} |" in readme, code
-    for flags, help_text in BUILD_OPTIONS.table():
-        assert f"| `{flags}` | {help_text} |" in readme, flags
+    for row in BUILD_OPTIONS.table():
+        assert row in readme, row
 
 
 def test_nothing_outside_stores_imports_its_private_modules():

@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 import pytest
+
 from hoverlay.explorer.engine import OverlayEngine, Query, parse_query_text
 from hoverlay.stores import LayerGeometry, OutOfRangeError, open_store
 from hoverlay.stores.synthetic import make_synthetic_store

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from hoverlay.stores import LayerGeometry, OutOfRangeError, patch_coords, patch_id
 
 G = LayerGeometry(height=7, width=5, dim=3)

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+
 from hoverlay.pipeline.indexing import update_index
 from hoverlay.stores import LayerGeometry, PatchIndex, choose_factory, open_store
 from hoverlay.stores.index import FLAT_MAX_VALUES, nlist_for
@@ -17,7 +18,7 @@ def indexed_store(tmp_path, factory: str, n_queries: int = 30, **options):
     """A 300-image store (4x4 patches, D=32) with an index of ``factory``: (reader, index meta)."""
     make_synthetic_store(tmp_path / "store", 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
     reader = open_store(tmp_path / "store")
-    return reader, update_index(reader, "l", factory=factory, n_queries=n_queries, **options)
+    return reader, update_index(reader, "l", factory=factory, n_queries=n_queries, **options).meta
 
 
 def test_choose_factory_by_size_and_budget():
@@ -45,16 +46,16 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     n_images = FLAT_MAX_VALUES // (64 * 128) + 100  # just large enough for IVF to be chosen
     make_synthetic_store(tmp_path / "s", n_images, layers=layers, image_size=8, chunk=64, block=1024)
     reader = open_store(tmp_path / "s")
-    meta = update_index(reader, "l", n_queries=60)
-    assert meta["factory"].startswith("IVF") and meta["factory"].endswith(",Flat")
-    assert meta["ntotal"] == n_images * 64
-    assert meta["recall"]["value"] >= 0.95, meta["recall"]
+    meta = update_index(reader, "l", n_queries=60).meta
+    assert meta.factory.startswith("IVF") and meta.factory.endswith(",Flat")
+    assert meta.ntotal == n_images * 64
+    assert meta.recall.value >= 0.95, meta.recall
     # nprobe was tuned down to the smallest value whose recall's lower confidence bound meets
     # the target (the probe's mean alone overstates recall on other queries)
-    tuned = meta["tuned"]
-    assert tuned["recall"] > tuned["lower_bound"] >= 0.95 or tuned["recall"] == tuned["lower_bound"] == 1.0
-    nprobe = tuned["nprobe"]
-    assert meta["params"]["nprobe"] == nprobe and 1 <= nprobe < meta["nlist"]
+    tuned = meta.tuned
+    assert tuned.recall > tuned.lower_bound >= 0.95 or tuned.recall == tuned.lower_bound == 1.0
+    nprobe = tuned.nprobe
+    assert meta.params["nprobe"] == nprobe and 1 <= nprobe < meta.nlist
     if nprobe > 1:
         from hoverlay.pipeline.indexing import RecallProbe
 
@@ -93,7 +94,7 @@ def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     t0 = time.perf_counter()
     meta2 = update_index(reader, "l", n_queries=20)
     after = PatchIndex.load(reader.url, "l")
-    assert meta2["added"] == 640 and after.ntotal == (n_images + 10) * 64
+    assert meta2.added == 640 and after.ntotal == (n_images + 10) * 64
     np.testing.assert_array_equal(
         faiss.extract_index_ivf(after.index).quantizer.reconstruct_n(0, 100), centroids)
     assert time.perf_counter() - t0 < 60
@@ -107,8 +108,8 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
     s = LayerSearch(reader, "l")
     # 4-bit PQ codes rank so coarsely that 4·k candidates miss true neighbours even with every
     # list probed; tuning re-ranks more candidates until held-out recall meets the target
-    assert not s.index.stores_exact_vectors and meta["recall"]["queries"] == 30
-    assert meta["recall"]["value"] >= 0.95 and s.index.rerank_factor == meta["tuned"]["rerank_factor"] > 4
+    assert not s.index.stores_exact_vectors and meta.recall.queries == 30
+    assert meta.recall.value >= 0.95 and s.index.rerank_factor == meta.tuned.rerank_factor > 4
     q = s.query_vector(17, 2, 3).astype(np.float32)
     top = s.search(q, 10)
     stored = reader.patch_vectors("l", top.ids).astype(np.float32)
@@ -119,7 +120,7 @@ def test_compressed_index_scores_are_exact_after_rerank(tmp_path):
 def test_fp16_codes_are_exact_and_need_no_rerank_file(tmp_path):
     reader, meta = indexed_store(tmp_path, "IVF16,SQfp16")
     s = LayerSearch(reader, "l")
-    assert s.index.stores_exact_vectors and "rerank" not in meta
+    assert s.index.stores_exact_vectors and meta.rerank is None
     assert not os.path.exists(rerank_path(reader.url, "l"))
     q = s.query_vector(40, 1, 1).astype(np.float32)
     scores, ids = s.index.search(q, 10)  # FAISS's own scores, no re-rank
@@ -133,13 +134,13 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     reader, meta = indexed_store(tmp_path, "IVF16,SQ8")
     path = rerank_path(reader.url, "l")
     rows = 300 * 16
-    assert meta["rerank"]["rows"] == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
+    assert meta.rerank.rows == rows and os.path.getsize(path) == rows * 32 * DTYPE.itemsize
     from hoverlay.stores.info import describe
 
     assert f"re-rank file {rows * 32 * 2 / 1e6:.1f} MB" in describe(reader)
     faiss_bytes = os.path.getsize(rerank_path(reader.url, "l").removesuffix(".f16") + ".faiss")
     assert f"file {faiss_bytes / 1e6:.1f} MB" in describe(reader)
-    assert 0 < meta["recall"]["p50_ms"] < 1000 and f"p50 {meta['recall']['p50_ms']:.1f} ms" in describe(reader)
+    assert 0 < meta.recall.p50_ms < 1000 and f"p50 {meta.recall.p50_ms:.1f} ms" in describe(reader)
     fetch = vector_fetcher(reader, "l", PatchIndex.load(reader.url, "l").meta)
     ids = np.array([0, 17, 2999, rows - 1])
     np.testing.assert_array_equal(fetch(ids), reader.patch_vectors("l", ids))
@@ -151,7 +152,7 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
     append_synthetic_images(tmp_path / "store", 20, seed=3)
     reader.refresh()
     meta2 = update_index(reader, "l", n_queries=20)
-    assert meta2["added"] == 20 * 16 and meta2["rerank"]["rows"] == 320 * 16
+    assert meta2.added == 20 * 16 and meta2.meta.rerank.rows == 320 * 16
     assert os.stat(path).st_ino == inode  # appended in place, not rewritten
     assert os.path.getsize(path) == 320 * 16 * 32 * DTYPE.itemsize
     s = LayerSearch(reader, "l")
@@ -165,8 +166,8 @@ def test_rerank_file_matches_the_store_grows_by_appending_and_survives_a_killed_
 
     # a rebuild of the same store keeps the rows the old index vouched for: nothing rewritten
     mtime = os.stat(path).st_mtime_ns
-    rebuilt = update_index(reader, "l", factory="IVF16,SQ8", rebuild=True, n_queries=20)
-    assert rebuilt["rerank"]["rows"] == 320 * 16 and rebuilt["build_phases"]["train_s"] >= 0
+    rebuilt = update_index(reader, "l", factory="IVF16,SQ8", rebuild=True, n_queries=20).meta
+    assert rebuilt.rerank.rows == 320 * 16 and rebuilt.build_phases["train_s"] >= 0
     assert os.stat(path).st_ino == inode and os.stat(path).st_mtime_ns == mtime
 
     # a store recreated at the same path is another store: its rows go to a new file renamed
@@ -244,9 +245,9 @@ def test_index_training_uses_faiss_gpus_only_when_there_are_some(tmp_path):
     from hoverlay.stores.index import gpu_count
 
     reader, meta = indexed_store(tmp_path, "IVF16,Flat", 20, device="cuda")
-    assert meta["trained_on"] == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
-    assert meta["recall"]["value"] >= 0.9
-    assert update_index(reader, "l", factory="IVF16,Flat", rebuild=True, n_queries=20)["trained_on"] == "cpu"
+    assert meta.trained_on == ("gpu" if gpu_count() > 0 else "cpu")  # faiss-cpu: CPU k-means, no error
+    assert meta.recall.value >= 0.9
+    assert update_index(reader, "l", factory="IVF16,Flat", rebuild=True, n_queries=20).meta.trained_on == "cpu"
 
 
 def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path):
@@ -254,11 +255,11 @@ def test_an_hnsw_coarse_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path
 
     reader, _ = indexed_store(tmp_path, "IVF64_HNSW32,SQ8", 20)
     idx = PatchIndex.load(reader.url, "l")
-    nprobe = idx.meta["params"]["nprobe"]
+    nprobe = idx.meta.params["nprobe"]
     hnsw = faiss.downcast_index(faiss.extract_index_ivf(idx.index).quantizer).hnsw
-    assert idx.meta["params"]["quantizer_efSearch"] == hnsw.efSearch == max(16, 2 * nprobe)
+    assert idx.meta.params["quantizer_efSearch"] == hnsw.efSearch == max(16, 2 * nprobe)
     idx.set_params(nprobe=40)
-    assert hnsw.efSearch == 80 and idx.meta["params"]["quantizer_efSearch"] == 80
+    assert hnsw.efSearch == 80 and idx.meta.params["quantizer_efSearch"] == 80
 
 
 def test_recall_probe_queries_come_from_many_images_and_never_from_training_points(tmp_path):
@@ -284,7 +285,7 @@ def test_an_update_with_nothing_new_rewrites_nothing(tmp_path):
     base = os.path.join(reader.url, "index", "l")
     stamps = {ext: os.stat(base + ext).st_mtime_ns for ext in (".faiss", ".json", ".f16")}
     again = update_index(reader, "l", n_queries=20)  # a scheduled run that found no new images
-    assert again["added"] == 0 and again["build_seconds"] == first["build_seconds"]
+    assert again.added == 0 and again.meta.build_seconds == first.build_seconds
     assert {ext: os.stat(base + ext).st_mtime_ns for ext in stamps} == stamps
 
 
@@ -319,10 +320,10 @@ def test_one_pass_feeds_the_index_the_rerank_file_and_the_probe_truth_failed_ima
                                 "reason": "corrupt" if i in failed else ""} for i in range(n)])
     writer.commit(n)
     reader = open_store(tmp_path / "s")
-    exact = update_index(reader, "l", factory="IDMap,Flat", n_queries=40)
-    assert exact["ntotal"] == (n - len(failed)) * 16 and exact["recall"]["value"] == 1.0  # truth = index
-    ivf = update_index(reader, "l", factory="IVF8,SQ8", rebuild=True, n_queries=40)
-    assert ivf["rerank"]["rows"] == n * 16 and "probe_truth_s" not in ivf["build_phases"]
+    exact = update_index(reader, "l", factory="IDMap,Flat", n_queries=40).meta
+    assert exact.ntotal == (n - len(failed)) * 16 and exact.recall.value == 1.0  # truth = index
+    ivf = update_index(reader, "l", factory="IVF8,SQ8", rebuild=True, n_queries=40).meta
+    assert ivf.rerank.rows == n * 16 and "probe_truth_s" not in ivf.build_phases
     index = PatchIndex.load(reader.url, "l")
     fetch = vector_fetcher(reader, "l", index.meta)
     every = np.arange(n * 16)

@@ -1,7 +1,10 @@
 """Coarse centroids: the split of lists over coarse clusters and two-level k-means in an index."""
 
+import dataclasses
+
 import numpy as np
 import pytest
+
 from hoverlay.stores import PatchIndex
 from hoverlay.stores.kmeans import TWO_LEVEL_FROM, ivf_centroids, kmeans, split_counts
 from hoverlay.stores.synthetic import clustered_activations
@@ -42,7 +45,7 @@ def test_an_index_past_two_level_from_trains_two_level_and_finds_neighbours():
     x = _unit(clustered_activations(rng, (60_000, 16), local_dim=6)).astype(np.float32)
     index = PatchIndex.create(16, f"IVF{TWO_LEVEL_FROM},Flat")
     index.train(x[:40_000])
-    assert index.meta["kmeans"] == "two-level" and index.is_trained
+    assert index.meta.kmeans == "two-level" and index.is_trained
     ivf = __import__("faiss").extract_index_ivf(index.index)
     assert ivf.quantizer.ntotal == TWO_LEVEL_FROM
     index.add(x, np.arange(len(x)))
@@ -72,7 +75,7 @@ def test_two_level_training_goes_through_an_opq_rotation():
     x = _unit(clustered_activations(rng, (40_000, 16), local_dim=6)).astype(np.float32)
     index = PatchIndex.create(16, f"OPQ4,IVF{TWO_LEVEL_FROM}_HNSW32,PQ4x4")  # 4-bit: quick to train
     index.train(x[:8_000])
-    assert index.is_trained and index.meta["kmeans"] == "two-level"
+    assert index.is_trained and index.meta.kmeans == "two-level"
     assert faiss.extract_index_ivf(index.index).quantizer.ntotal == TWO_LEVEL_FROM
     index.add(x, np.arange(len(x)))
     index.set_params(nprobe=256)
@@ -84,6 +87,7 @@ def test_two_level_training_goes_through_an_opq_rotation():
 
 def test_grouped_centroids_assign_vectors_to_their_nearest_list():
     import faiss
+
     from hoverlay.stores.kmeans import CentroidGroups
 
     rng = np.random.default_rng(4)
@@ -104,7 +108,7 @@ def test_a_large_ivf_index_adds_through_grouped_centroids_like_faiss_does():
     x = _unit(clustered_activations(rng, (50_000, 16), local_dim=6)).astype(np.float32)
     ours = PatchIndex.create(16, f"IVF{TWO_LEVEL_FROM},SQ8")
     ours.train(x[:30_000])
-    theirs = PatchIndex(faiss.clone_index(ours.index), dict(ours.meta))
+    theirs = PatchIndex(faiss.clone_index(ours.index), dataclasses.replace(ours.meta))
     ids = np.arange(len(x)) * 3  # patch ids need not be dense
     ours.add(x, ids)
     assert ours._groups is not None and ours.ntotal == len(x)

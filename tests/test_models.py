@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from PIL import Image
+
 from hoverlay.pipeline.models import ModelSpecError, load_model
 from hoverlay.pipeline.preprocess import resize_center_crop
 from hoverlay.stores import UnknownLayerError
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 import zarr
+
+from hoverlay.cli import main
 from hoverlay.pipeline import nmf_kernels as nk
 from hoverlay.pipeline.factorize import (
     FactorizeUsageError,
@@ -17,8 +19,6 @@ from hoverlay.stores import LayerGeometry, StoreWriter, create_store, open_store
 from hoverlay.stores.format import layer_path
 from hoverlay.stores.groups import REQUIRED_ATTRS, read_group_meta, read_group_weights, read_groups
 from hoverlay.stores.synthetic import make_synthetic_store
-
-from hoverlay.cli import main
 
 GEO = LayerGeometry(4, 4, 8)
 FAILED = (3,)

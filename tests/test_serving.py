@@ -42,13 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from hoverlay.stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
-from hoverlay.stores.errors import StoreError  # noqa: E402
-from hoverlay.stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels  # noqa: E402
-
 from bench.servers import Server, free_port, launch  # noqa: E402
 from bench.serving import SAVER, hover_like_a_user, percentiles  # noqa: E402
 from bench.wsclient import BokehSession, SessionRefused  # noqa: E402
+from hoverlay.stores import LayerGeometry, PatchIndex, StoreWriter, open_store  # noqa: E402
+from hoverlay.stores.errors import StoreError  # noqa: E402
+from hoverlay.stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +66,7 @@ def _index(url: str, layer: str, images: int) -> None:
     vecs = r.vectors(layer, slice(0, images)).reshape(-1, g.dim).astype(np.float32)
     index = PatchIndex.create(g.dim, "IDMap,Flat")
     index.add(vecs, np.arange(len(vecs), dtype=np.int64))
-    index.meta["images_indexed"] = images
+    index.meta.images_indexed = images
     index.save(url, layer)
 
 
@@ -175,14 +174,13 @@ async def rest_and_topk(session: BokehSession, tile: int, y: int, x: int) -> str
 
 # ================================================================================ CLI
 def test_hoverlay_serve_passes_server_options_to_panel(tmp_path):
+    from hoverlay.cli import command_parser
     from hoverlay.explorer.serve import (
         ServeConfigError,
         check_auth,
         server_options,
         split_store_list,
     )
-
-    from hoverlay.cli import command_parser
 
     users = tmp_path / "users.json"
     users.write_text(json.dumps(USERS))
@@ -322,8 +320,8 @@ def test_sigkill_during_index_save_leaves_a_loadable_index(tmp_path):
             assert "stale" in str(exc)
             outcomes.append("stale")
             continue
-        assert index.ntotal in (n // 2, n) and index.meta["ntotal"] == index.ntotal
-        assert index.meta["images_indexed"] == index.ntotal
+        assert index.ntotal in (n // 2, n) and index.meta.ntotal == index.ntotal
+        assert index.meta.images_indexed == index.ntotal
         probe = np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)[index.ntotal - 1]
         _, ids = index.search(probe, 1)
         assert ids[0][0] == index.ntotal - 1  # the vectors are the ones saved, not a torn file

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+
 from hoverlay.stores import (
     FormatVersionError,
     LayerGeometry,
@@ -172,7 +173,7 @@ def test_index_returns_stored_vector_first(tmp_path):
     r, vecs = _indexed_store(tmp_path)
     index = PatchIndex.create(16, "IDMap,Flat")
     index.add(vecs, np.arange(len(vecs)))
-    index.meta["images_indexed"] = r.n_images
+    index.meta.images_indexed = r.n_images
     index.save(r.url, "b")
     loaded = PatchIndex.load(r.url, "b", mmap=True)
     fetch = lambda ids: r.patch_vectors("b", ids)  # noqa: E731
@@ -202,13 +203,13 @@ def test_stale_or_missing_index_falls_back_to_exact(tmp_path):
     assert s.index is None and "no index" in s.warning
     index = PatchIndex.create(16, "IDMap,Flat")
     index.add(vecs[:40], np.arange(40))
-    index.meta["images_indexed"] = 10
+    index.meta.images_indexed = 10
     index.save(r.url, "b")
     s = LayerSearch(r, "b")  # covers the first 10 images: index for them, exact scan for the rest
     assert s.index is not None and s.scan_from == 10 and "stale" in s.warning
     top = s.search(vecs[70].astype(np.float32), 3)
     assert top.method == "index + exact scan of the newer images" and top.ids[0] == 70
-    index.meta["images_indexed"] = r.n_images + 5  # an index of a store since rebuilt smaller: unusable
+    index.meta.images_indexed = r.n_images + 5  # an index of a store since rebuilt smaller: unusable
     index.save(r.url, "b")
     s = LayerSearch(r, "b")
     assert s.index is None and "stale" in s.warning
@@ -224,9 +225,8 @@ def test_stale_or_missing_index_falls_back_to_exact(tmp_path):
 
 
 def test_synthetic_clusters_with_a_local_dim_have_real_activations_local_dimension():
-    from hoverlay.stores.synthetic import clustered_activations
-
     from bench.intrinsic import local_intrinsic_dimension
+    from hoverlay.stores.synthetic import clustered_activations
 
     rng = np.random.default_rng(0)
     isotropic = local_intrinsic_dimension(clustered_activations(rng, (5000, 128)))

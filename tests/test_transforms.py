@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from hoverlay.pipeline.build import build
 from hoverlay.pipeline.transforms import apply_transform, parse_sweep
 from hoverlay.stores import open_store

@@ -44,6 +44,7 @@ if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
 @pytest.fixture(scope="session")
 def stores(tmp_path_factory) -> tuple[str, str]:
     from conftest import write_generated_images
+
     from hoverlay.pipeline.build import build
     from hoverlay.pipeline.factorize import factorize
 

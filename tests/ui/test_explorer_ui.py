@@ -50,7 +50,7 @@ def store(tmp_path_factory) -> str:
     index = PatchIndex.create(g.dim, "IDMap,Flat")
     index.train(vecs)
     index.add(vecs, np.arange(len(vecs), dtype=np.int64))
-    index.meta["images_indexed"] = reader.n_images
+    index.meta.images_indexed = reader.n_images
     index.save(url, "fine")
     return url
 

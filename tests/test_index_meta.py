@@ -1,0 +1,63 @@
+"""index/<layer>.json has a schema (stores.index_meta.IndexMeta), validated where it is read."""
+
+import json
+import math
+import os
+
+import pytest
+
+from hoverlay.stores import IndexMeta, LayerGeometry, PatchIndex, open_store
+from hoverlay.stores.errors import FormatVersionError, StoreError
+from hoverlay.stores.index import read_index_meta
+from hoverlay.stores.index_meta import RecallRecord, RerankRecord
+from hoverlay.stores.synthetic import make_synthetic_store
+
+
+def test_round_trip_and_files_written_before_the_schema():
+    meta = IndexMeta(factory="IVF16,SQ8", dim=32, params={"nprobe": 4}, images_indexed=10, ntotal=160,
+                     recall=RecallRecord(k=10, value=0.97, queries=20, exact_index=False, p50_ms=0.4),
+                     rerank=RerankRecord(rows=160, file="l.f16"))
+    data = json.loads(json.dumps(meta.to_json()))
+    assert IndexMeta.from_json(data, "x") == meta and meta.rerank_rows == 160
+    del data["schema_version"]  # as every index.json written before the schema existed
+    assert IndexMeta.from_json(data, "x") == meta
+    assert math.isnan(IndexMeta.from_json({"factory": "IDMap,Flat", "dim": 8, "recall": {
+        "k": 10, "value": float("nan"), "queries": 0, "exact_index": True}}, "x").recall.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"dim": "32"}, "field 'dim' = '32' is not int"),
+    ({"recall": {"k": 10}}, "field 'recall.value' is missing"),
+    ({"rerank": {"rows": 1, "colour": "red"}}, "unknown field 'rerank.colour'"),
+    ({"images_indexed": None}, "field 'images_indexed' = None is not int"),
+    ({"factory": None}, "field 'factory' = None"),
+])
+def test_bad_fields_are_errors_naming_the_file_and_field(change, message):
+    data = {"factory": "IDMap,Flat", "dim": 32, **change}
+    with pytest.raises(StoreError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        IndexMeta.from_json(data, "store/index/l.json")
+    assert "store/index/l.json" in str(err.value)
+    with pytest.raises(FormatVersionError, match="schema_version 2"):
+        IndexMeta.from_json({"factory": "IDMap,Flat", "dim": 32, "schema_version": 2}, "x")
+
+
+def test_a_damaged_index_json_is_an_error_and_search_falls_back(tmp_path):
+    from hoverlay.pipeline.indexing import update_index
+    from hoverlay.stores.search import LayerSearch
+
+    make_synthetic_store(tmp_path / "s", 40, layers={"l": LayerGeometry(4, 4, 16)}, image_size=8, chunk=8)
+    reader = open_store(tmp_path / "s")
+    written = update_index(reader, "l", n_queries=10).meta
+    assert read_index_meta(reader.url, "l") == written == PatchIndex.load(reader.url, "l").meta
+    path = os.path.join(reader.url, "index", "l.json")
+    data = json.loads(open(path).read())
+    data["images_indexed"] = "forty"
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(StoreError, match="images_indexed"):
+        read_index_meta(reader.url, "l")
+    search = LayerSearch(reader, "l")
+    assert search.index is None and "unusable" in search.warning
+    open(path, "w").write("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        read_index_meta(reader.url, "l")
+    assert update_index(reader, "l", n_queries=10).meta.images_indexed == 40  # a rerun rebuilds it
