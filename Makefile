@@ -12,7 +12,7 @@ PORT   ?= 5006
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[build,s3,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,10 +36,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ui"
 
 lint: $(STAMP)
-	$(BIN)/ruff check stores pipeline explorer tests bench
+	$(BIN)/ruff check hoverlay stores pipeline explorer tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy stores
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

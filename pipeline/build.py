@@ -34,7 +34,7 @@ from hoverlay.stores.index import read_index_meta
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
 
 from .errors import BuildUsageError, SourceError
-from .indexing import update_index
+from .indexing import IndexUpdate, update_index
 from .models import ModelAdapter, load_model, resolve_device
 from .options import BUILD_OPTIONS, DEFAULT_MODEL
 from .partition import plan_partitions, select_new, waves
@@ -60,7 +60,7 @@ class BuildSummary:
     index_seconds: float = 0.0
     committed: int = 0
     store_bytes: int = 0
-    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    indexes: dict[str, IndexUpdate] = field(default_factory=dict)
     dashboard: str | None = None
 
     @property

@@ -29,7 +29,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError(f"image too large: {w}x{h} = {w * h} pixels > {max_pixels} "
@@ -70,7 +70,7 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, math.ceil(w * scale - 1e-6)), max(size, math.ceil(h * scale - 1e-6))
-    img = img.resize((nw, nh), Image.BICUBIC)
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

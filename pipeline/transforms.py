@@ -33,14 +33,14 @@ def apply_transform(pixels: np.ndarray, kind: str, param: float) -> np.ndarray:
     size = pixels.shape[0]
     if kind == "rotate":
         # counter-clockwise about the centre, zero fill: the border artefacts the paper reports
-        return np.asarray(img.rotate(param, resample=Image.BILINEAR, fillcolor=(0, 0, 0)))
+        return np.asarray(img.rotate(param, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
     if kind == "scale":
         if not 0 < param <= 1:
             raise ValueError(f"scale factor must be in (0, 1], got {param}")
         side = size * param
         lo = (size - side) / 2
         box = (lo, lo, lo + side, lo + side)
-        return np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+        return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box))
     raise ValueError(f"unknown transform {kind!r}")
 
 

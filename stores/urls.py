@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import fsspec
+from fsspec.registry import known_implementations
 
 from hoverlay.errors import MissingDependencyError
 
@@ -64,10 +65,13 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 def missing_filesystem(url: str) -> MissingDependencyError:
     """The message for a URL whose filesystem package is not installed."""
     s = scheme(url)
-    package, extra = FILESYSTEM_EXTRAS.get(s, (f"the fsspec implementation for {s}://", ""))
-    how = f"pip install 'hoverlay[{extra}]'" if extra else f"install {package}"
-    return MissingDependencyError(f"{s}:// URLs need the package {package}, which is not installed: "
-                                  f"{how}")
+    if s in FILESYSTEM_EXTRAS:
+        package, extra = FILESYSTEM_EXTRAS[s]
+        return MissingDependencyError(f"{s}:// URLs need the package {package}, which is not "
+                                      f"installed: pip install 'hoverlay[{extra}]'")
+    known = known_implementations.get(s, {})
+    hint = known.get("err") or f"install the fsspec implementation of {s}://"
+    return MissingDependencyError(f"{s}:// URLs need a package that is not installed: {hint}")
 
 
 def ensure_filesystem(url: str) -> None:

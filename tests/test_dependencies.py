@@ -48,3 +48,51 @@ def test_the_installed_package_has_every_module_and_the_console_script(tmp_path)
     assert not [n for n in names if n.split("/")[0] in ("stores", "pipeline", "explorer")]  # no generic names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hoverlay = hoverlay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Distributions (normalised names) that installing ``requirements`` brings in, transitively,
+    as the installed metadata says (extras only where a requirement names them)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        env = {"extra": ""}
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue
+        for sub in dist.requires or []:
+            r = Requirement(sub)
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ["", *req.extras]):
+                todo.append(r)
+    return seen
+
+
+def test_a_serve_only_install_has_everything_serve_and_info_import():
+    """``pip install hoverlay`` (no extras) must be enough for ``hoverlay serve`` and ``info``."""
+    import re
+    from importlib.metadata import packages_distributions, requires
+
+    base = [r for r in requires("hoverlay") or [] if "extra ==" not in r]
+    assert not [r for r in base if r.split(">")[0].split("[")[0] in ("torch", "torchvision", "dask")]
+    provided = _closure(base) | {"hoverlay"}
+    mods = _modules_after("import hoverlay.explorer.serve, hoverlay.explorer.app, hoverlay.stores.info\n"
+                          "from hoverlay.cli import command_parser; command_parser('serve')")
+    owners = packages_distributions()
+    # imported when present, not needed: setuptools' site hook; numcodecs' optional msgpack codec
+    optional = {"_distutils_hack", "msgpack"}
+    needed = {re.sub(r"[-_.]+", "-", d).lower() for m in mods - optional if "." not in m and m in owners
+              for d in owners[m]}
+    assert needed - provided == set()
