@@ -16,11 +16,7 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[build]
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY hoverlay hoverlay
-COPY stores stores
-COPY pipeline pipeline
-COPY explorer explorer
+COPY --from=build /app /app
 RUN pip install . && python -c "import hoverlay.explorer.serve, sys; assert 'torch' not in sys.modules"
 COPY --from=build /data/demo-store /data/demo-store
 EXPOSE 5006

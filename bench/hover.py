@@ -10,7 +10,7 @@ Top-k: LayerSearch (index or exact scan) for k=32, and the app's top-k work (k=8
 
     python -m bench.hover [--sizes 1000,10000] [--moves 200] [--stores DIR] [--no-browser]
 
-Stores are synthetic (``stores.synthetic`` vectors written through the public writer); blocks of
+Stores are synthetic (``hoverlay.stores.synthetic`` vectors written through the public writer); blocks of
 activations are reused beyond the first few thousand images so that a 100k store takes minutes,
 which does not matter for these measurements (the hover path never reads outside the page).
 """

@@ -4,7 +4,7 @@ Local intrinsic dimension (LID, the maximum-likelihood estimate from each point'
 neighbours) is what makes approximate search hard: with LID ≈ D neighbours are near-random and
 an IVF index must scan a large share of a cluster. This runs the embedded EfficientNet-Lite0 on
 scikit-image's demo pictures (one view each, and six random crops each) and compares its layers
-with :func:`stores.synthetic.clustered_activations` at the same width, isotropic
+with :func:`hoverlay.stores.synthetic.clustered_activations` at the same width, isotropic
 (``local_dim`` None) and with the ``local_dim`` the index benchmark uses.
 
     python -m bench.intrinsic [--local-dim 16]

@@ -93,7 +93,7 @@ def launch(name: str, cmd: list[str], url: str, log_dir: Path | str, env: dict[s
 
 def serve_explorer(stores: list[str], *args: str, log_dir: Path | str, name: str = "explorer",
                    env: dict[str, str] | None = None, timeout: float = 120) -> Server:
-    """``python -m explorer.serve STORES --port <free> ARGS``, started and answering."""
+    """``python -m hoverlay.explorer.serve STORES --port <free> ARGS``, started and answering."""
     port = free_port()
     cmd = [sys.executable, "-m", "hoverlay.explorer.serve", *stores, "--port", str(port), *args]
     return launch(name, cmd, f"http://127.0.0.1:{port}/", log_dir, env).wait(timeout)

@@ -1,7 +1,7 @@
 """Serving benchmarks: many sessions hovering at once, reload latency, kills during index saves.
 
 ``python -m bench.serving [--sessions 10 20 40] [--strokes 2] [--kills 20]`` starts real servers
-(``python -m explorer.serve``) on synthetic stores, drives them with
+(``python -m hoverlay.explorer.serve``) on synthetic stores, drives them with
 :class:`bench.wsclient.BokehSession` clients and writes ``bench/results/serving.json``. The
 lighter versions of the same checks are ``tests/test_serving.py``.
 

@@ -51,6 +51,7 @@ from .paging import (
 from .resources import get_layer_stats, get_search, refresh_reader
 from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
 from .sweep_view import SweepView, has_sweeps
+from .text import as_plain_markdown
 from .topk import card_data, crop_png, search_hits
 from .topk_view import TopKCards
 
@@ -654,7 +655,8 @@ class ExplorerApp(param.Parameterized):
             c.pin_state.object = "following the pointer"
 
     def _on_message(self, event: param.parameterized.Event) -> None:
-        self.controls.message.object = event.new
+        # messages quote client values (bad URL parameters, refused updates): shown as plain text
+        self.controls.message.object = as_plain_markdown(event.new)
         self.controls.message.visible = bool(event.new)
 
     def on_load(self) -> None:

@@ -1,5 +1,6 @@
 """The dependency direction pipeline -> stores <- explorer, checked in fresh interpreters."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def test_the_installed_package_has_every_module_and_the_console_script(tmp_path)
     assert not [n for n in names if n.split("/")[0] in ("stores", "pipeline", "explorer")]  # no generic names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hoverlay = hoverlay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # installed from the wheel (not the editable tree), the namespace imports and the CLI runs
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    code = ("import hoverlay.stores, hoverlay.pipeline.options, hoverlay.explorer.kernels, hoverlay.cli\n"
+            "print(hoverlay.stores.__file__)\nraise SystemExit(hoverlay.cli.main(['--version']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith(str(site)) and "hoverlay 0." in out.stdout
 
 
 def _closure(requirements: list[str]) -> set[str]:

@@ -274,6 +274,28 @@ def test_bad_url_shows_a_message_and_the_app_keeps_working(page, server, reader,
     np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
 
 
+XSS_PAYLOADS = ['<img src=x onerror="window.__xss=1">', "<details open ontoggle=window.__xss=1>",
+                '<a href="javascript:window.__xss=1">click</a>', "<script>window.__xss=1</script>"]
+
+
+@pytest.mark.parametrize("name", ["layer", "query", "function"])
+@pytest.mark.parametrize("payload", XSS_PAYLOADS)
+def test_url_values_are_shown_as_text_never_run(page, server, name, payload):
+    """A hostile URL value is echoed in the message as the text it is; no script runs."""
+    from urllib.parse import quote
+
+    open_app(page, server, f"?{name}={quote(payload)}")
+    alert = page.locator(".hoverlay-message")
+    says = {"layer": "unknown layer", "query": "bad query", "function": "unknown similarity function"}[name]
+    shown = alert.get_by_text(says)
+    shown.wait_for()
+    page.wait_for_timeout(300)  # an onerror / ontoggle handler would have fired by now
+    assert page.evaluate("window.__xss") is None
+    text = shown.inner_text()
+    assert payload in text or payload.replace("'", "\\'") in text or name == "query", text
+    assert alert.locator("img, details, a, script").count() == 0
+
+
 def test_plain_panel_serve_of_the_app_module(page, store, reader, tmp_path):
     """``HOVERLAY_STORE=... panel serve explorer/app_module.py`` serves the same app."""
     port = free_port()
