@@ -33,7 +33,7 @@ from hoverlay.stores.format import StoreAttrs
 from hoverlay.stores.index import read_index_meta
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
 
-from .errors import BuildUsageError, SourceError
+from .errors import BuildUsageError, PipelineError, SourceError
 from .indexing import IndexUpdate, update_index
 from .models import ModelAdapter, load_model, resolve_device
 from .options import BUILD_OPTIONS, DEFAULT_MODEL
@@ -189,9 +189,9 @@ class _Scheduler:
             self.client = stack.enter_context(Client(cluster))
         else:
             try:
-                self.client = stack.enter_context(Client(spec, timeout="30s"))
+                self.client = stack.enter_context(Client(spec, timeout="10s"))
             except OSError as exc:
-                raise BuildUsageError(f"cannot reach the Dask scheduler {spec!r}: {exc}") from None
+                raise PipelineError(f"cannot reach the Dask scheduler {spec!r}: {exc}") from None
             self.workers = max(1, sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values()))
         self.dashboard = getattr(self.client, "dashboard_link", None)
 
@@ -252,8 +252,8 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
     summary = BuildSummary(store=url, ignored=len(plan.found.ignored))
     with ExitStack() as stack:
         stack.enter_context(StoreLock(url, storage_options=so))
+        sched = _Scheduler(opts["scheduler"], opts["workers"], stack)  # unreachable: nothing created
         writer = _open_or_create(plan)
-        sched = _Scheduler(opts["scheduler"], opts["workers"], stack)
         if sched.dashboard:
             summary.dashboard = sched.dashboard
             progress.note(f"Dask dashboard: {sched.dashboard}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -304,6 +305,17 @@ def test_quiet_keeps_the_summary(tmp_path, images):
     assert len(lines) == 1 and lines[0].startswith("added 6 images (0 failed)")
     rate = float(re.search(r"embedding ([0-9.]+) images/s \(([0-9.]+)s\)", lines[0])[1])
     assert rate > 0
+
+
+def test_an_unreachable_scheduler_is_one_line_and_creates_no_store(tmp_path, images, capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp_path / "s"
+    assert main(["build", "--images", images, "--store", str(store), "--scheduler",
+                 f"tcp://127.0.0.1:{port}", *TINY]) == EXIT_INPUT
+    assert "cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert not (store / "zarr.json").exists()
 
 
 def test_a_local_cluster_prints_its_dashboard(tmp_path, images, capsys):
