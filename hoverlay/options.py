@@ -293,12 +293,6 @@ class OptionSet:
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {o.name: o for o in self.options})
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.options)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.by_name
-
     @property
     def names(self) -> list[str]:
         return list(self.by_name)

@@ -312,6 +312,10 @@ def _download_weights(name: str, weights: str) -> nn.Module:
                            f"none or a state-dict path") from None
     try:
         return torchvision.models.get_model(name, weights=chosen)
+    except RuntimeError as exc:  # a cached file that does not unpickle: truncated or corrupt
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise WeightsError(f"the cached {chosen} weights of torchvision:{name} in {cache} do not load "
+                           f"({_reason(exc)}); delete that file and rerun to download it again") from None
     except OSError as exc:  # URLError, a failed or truncated download
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise WeightsError(
