@@ -23,7 +23,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Arguments of ``hoverlay serve STORE [STORE ...]``."""
     parser.add_argument("stores", nargs="+", metavar="STORE", help="store path(s) or fsspec URL(s)")
     parser.add_argument(STORAGE_OPTIONS.flag, default=None, metavar=STORAGE_OPTIONS.metavar,
-                        help=STORAGE_OPTIONS.help)
+                        help=STORAGE_OPTIONS.argparse_help)
     parser.add_argument("--port", type=int, default=5006, help="port (0: any free port; default 5006)")
     parser.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--show", action="store_true", help="open a browser tab")

@@ -124,7 +124,7 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("store", nargs="+", metavar="STORE", help="store path(s) or URL(s)")
     p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
-                   help=STORAGE_OPTIONS.help)
+                   help=STORAGE_OPTIONS.argparse_help)
 
 
 def _run_info(args: argparse.Namespace) -> int:

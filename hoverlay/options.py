@@ -260,6 +260,11 @@ class Option:
         return (self.negative_help or self.help) if self.negative_flag else self.help
 
     @property
+    def argparse_help(self) -> str:
+        """:attr:`flag_help` for argparse, which reads ``%`` as a format character."""
+        return self.flag_help.replace("%", "%%")
+
+    @property
     def key_text(self) -> str:
         """How the config key / keyword reads in docs: ``batch_size`` (a positive integer, 16)."""
         default = "" if self.default is None else f"; default {self.default!r}".replace("'", "")
@@ -334,9 +339,9 @@ class OptionSet:
             if isinstance(o.kind, Switch):
                 const = not bool(o.default) if o.negative_flag else True
                 parser.add_argument(*o.flags, dest=o.name, action="store_const", const=const,
-                                    default=None, help=o.flag_help)
+                                    default=None, help=o.argparse_help)
             else:
-                parser.add_argument(*o.flags, dest=o.name, default=None, help=o.help,
+                parser.add_argument(*o.flags, dest=o.name, default=None, help=o.argparse_help,
                                     metavar=o.metavar or o.name.upper())
 
     def from_args(self, args: argparse.Namespace) -> dict[str, Any]:

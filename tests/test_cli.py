@@ -66,6 +66,13 @@ def test_version_and_python_dash_m():
     assert all(name in r.stdout for name in COMMANDS)
 
 
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hoverlay {command}") and "--verbose" in out
+
+
 def test_help_is_fast_and_imports_nothing_heavy():
     took = []
     for _ in range(3):
