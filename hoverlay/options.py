@@ -261,8 +261,11 @@ class Option:
 
     @property
     def argparse_help(self) -> str:
-        """:attr:`flag_help` for argparse, which reads ``%`` as a format character."""
-        return self.flag_help.replace("%", "%%")
+        """:attr:`flag_help` with the default, for argparse (which reads ``%`` as a format)."""
+        text = self.flag_help
+        if self.default is not None and not isinstance(self.kind, Switch):
+            text += f" (default: {self.default})"
+        return text.replace("%", "%%")
 
     @property
     def key_text(self) -> str:
