@@ -244,6 +244,27 @@ def test_an_existing_store_gives_model_weights_layers_and_size(tmp_path, images,
     assert "was built with model 'python:test_build:tiny_model'" in capsys.readouterr().err
 
 
+def test_a_rerun_with_nothing_new_repairs_missing_and_stale_indexes(tmp_path, capsys):
+    from hoverlay.stores.index import read_index_meta
+
+    first, later = str(tmp_path / "first"), str(tmp_path / "later")
+    write_generated_images(first, 3, seed=1)
+    write_generated_images(later, 3, seed=2)
+    store = str(tmp_path / "s")
+    assert main(["build", "--images", first, "--store", store, "-q", *TINY[:-1]]) == 0
+    # a build that commits and dies before extending the indexes leaves them covering 3 of 6
+    assert main(["build", "--images", later, "--store", store, "-q", "--no-index"]) == 0
+    os.remove(os.path.join(store, "index", "3.json"))  # and one index is lost altogether
+    assert read_index_meta(store, "1").images_indexed == 3
+    capsys.readouterr()
+    assert main(["build", "--images", later, "--store", store, "-q"]) == 0
+    assert "added 0 images" in capsys.readouterr().err
+    reader = open_store(store)
+    for layer in ("1", "3"):
+        meta = read_index_meta(store, layer)
+        assert meta.images_indexed == 6 and meta.ntotal == 6 * reader.geometry(layer).patches_per_image
+
+
 # ===================================================================================== URLs
 def test_file_urls_round_trip(tmp_path, images, capsys):
     url = "file://" + str(tmp_path / "s")
