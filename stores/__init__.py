@@ -10,6 +10,7 @@ the package, and nothing outside it imports them (tests/test_dependencies.py che
 
 from .errors import (
     BadURLError,
+    CorruptStoreError,
     FormatVersionError,
     NotAStoreError,
     OutOfRangeError,
@@ -29,7 +30,7 @@ from .vectors import normalize_patches
 from .writer import StoreWriter, create_store
 
 __all__ = [
-    "BadURLError", "IndexMeta", "filesystem", "is_local", "normalize_url",
+    "BadURLError", "CorruptStoreError", "IndexMeta", "filesystem", "is_local", "normalize_url",
     "FORMAT_VERSION", "STATUS_FAILED", "STATUS_OK", "FormatVersionError", "ImageTable",
     "LayerGeometry", "NotAStoreError", "OutOfRangeError", "PatchIndex", "StoreAttrs",
     "StoreError", "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter",

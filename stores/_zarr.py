@@ -7,8 +7,8 @@ from typing import Any, Literal
 import zarr
 import zarr.errors
 
-from .errors import NotAStoreError
-from .format import FORMAT_NAME, StoreAttrs
+from .errors import CorruptStoreError, NotAStoreError
+from .format import FORMAT_NAME, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
 from .urls import ensure_filesystem, is_local
 
 
@@ -36,5 +36,26 @@ def open_root(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r", storage_
 
 
 def read_attrs(group: zarr.Group, url: str) -> StoreAttrs:
+    """The root attributes, with ``committed`` checked against the arrays it publishes rows of."""
     data = dict(group.attrs).get(FORMAT_NAME, {})
-    return StoreAttrs.from_json(data if isinstance(data, dict) else {}, url)
+    attrs = StoreAttrs.from_json(data if isinstance(data, dict) else {}, url)
+    check_committed(group, url, attrs)
+    return attrs
+
+
+def check_committed(group: zarr.Group, url: str, attrs: StoreAttrs) -> None:
+    """Every per-image array must hold at least ``committed`` rows: a larger ``committed`` (a
+    damaged or hand-edited zarr.json) would otherwise read missing rows as fill values — zeros —
+    and an append would write phantom rows after them."""
+    paths = [PIXELS, *(f"{TABLE}/{c}" for c in TABLE_COLUMNS)]
+    for layer in attrs.layers:
+        paths += [layer_path(layer, "vectors"), layer_path(layer, "norms")]
+    for path in paths:
+        try:
+            rows = array(group, path).shape[0]
+        except KeyError:
+            raise CorruptStoreError(f"{url!r} lacks the array {path!r}: the store is damaged") from None
+        if rows < attrs.committed:
+            raise CorruptStoreError(
+                f"{url!r} says {attrs.committed} images are committed, but {path} holds {rows} rows: "
+                f"its zarr.json is damaged (restore it, or set committed to at most {rows})")

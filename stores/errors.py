@@ -46,3 +46,7 @@ class StoreLockedError(StoreError):
 
 class BadURLError(StoreError, ValueError):
     """A location whose scheme or storage options no filesystem takes."""
+
+
+class CorruptStoreError(StoreError):
+    """The store's own records disagree (e.g. ``committed`` beyond the arrays): never read as data."""

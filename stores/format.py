@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FormatVersionError, NotAStoreError
+from .errors import CorruptStoreError, FormatVersionError, NotAStoreError
 from .geometry import LayerGeometry
 
 FORMAT_NAME = "hoverlay"
@@ -89,13 +89,17 @@ class StoreAttrs:
             raise FormatVersionError(
                 f"{where!r} has format_version {version!r}; this hoverlay reads versions "
                 f"1..{FORMAT_VERSION} — upgrade hoverlay to open it")
+        committed = data.get("committed")
+        if isinstance(committed, bool) or not isinstance(committed, int) or committed < 0:
+            raise CorruptStoreError(f"{where!r} has committed = {committed!r} in its zarr.json; it must "
+                                    f"be a count of images (an integer >= 0): the root document is damaged")
         return cls(
             model=data["model"],
             preprocessing=data["preprocessing"],
             image_size=int(data["image_size"]),
             layers={k: LayerGeometry(**v) for k, v in data["layers"].items()},
             chunk=int(data["chunk"]),
-            committed=int(data["committed"]),
+            committed=committed,
             created=data.get("created", ""),
             updated=data.get("updated", ""),
             tool_version=data.get("tool_version", ""),
