@@ -113,6 +113,11 @@ def process_partition(store_url: str, start: int, items: list[TaskItem], model: 
             acts[name][idx] = out[name][: len(idx)]
         if on_batch is not None:
             on_batch(len(idx))
+    for i in ok:  # a row marked ok always holds vectors: all-zero activations compare to nothing
+        zero = [name for name in layers if not np.any(acts[name][i])]
+        if zero:
+            rows[i]["status"] = STATUS_FAILED
+            rows[i]["reason"] = f"the model gave all-zero activations in layer {zero[0]!r}"
     writer.write_block(start, pixels, acts)
     if on_batch is not None and n > len(ok):
         on_batch(n - len(ok))

@@ -43,3 +43,25 @@ def test_committed_beyond_the_arrays_is_refused_everywhere(tmp_path, value, mess
     assert message in capsys.readouterr().err
     set_committed(url, 18)  # repaired by hand: nothing was appended meanwhile
     assert open_store(url).table()["hash"].tolist() == table_before
+
+
+def zero_model():
+    """A network whose every output is 0 (python:test_corrupt:zero_model)."""
+    import torch.nn as nn
+
+    conv = nn.Conv2d(3, 4, 8, stride=8)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.ReLU())
+
+
+def test_a_row_marked_ok_never_holds_all_zero_vectors(tmp_path, generated_images):
+    from hoverlay.pipeline.build import build
+
+    src = generated_images(3)
+    summary = build(src, str(tmp_path / "s"), model="python:test_corrupt:zero_model", layers=["1"], size=32,
+                    quiet=True)
+    assert summary.added == 3 and len(summary.failed) == 3
+    assert all("all-zero activations in layer '1'" in reason for _, reason in summary.failed)
+    table = open_store(tmp_path / "s").table()
+    assert not table.ok.any()
