@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
 from .index_meta import IndexMeta
 from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
+from .localfiles import temp_file_in
 from .urls import filesystem, is_local, normalize_url
 
 #: Exact search while the index holds at most this many vectors at D=112 (≈ 4 ms per top-32 on
@@ -317,25 +317,11 @@ def index_path(store_url: str, layer: str) -> str:
     return f"{normalize_url(store_url).rstrip('/')}/{INDEX_DIR}/{encode_layer(layer)}"
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (other threads may be creating files)."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     if is_local(url):
         path = normalize_url(url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        # mkstemp creates 0600; the store's other files follow the umask (a server running as
-        # another user must be able to read the index as it reads the Zarr chunks)
-        os.fchmod(fd, 0o666 & ~_umask())
+        fd, tmp = temp_file_in(os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
 import numpy as np
 
 from .index_meta import IndexMeta
+from .localfiles import temp_file_in
 from .reader import StoreReader
 from .urls import is_local
 
@@ -78,7 +78,7 @@ class RerankAppender:
             return  # leave the file (and its mtime) alone
         if self.fresh:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, self._target = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=os.path.dirname(path))
+            fd, self._target = temp_file_in(os.path.dirname(path), suffix=SUFFIX)
             self._file = os.fdopen(fd, "wb")
         else:
             self._file = open(path, "r+b")  # noqa: SIM115 - closed in close()/abort()

@@ -61,3 +61,19 @@ def test_a_damaged_index_json_is_an_error_and_search_falls_back(tmp_path):
     with pytest.raises(StoreError, match="not valid JSON"):
         read_index_meta(reader.url, "l")
     assert update_index(reader, "l", n_queries=10).meta.images_indexed == 40  # a rerun rebuilds it
+
+
+def test_index_and_rerank_files_get_the_same_mode_as_the_zarr_files(tmp_path):
+    """Files renamed into the store follow the umask like Zarr's chunks (mkstemp alone gives 0600,
+    which a server running as another user cannot read)."""
+    from hoverlay.pipeline.indexing import update_index
+    from hoverlay.stores.localfiles import umask
+
+    make_synthetic_store(tmp_path / "s", 80, layers={"l": LayerGeometry(4, 4, 16)}, image_size=8, chunk=8)
+    reader = open_store(tmp_path / "s")
+    update_index(reader, "l", factory="IVF4,SQ8", n_queries=10)
+    chunk = next(p for p in (tmp_path / "s" / "layers").rglob("*") if p.is_file() and "/c/" in str(p))
+    want = 0o666 & ~umask()
+    assert chunk.stat().st_mode & 0o777 == want
+    for ext in (".faiss", ".json", ".f16"):
+        assert (tmp_path / "s" / "index" / f"l{ext}").stat().st_mode & 0o777 == want, ext
