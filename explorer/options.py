@@ -10,8 +10,7 @@ import argparse
 
 from hoverlay.options import STORAGE_OPTIONS
 
-#: Seconds between checks for new commits (explorer.reload's default, repeated here so this
-#: module needs no Panel; tests/test_cli.py checks they agree).
+#: Seconds between checks for new commits (hoverlay.explorer.reload uses it as its default).
 DEFAULT_RELOAD_INTERVAL = 2.0
 
 #: argparse destinations passed to ``pn.serve`` under the same name when given.

@@ -36,13 +36,15 @@ import panel as pn
 
 from hoverlay.stores.reader import Signature
 
+from .options import DEFAULT_RELOAD_INTERVAL
 from .resources import get_reader, get_search
 from .session import in_document, sessions
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks at a store (a few ``stat`` calls per store and process).
-DEFAULT_INTERVAL = 2.0
+#: Seconds between two looks at a store (a few ``stat`` calls per store and process); declared
+#: with the serve flags, which need no Panel.
+DEFAULT_INTERVAL = DEFAULT_RELOAD_INTERVAL
 #: Name of the ``pn.state.as_cached`` entries :func:`explorer.resources.get_search` creates.
 SEARCH_CACHE_KEY = "hoverlay-search"
 
