@@ -91,8 +91,9 @@ def test_build_info_serve_and_append_on_s3(s3, tmp_path, capsys):
 
     search = LayerSearch(reader, "3")
     assert search.index is not None and search.index.meta.images_indexed == 9 and search.warning is None
-    top = search.search(search.query_vector(7, 1, 1), 3)
-    assert top.ids[0] == reader.patch_id("3", 7, 1, 1)
+    top = search.search(search.query_vector(7, 1, 1), 64)
+    best = top.ids[top.scores >= top.scores[0] - 1e-3]  # the tiny model's patches can tie exactly
+    assert abs(top.scores[0] - 1) < 1e-2 and reader.patch_id("3", 7, 1, 1) in best
     # the explorer opens the store with the same options and builds a session on it
     from hoverlay.explorer.serve import serve, session_factory
 
