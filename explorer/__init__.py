@@ -1,6 +1,6 @@
-"""hoverlay explorer: similarity overlays that follow the pointer, served with Panel.
+"""hoverlay explorer (``hoverlay.explorer``): similarity overlays that follow the pointer, with Panel.
 
-``explorer.kernels`` (numpy only) and ``explorer.engine`` (numpy + stores) import no UI
-library; ``explorer.app`` builds the Panel app (``create_app``) and ``explorer.serve`` serves it.
-Nothing here imports torch.
+``kernels`` (numpy only) and ``engine`` (numpy + stores) import no UI library; ``app`` builds
+the Panel app (``create_app``), ``serve`` serves it and ``options`` declares the ``hoverlay
+serve`` flags without Panel. Nothing here imports torch.
 """
