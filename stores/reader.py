@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from ._zarr import array, open_root, read_attrs
-from .errors import OutOfRangeError, UnknownLayerError
+from .errors import CorruptStoreError, OutOfRangeError, UnknownLayerError
 from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
 from .table import ImageTable
@@ -140,25 +140,55 @@ class StoreReader:
     def _read(self, path: str, images: ImageSelection) -> np.ndarray:
         sel = self._check_images(images)
         arr = self._array(path)
-        if isinstance(sel, np.ndarray):
-            if sel.size == 0:
-                return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
-            return np.asarray(arr.get_orthogonal_selection((sel,)))
-        return np.asarray(arr[sel])  # type: ignore[index]
+        try:
+            if isinstance(sel, np.ndarray):
+                if sel.size == 0:
+                    return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+                return np.asarray(arr.get_orthogonal_selection((sel,)))
+            return np.asarray(arr[sel])  # type: ignore[index]
+        except (ValueError, RuntimeError) as exc:  # a shard that does not decode (truncated, bit rot)
+            raise self._corrupt(path, self.image_ids(images)[0], f"does not decode ({exc})") from None
+
+    def _shard_file(self, path: str, image: int) -> str:
+        ndim = len(self._array(path).shape)
+        return f"{self.url}/{path}/c/{int(image) // self.attrs.chunk}" + "/0" * (ndim - 1)
+
+    def _corrupt(self, path: str, ids: np.ndarray, what: str) -> CorruptStoreError:
+        ids = np.asarray(ids).reshape(-1)
+        shown = ", ".join(str(int(i)) for i in ids[:5]) + (", …" if ids.size > 5 else "")
+        files = sorted({self._shard_file(path, int(i)) for i in ids[:20]})
+        return CorruptStoreError(f"{path} of image(s) {shown} {what}: {', '.join(files[:3])}; the store "
+                                 f"is damaged there (restore the file, or rebuild the store)")
+
+    def _check_present(self, path: str, images: ImageSelection, data: np.ndarray) -> np.ndarray:
+        """Rows of images marked ok are never all zero (the build refuses such rows), so an
+        all-zero ok row is a shard that is missing — Zarr reads it as fill values — never data."""
+        ids, scalar = self.image_ids(images)
+        rows = data.reshape(len(ids), -1) if not scalar else data.reshape(1, -1)
+        ok = self.table().ok[ids]
+        missing = ok & ~np.any(rows, axis=1)
+        if np.any(missing):
+            raise self._corrupt(path, ids[missing], "are missing (read as zeros)")
+        return data
 
     def pixels(self, images: ImageSelection) -> np.ndarray:
         """uint8 (S, S, 3) for one image id, (n, S, S, 3) for several: the exact model input."""
         return self._read(PIXELS, images)
 
     def vectors(self, layer: str, images: ImageSelection) -> np.ndarray:
-        """float16 unit patch vectors (…, H, W, D) for the selected images."""
+        """float16 unit patch vectors (…, H, W, D) for the selected images.
+
+        A missing or undecodable shard of an ok image is a :class:`CorruptStoreError` naming the
+        images and the file, never zeros."""
         self.geometry(layer)
-        return self._read(layer_path(layer, "vectors"), images)
+        path = layer_path(layer, "vectors")
+        return self._check_present(path, images, self._read(path, images))
 
     def norms(self, layer: str, images: ImageSelection) -> np.ndarray:
-        """float32 original activation norms (…, H, W)."""
+        """float32 original activation norms (…, H, W) (missing shards raise, as for vectors)."""
         self.geometry(layer)
-        return self._read(layer_path(layer, "norms"), images)
+        path = layer_path(layer, "norms")
+        return self._check_present(path, images, self._read(path, images))
 
     def vectors_dask(self, layer: str) -> dask.array.Array:
         """All committed vectors of a layer as a lazy dask array chunked by shard."""
@@ -175,9 +205,9 @@ class StoreReader:
         image, y, x = patch_coords(np.asarray(ids), g, self.n_images)
         if image.size == 0:
             return np.empty((0, g.dim), dtype=np.float16)
-        arr = self._array(layer_path(layer, "vectors"))
         uniq, inverse = np.unique(image, return_inverse=True)
-        blocks = np.asarray(arr.get_orthogonal_selection((uniq,)))  # (u, H, W, D), one chunk each
+        path = layer_path(layer, "vectors")
+        blocks = self._check_present(path, uniq, self._read(path, uniq))  # (u, H, W, D), a chunk each
         return blocks[inverse, y, x]
 
     def patch_id(self, layer: str, image: int, y: int, x: int) -> int:

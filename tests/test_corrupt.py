@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from hoverlay.cli import main
@@ -65,3 +66,54 @@ def test_a_row_marked_ok_never_holds_all_zero_vectors(tmp_path, generated_images
     assert all("all-zero activations in layer '1'" in reason for _, reason in summary.failed)
     table = open_store(tmp_path / "s").table()
     assert not table.ok.any()
+
+
+def _damaged_store(tmp_path, how: str) -> str:
+    from hoverlay.pipeline.indexing import update_index
+
+    url = str(tmp_path / "s")
+    make_synthetic_store(url, 12, layers={"l": LayerGeometry(2, 2, 8)}, image_size=8, chunk=4)
+    update_index(open_store(url), "l", n_queries=5)
+    shard = os.path.join(url, "layers", "l", "vectors", "c", "1", "0", "0", "0")  # images 4..7
+    if how == "missing":
+        os.remove(shard)
+    else:
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[: len(data) // 2])
+    return url
+
+
+@pytest.mark.parametrize("how,says", [("missing", "are missing (read as zeros)"), ("truncated", "does not decode")])
+def test_a_missing_or_truncated_shard_is_an_error_naming_images_and_file(tmp_path, how, says, capsys):
+    from hoverlay.stores.search import iter_vector_blocks
+
+    url = _damaged_store(tmp_path, how)
+    reader = open_store(url)
+    assert reader.vectors("l", [0, 1, 8]).shape == (3, 2, 2, 8)  # the other shards read fine
+    shard = f"{url}/layers/l/vectors/c/1/0/0/0"
+    with pytest.raises(CorruptStoreError, match=r"layers/l/vectors of image\(s\) 4") as err:
+        reader.vectors("l", [4, 5])
+    assert says in str(err.value) and shard in str(err.value)
+    with pytest.raises(CorruptStoreError, match="image"):
+        reader.patch_vectors("l", np.array([reader.patch_id("l", 6, 1, 1)]))
+    with pytest.raises(CorruptStoreError):
+        list(iter_vector_blocks(reader, "l"))
+    from hoverlay.pipeline.indexing import update_index
+
+    # a rebuild of the index reads every vector: an error naming the file (one line in the CLI)
+
+    with pytest.raises(CorruptStoreError, match="vectors/c/1"):
+        update_index(open_store(url), "l", rebuild=True, n_queries=5)
+
+
+def test_a_build_over_a_damaged_store_is_one_line_naming_the_file(tmp_path, generated_images, capsys):
+    src = generated_images(8)
+    url = str(tmp_path / "s")
+    tiny = ["--model", "python:test_build:tiny_model", "--layers", "1,3", "--size", "64", "--chunk", "4"]
+    assert main(["build", "--images", src, "--store", url, "-q", *tiny]) == 0
+    os.remove(os.path.join(url, "layers", "3", "vectors", "c", "1", "0", "0", "0"))
+    capsys.readouterr()
+    assert main(["build", "--images", src, "--store", url, "-q", "--rebuild-index"]) == EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "layers/3/vectors of image(s) 4" in err[0] and f"{url}/layers/3/vectors/c/1/0/0/0" in err[0]
