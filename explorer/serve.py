@@ -36,6 +36,7 @@ from .options import SERVER_ARGUMENTS, add_serve_arguments
 from .reload import DEFAULT_INTERVAL, watch_session
 from .resources import get_reader, set_storage_options
 from .session import register_session, show_session_error
+from .text import as_plain_markdown, client_message
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,12 @@ def session_factory(stores: list[str], options: dict[str, Any],
     """A plain function building one session's app (``pn.serve`` treats a partial as an object)."""
 
     def explorer_session() -> pn.viewable.Viewable:
-        return attach_session(create_app(stores, **options), reload_interval)
+        try:
+            return attach_session(create_app(stores, **options), reload_interval)
+        except HoverlayError as exc:  # e.g. a damaged store: a message, never a traceback page
+            log.error("cannot build a session of %s: %s", stores, exc)
+            return pn.pane.Alert(as_plain_markdown(f"This page cannot be shown: {client_message(exc)}."),
+                                 alert_type="danger", css_classes=["hoverlay-message"])
 
     return explorer_session
 

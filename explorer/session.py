@@ -212,11 +212,13 @@ def show_session_error(exc: BaseException) -> None:
     """
     import panel as pn
 
+    from .text import client_message
+
     app = app_of(pn.state.curdoc)
     log.warning("session update rejected: %s: %s", type(exc).__name__, exc)
     if app is not None:
         with contextlib.suppress(Exception):  # the session may be closing
-            app.message = f"ignored an invalid update: {exc}"
+            app.message = f"ignored an invalid update: {client_message(exc)}"
 
 
 # ============================================================ input the browser writes

@@ -20,3 +20,14 @@ def as_plain_markdown(text: object) -> str:
     """Markdown source that renders as exactly ``str(text)``, nothing interpreted."""
     escaped = _MARKDOWN_PUNCTUATION.sub(r"\\\1", str(text))
     return escaped.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def client_message(exc: BaseException) -> str:
+    """What a browser is told about a failure: damage to the store is reported without server
+    paths (the server log has the full message, with the files)."""
+    from hoverlay.stores.errors import CorruptStoreError
+
+    if isinstance(exc, CorruptStoreError):
+        return ("some images of this store are damaged: their vectors cannot be read (the server "
+                "log names the images and files)")
+    return str(exc)

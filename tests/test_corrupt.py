@@ -117,3 +117,14 @@ def test_a_build_over_a_damaged_store_is_one_line_naming_the_file(tmp_path, gene
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert "layers/3/vectors of image(s) 4" in err[0] and f"{url}/layers/3/vectors/c/1/0/0/0" in err[0]
+
+
+def test_the_explorer_says_a_store_is_damaged_without_traceback_or_paths(tmp_path):
+    import panel as pn
+
+    from hoverlay.explorer.serve import session_factory
+
+    url = _damaged_store(tmp_path, "missing")
+    page = session_factory([url], {}, 0)()
+    assert isinstance(page, pn.pane.Alert)
+    assert "damaged" in page.object and str(tmp_path) not in page.object and "Traceback" not in page.object
