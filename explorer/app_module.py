@@ -13,9 +13,8 @@ import os
 
 import panel as pn
 
-from hoverlay.explorer.app import create_app
 from hoverlay.explorer.reload import DEFAULT_INTERVAL
-from hoverlay.explorer.serve import attach_session, split_store_list
+from hoverlay.explorer.serve import build_session, split_store_list
 from hoverlay.explorer.session import show_session_error
 
 pn.extension()
@@ -24,7 +23,7 @@ pn.config.exception_handler = show_session_error
 _stores = split_store_list(os.environ.get("HOVERLAY_STORE", ""))
 _interval = float(os.environ.get("HOVERLAY_RELOAD_INTERVAL", DEFAULT_INTERVAL))
 if _stores:
-    attach_session(create_app(_stores), _interval).servable(title="hoverlay explorer")
+    build_session(_stores, {}, _interval).servable(title="hoverlay explorer")
 else:
     pn.pane.Alert("Set the environment variable `HOVERLAY_STORE` to a store path, e.g. "
                   "`HOVERLAY_STORE=demo-store panel serve explorer/app_module.py`.",

@@ -75,17 +75,24 @@ def attach_session(layout: pn.viewable.Viewable,
     return layout
 
 
+def build_session(stores: list[str], options: dict[str, Any],
+                  reload_interval: float = DEFAULT_INTERVAL) -> pn.viewable.Viewable:
+    """One session's page (``hoverlay serve`` and ``panel serve app_module.py`` alike): the app,
+    or — for a store that cannot be shown, e.g. a damaged one — one message, never a traceback."""
+    try:
+        return attach_session(create_app(stores, **options), reload_interval)
+    except HoverlayError as exc:
+        log.error("cannot build a session of %s: %s", stores, exc)
+        return pn.pane.Alert(as_plain_markdown(f"This page cannot be shown: {client_message(exc)}."),
+                             alert_type="danger", css_classes=["hoverlay-message"])
+
+
 def session_factory(stores: list[str], options: dict[str, Any],
                     reload_interval: float = DEFAULT_INTERVAL) -> Callable[[], pn.viewable.Viewable]:
-    """A plain function building one session's app (``pn.serve`` treats a partial as an object)."""
+    """A plain function building one session's page (``pn.serve`` treats a partial as an object)."""
 
     def explorer_session() -> pn.viewable.Viewable:
-        try:
-            return attach_session(create_app(stores, **options), reload_interval)
-        except HoverlayError as exc:  # e.g. a damaged store: a message, never a traceback page
-            log.error("cannot build a session of %s: %s", stores, exc)
-            return pn.pane.Alert(as_plain_markdown(f"This page cannot be shown: {client_message(exc)}."),
-                                 alert_type="danger", css_classes=["hoverlay-message"])
+        return build_session(stores, options, reload_interval)
 
     return explorer_session
 
