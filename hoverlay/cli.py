@@ -76,13 +76,10 @@ def _run_build(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, BUILD_OPTIONS) if args.config else {}
     options = BUILD_OPTIONS.resolve((CONFIG, config), (FLAG, BUILD_OPTIONS.from_args(args)))
-    if not options["images"] or not options["store"]:
-        missing = [k for k in ("images", "store") if not options[k]]
-        raise UsageError(f"missing {' and '.join('--' + m for m in missing)} (a flag or config key)")
 
     from .pipeline.build import build
 
-    build(**options)  # validates again (cheap) and prints the summary line
+    build(**options)  # checks again that images and store are given; prints the summary line
     return EXIT_OK
 
 

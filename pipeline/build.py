@@ -8,6 +8,7 @@ same rows in the same order as an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ from hoverlay.stores import (
 from hoverlay.stores.errors import NotAStoreError, StoreMismatchError
 from hoverlay.stores.format import StoreAttrs
 from hoverlay.stores.index import read_index_meta
+from hoverlay.stores.info import store_size_bytes
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
 
 from .errors import BuildUsageError, PipelineError, SourceError
@@ -95,14 +97,6 @@ class BuildPlan:
     @property
     def storage_options(self) -> dict[str, Any] | None:
         return self.options["storage_options"]
-
-
-def _store_bytes(url: str, storage_options: dict[str, Any] | None) -> int:
-    try:
-        fs, path = filesystem(url, storage_options)
-        return int(fs.du(path))
-    except Exception:
-        return 0
 
 
 def existing_store(url: str, storage_options: dict[str, Any] | None) -> StoreAttrs | None:
@@ -241,7 +235,8 @@ def build(images: str | os.PathLike[str] | list[str] | None = None,
     progress = ProgressReporter(quiet=opts["quiet"], interval=opts["progress_interval"])
     summary = run_build(plan, progress)
     summary.seconds = time.perf_counter() - t0
-    summary.store_bytes = _store_bytes(plan.url, plan.storage_options)
+    with contextlib.suppress(Exception):  # the size is for the summary line; never fail over it
+        summary.store_bytes = store_size_bytes(plan.url, plan.storage_options)
     print(summary.line(), file=sys.stderr, flush=True)
     return summary
 

@@ -53,9 +53,8 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except ImportError as exc:
         raise missing_filesystem(url) from exc
     except ValueError as exc:
-        if "Protocol not known" in str(exc) or "not known" in str(exc):
-            raise BadURLError(f"unknown URL scheme {scheme(url)!r} in {url!r} (use a local path, "
-                              f"file://, s3://, gs://, or another fsspec protocol)") from None
+        if "not known" in str(exc):  # fsspec: "Protocol not known: …"
+            raise unknown_scheme(url) from None
         raise
     except TypeError as exc:  # storage options the filesystem does not take
         raise BadURLError(f"storage options {storage_options} do not fit {scheme(url)}:// "
@@ -83,5 +82,9 @@ def ensure_filesystem(url: str) -> None:
     except ImportError as exc:
         raise missing_filesystem(url) from exc
     except ValueError:
-        raise BadURLError(f"unknown URL scheme {scheme(url)!r} in {url!r} (use a local path, "
-                          f"file://, s3://, gs://, or another fsspec protocol)") from None
+        raise unknown_scheme(url) from None
+
+
+def unknown_scheme(url: str) -> BadURLError:
+    return BadURLError(f"unknown URL scheme {scheme(url)!r} in {url!r} (use a local path, "
+                       f"file://, s3://, gs://, or another fsspec protocol)")

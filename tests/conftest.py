@@ -31,6 +31,19 @@ def write_generated_images(folder: str, n: int, seed: int = 0, size: tuple[int, 
     return out
 
 
+def modules_after(code: str) -> set[str]:
+    """Modules loaded after running ``code`` in a fresh interpreter (tests/ on its path, run from
+    there, so the repository's top-level folders cannot be imported by accident)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         check=True, capture_output=True, text=True, cwd=tests,
+                         env={**os.environ, "PYTHONPATH": tests}).stdout
+    return set(out.split())
+
+
 @pytest.fixture
 def generated_images(tmp_path):
     def make(n: int, seed: int = 0, sub: str = "images", label: str = "gen") -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_generated_images
+from conftest import modules_after, write_generated_images
 
 import hoverlay
 from hoverlay.cli import COMMANDS, main
@@ -38,13 +38,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     full_env = {**os.environ, "PYTHONPATH": TESTS, **(env or {})}
     return subprocess.run([sys.executable, "-m", "hoverlay", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=TESTS)
-
-
-def modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
-                         check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": TESTS},
-                         cwd=TESTS).stdout
-    return set(out.split())
 
 
 @pytest.fixture

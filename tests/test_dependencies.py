@@ -6,23 +6,18 @@ import subprocess
 import sys
 
 import pytest
-
-
-def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
-                         check=True, capture_output=True, text=True).stdout
-    return set(out.split())
+from conftest import modules_after
 
 
 @pytest.mark.parametrize("module", ["hoverlay.stores", "hoverlay.stores.search", "hoverlay.stores.groups",
                                     "hoverlay.stores.transforms", "hoverlay.stores.info"])
 def test_stores_import_neither_torch_nor_panel(module):
-    mods = _modules_after(f"import {module}")
+    mods = modules_after(f"import {module}")
     assert "torch" not in mods and "panel" not in mods and "bokeh" not in mods
 
 
 def test_explorer_never_imports_torch():
-    mods = _modules_after("import hoverlay.explorer.app, hoverlay.explorer.serve, hoverlay.explorer.kernels")
+    mods = modules_after("import hoverlay.explorer.app, hoverlay.explorer.serve, hoverlay.explorer.kernels")
     assert "torch" not in mods and "hoverlay.pipeline" not in mods and "sklearn" not in mods
 
 
@@ -99,7 +94,7 @@ def test_a_serve_only_install_has_everything_serve_and_info_import():
     base = [r for r in requires("hoverlay") or [] if "extra ==" not in r]
     assert not [r for r in base if r.split(">")[0].split("[")[0] in ("torch", "torchvision", "dask")]
     provided = _closure(base) | {"hoverlay"}
-    mods = _modules_after("import hoverlay.explorer.serve, hoverlay.explorer.app, hoverlay.stores.info\n"
+    mods = modules_after("import hoverlay.explorer.serve, hoverlay.explorer.app, hoverlay.stores.info\n"
                           "from hoverlay.cli import command_parser; command_parser('serve')")
     owners = packages_distributions()
     # imported when present, not needed: setuptools' site hook; numcodecs' optional msgpack codec
