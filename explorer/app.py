@@ -32,6 +32,7 @@ from holoviews.plotting.util import process_cmap
 
 from hoverlay.stores import StoreError, StoreReader
 
+from .browser_hover import DEFAULT_BUDGET, BrowserHover, HoverPath, choose_path
 from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls
 from .engine import OverlayEngine, Query, parse_query_text
@@ -103,6 +104,9 @@ class ExplorerApp(param.Parameterized):
     live_topk = param.Boolean(default=True, doc="Search top-k whenever the pointer rests (else on pin / button).")
     topk_delay_ms = param.Integer(default=120, bounds=(0, None), doc="Pointer rest before the slow views update.")
     message = param.String(default="")
+    browser_hover_budget = param.Integer(default=DEFAULT_BUDGET, bounds=(0, None), doc="""
+        Largest page (bytes of float16 vectors and norms of the shown layers) whose hover maps the
+        browser computes; larger pages, or 0, use the server path (a message per patch change).""")
     compare = param.Boolean(default=None, allow_None=True, doc="""
         Show a 'Compare models' tab for two stores with the same images (paired by content hash);
         None: whenever two of the given stores share images.""")
@@ -115,6 +119,7 @@ class ExplorerApp(param.Parameterized):
         self._scheduler = Scheduler(self._doc)
         self._current: Query | None = None  # what the overlays show: pinned query or hovered patch
         self._drawn: Query | None = None
+        self._drawn_query: tuple[Query | None, bool] | None = None  # what the browser path last got
         self._ranked: np.ndarray | None = None
         self._last_click = 0
         self._rest_timeout: Any = None
@@ -384,16 +389,21 @@ class ExplorerApp(param.Parameterized):
         for i, name in enumerate(shown):
             clim, title = self._clim(name), self._title(name)
             self._figures.append(LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal,
-                                             clim=clim, alpha=self.alpha, title=title))
+                                             clim=clim, alpha=self.alpha, title=title, hover=False))
             self._query_figures.append(LayerFigure(name, self.qspecs[name], self.qshared, index=i, palette=pal,
                                                    clim=clim, alpha=self.alpha, title=title, prefix="query",
                                                    hover=False, outline_source=self.mapped_source))
-        self._grid_row.objects = [pn.pane.Bokeh(f.plot) for f in self._figures]
+        self.browser = BrowserHover(self._figures, self.shared)
+        self.path = HoverPath(False, 0, self.browser_hover_budget)
+        # groups glyphs join the figures before the figures join the page: models added to a
+        # figure already in the document after the same hold reached the browser unknown
         self.groups.attach(self._figures)
+        self._grid_row.objects = [pn.pane.Bokeh(f.plot) for f in self._figures]
         self._query_row.objects = [pn.pane.Bokeh(f.plot) for f in self._query_figures]
         self._shown_images = np.empty(0, dtype=np.int64)
         self._query_image = -1
         self._drawn = None
+        self._drawn_query = None
 
     def _show_page(self) -> None:
         """Send the page's images (once per page), colour ranges, then the current overlays."""
@@ -406,7 +416,8 @@ class ExplorerApp(param.Parameterized):
                 self.shared.set_images(self.specs, pixels, [f"#{i} {self._labels[i]}" for i in ids])
                 self._shown_images = ids
                 self.groups.show_page(ids)
-            self.shared.set_config(self.specs, self.active_layer, len(ids))
+                self._send_page_vectors(ids)
+            self._send_config()
             for fig in self._figures + self._query_figures:
                 fig.set_colors(clim=self._clim(fig.layer))  # the similarity function may have changed
                 fig.colorbar.title = self.function
@@ -416,7 +427,32 @@ class ExplorerApp(param.Parameterized):
             self._show_pin()
         total = len(self._order_ids)
         self.controls.page_info.object = (f"page **{self.page}** / {n_pages(total, self.page_size)} · "
-                                          f"{total} images")
+                                          f"{total} images  \n{self.path.describe()}")
+
+    def _send_page_vectors(self, ids: np.ndarray) -> None:
+        """The browser path's page vectors (once per page), or none when the page is over budget."""
+        geometries = {}
+        for name in self.shown_layers():
+            g = self.reader.geometry(name)
+            geometries[name] = (g.height, g.width, g.dim)
+        self.path = choose_path(len(ids), geometries, self.browser_hover_budget)
+        vectors = None
+        if self.path.browser:
+            vectors = {name: (self.reader.vectors(name, ids), self.reader.norms(name, ids))
+                       if ids.size else (np.zeros(0, np.float16), np.zeros(0, np.float32))
+                       for name in geometries}
+        self.browser.set_page(ids, vectors)
+        self._drawn_query: tuple[Query | None, bool] | None = None
+
+    def _send_config(self) -> None:
+        """Grids, snapping layer, page size and — for the browser path — function, sigmas, timing."""
+        shown = list(self.specs)
+        extra = BrowserHover.config_columns(
+            self.path, shown, {n: self.reader.geometry(n).dim for n in shown},
+            {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in shown},
+            self.function if self.function in SIMILARITY_FUNCTIONS else "cosine",
+            self._sigmas(), self.topk_delay_ms)
+        self.shared.set_config(self.specs, self.active_layer, len(self._shown_images), extra)
 
     def _show_overlays(self, query: Query | None, force: bool = False) -> None:
         """The hover hot path: every shown layer's overlays for ``query``, one source per layer."""
@@ -424,6 +460,13 @@ class ExplorerApp(param.Parameterized):
             return
         self._drawn = query
         n = len(self._shown_images)
+        if self.path.browser:  # the browser draws: it needs the query only when it cannot know it
+            key = (query, bool(self.query))
+            if key != self._drawn_query:
+                self._drawn_query = key
+                self.browser.set_query(self.engine.query_vectors(query, self.shown_layers())
+                                       if query is not None else None, pinned=bool(self.query))
+            return
         maps = self.engine.page_maps(query, self.function, self._sigmas()) if query is not None else {}
         with pn.io.hold(self._doc):
             for fig in self._figures:
@@ -467,6 +510,7 @@ class ExplorerApp(param.Parameterized):
         with pn.io.hold(self._doc):
             for fig in self._figures + self._query_figures:
                 fig.set_colors(pal, self._clim(fig.layer))
+            self._send_config()
             self._show_overlays(self._current, force=True)
             if self._current is not None:
                 self._show_layer_view(self._current)
@@ -529,7 +573,11 @@ class ExplorerApp(param.Parameterized):
         if not self.query:
             self._current = hovered
             self._show_overlays(hovered)
-            self._after_rest()
+            if self.path.browser:  # the browser already waited for the pointer to rest
+                self._scheduler.cancel(self._rest_timeout)
+                self._rest_timeout = self._scheduler.later(self._on_rest, 0)
+            else:
+                self._after_rest()
 
     def pin(self, image: int, y: int, x: int) -> None:
         """Pin the query at (image, y, x) of the active layer (numeric inputs, notebooks)."""
@@ -660,9 +708,13 @@ class ExplorerApp(param.Parameterized):
         self.controls.message.visible = bool(event.new)
 
     def on_load(self) -> None:
-        """Once the browser is connected: send small websocket messages without Nagle delay."""
+        """Once the browser is connected: send small websocket messages without Nagle delay, and
+        give the browser path its query again (the page's first data fires no change event)."""
         self._nodelay = True
         set_nodelay(self._doc)
+        if self.path.browser and self._current is not None:
+            self._drawn_query = None
+            self._show_overlays(self._current, force=True)
 
 
 def create_app(stores: Sequence[str] | str, **options: Any) -> pn.viewable.Viewable:
@@ -678,7 +730,7 @@ def create_app(stores: Sequence[str] | str, **options: Any) -> pn.viewable.Viewa
     doc = pn.state.curdoc
     if pn.state.location is not None and doc is not None and doc.session_context is not None:
         pn.state.location.sync(app, URL_PARAMETERS, on_error=app._url_error)
-        pn.state.onload(app.on_load)
+    pn.state.onload(app.on_load)  # a server session and a notebook cell alike
     layout = app.layout
     layout.app = app  # type: ignore[attr-defined]
     return layout

@@ -234,13 +234,16 @@ class SharedSources:
         self.rgb.data = rgb
         self.labels.data = labels
 
-    def set_config(self, specs: dict[str, GridSpec], selected: str, n: int) -> None:
-        """Tell the browser every figure's grid, which layer snaps the pointer, and the page size."""
+    def set_config(self, specs: dict[str, GridSpec], selected: str, n: int,
+                   extra: dict[str, list] | None = None) -> None:
+        """Tell the browser every figure's grid, which layer snaps the pointer, and the page size
+        (``extra``: more columns, one value per figure in ``specs`` order)."""
         rows: dict[str, list] = empty_columns(CONFIG_COLUMNS)
         for layer, spec in specs.items():
             row = {"fig": layer, "selected": int(layer == selected), "n": int(n), **spec.config_row()}
             for col in CONFIG_COLUMNS:
                 rows[col].append(row[col])
+        rows.update(extra or {})
         if rows != dict(self.config.data):
             self.config.data = rows
 
@@ -286,10 +289,10 @@ class LayerFigure:
                                                     text_font_size="10px", text_baseline="bottom",
                                                     text_color="#333333"))
         if hover:
-            self._outline(shared.pointer, "#ffffff")
-        self._outline(shared.pin, "#ff3b30")
+            self.add_outline(shared.pointer, "#ffffff")
+        self.add_outline(shared.pin, "#ff3b30")
         if outline_source is not None:
-            self._outline(outline_source, "#ffffff")
+            self.add_outline(outline_source, "#ffffff")
         self.colorbar = ColorBar(color_mapper=self.mapper, width=8, padding=2, margin=4,
                                  major_label_text_font_size="9px", title_text_font_size="9px")
         self.plot.add_layout(self.colorbar, "right")
@@ -298,7 +301,7 @@ class LayerFigure:
             for event in ("mousemove", "tap", "mouseleave"):
                 self.plot.js_on_event(event, cb)
 
-    def _outline(self, source: ColumnDataSource, color: str) -> None:
+    def add_outline(self, source: ColumnDataSource, color: str) -> None:
         """A patch outline legible on any image: a dark halo under a bright line, this figure's rows only."""
         view = CDSView(filter=GroupFilter(column_name="fig", group=self.layer))
         for width, col, alpha in ((3.5, "#000000", 0.7), (1.5, color, 1.0)):

@@ -75,3 +75,193 @@ requestAnimationFrame(() => {
   (window.hoverlay_paint_times = window.hoverlay_paint_times || {})[cb_obj.name] = performance.now();
 });
 """
+
+#: The main grid's hover, computed in the browser (:mod:`explorer.browser_hover`).
+#:
+#: args: ``cfg`` (config: one row per figure, with the hover columns of
+#: :data:`explorer.browser_hover.HOVER_COLUMNS`), ``ptr`` (the synced pointer source: written only
+#: when the pointer rests on a patch, or on a click), ``hov`` (the hovered patch's outlines, not
+#: synced), ``qsrc`` (the server's query vectors: the pinned query, or the last rested one),
+#: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
+#: source the browser writes in place) and ``me`` (this figure's row; -1 for a data change).
+#:
+#: On a pointer move to another patch: outline it in every figure, compute cosine / dot / RBF
+#: of its vector in every layer against the page's vectors of that layer (vectors arrive as
+#: float16 bits, norms as float32; the same arithmetic as :func:`explorer.kernels.similarity_map`,
+#: accumulated in float64), write the maps into the mosaics and repaint — all in this event, no
+#: message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
+#: a tap goes at once (pin / unpin). Rows with ``mode`` 0 (page vectors over the byte budget)
+#: send every patch change at once instead, and the server draws the maps, as before.
+GRID_HOVER_JS = """
+const c = cfg.data;
+let E = cfg._hoverlay;
+if (E === undefined) {
+  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0};
+}
+const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
+
+function table() {  // float16 bits -> float32, built once per page load
+  if (E.table === null) {
+    const t = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) {
+      const s = (h & 0x8000) ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+      t[h] = e === 0 ? s * m * Math.pow(2, -24)
+           : e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * Math.pow(2, e - 15);
+    }
+    E.table = t;
+  }
+  return E.table;
+}
+function decoded(bits) {  // once per page and layer
+  let out = E.dec.get(bits);
+  if (out === undefined) {
+    const t = table();
+    out = new Float32Array(bits.length);
+    for (let i = 0; i < bits.length; i++) out[i] = t[bits[i]];
+    E.dec.set(bits, out);
+  }
+  return out;
+}
+function pinned() {
+  const s = qsrc.data;
+  return s.pinned.length > 0 && s.pinned[0] === 1;
+}
+function hovered_query(h) {  // the hovered patch's vector in every layer, from the page's vectors
+  const Q = [];
+  for (let i = 0; i < c.fig.length; i++) {
+    const Hi = c.H[i], Wi = c.W[i], D = c.D[i];
+    const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
+    const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
+    const p = (h.t * Hi + yi) * Wi + xi;
+    const V = decoded(vecs[i].data.v[0]);
+    Q.push({q: V.subarray(p * D, (p + 1) * D), qn: vecs[i].data.norm[0][p]});
+  }
+  return Q;
+}
+function server_query() {
+  const s = qsrc.data;
+  if (s.fig.length === 0) return null;
+  const Q = [];
+  for (let i = 0; i < c.fig.length; i++) {
+    const j = s.fig.indexOf(c.fig[i]);
+    Q.push(j < 0 ? null : {q: s.q[j], qn: s.qn[j]});
+  }
+  return Q;
+}
+function current() {
+  const fresh = E.hover !== null && c.fig.length > 0 && vecs[0].data.v[0] === E.hover.bits;
+  if (!pinned() && fresh) return hovered_query(E.hover);
+  return server_query();
+}
+function paint(Q) {
+  for (let i = 0; i < c.fig.length; i++) {
+    const img = ovs[i].data.image[0];
+    img.fill(NaN);
+    const Hi = c.H[i], Wi = c.W[i], D = c.D[i], n = c.n[i];
+    const gy = c.gy[i], gx = c.gx[i], band = c.band[i], NC = c.ncols[i], NR = c.nrows[i];
+    const rows = NR * (Hi + gy + band) - gy, cols = NC * (Wi + gx) - gx;
+    const V = vecs[i].data.v[0], N = vecs[i].data.norm[0];
+    const q = Q === null ? null : Q[i];
+    if (q !== null && img.length === rows * cols && V.length === n * Hi * Wi * D) {
+      const F = decoded(V), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
+      for (let t = 0, p = 0; t < n; t++) {
+        const top = Math.floor(t / NC) * (Hi + gy + band) + band, left = (t % NC) * (Wi + gx);
+        for (let y = 0; y < Hi; y++) {
+          const base = (rows - 1 - top - y) * cols + left;
+          for (let x = 0; x < Wi; x++, p++) {
+            let s = 0;
+            for (let d = 0, o = p * D; d < D; d++) s += F[o + d] * qv[d];
+            if (fn === "dot") s = s * N[p] * qn;
+            else if (fn === "rbf") s = Math.exp(Math.max(0, N[p] * N[p] + qn * qn - 2 * qn * N[p] * s) * k);
+            img[base + x] = s;
+          }
+        }
+      }
+    }
+    ovs[i].change.emit();
+  }
+  const now = performance.now();
+  window.hoverlay_updates = (window.hoverlay_updates || 0) + 1;
+  window.hoverlay_browser_paints = (window.hoverlay_browser_paints || 0) + 1;
+  window.hoverlay_last_update = now;
+  const times = window.hoverlay_update_times = window.hoverlay_update_times || {};
+  for (const ov of ovs) times[ov.name] = now;
+  requestAnimationFrame(() => {
+    const t = performance.now(), paints = window.hoverlay_paint_times = window.hoverlay_paint_times || {};
+    for (const ov of ovs) paints[ov.name] = t;
+  });
+}
+function rows_for(h, click) {  // the pointer rows the server reads (tile, cell, click) and outlines
+  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: []};
+  if (h === null) {
+    out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
+    out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click);
+    return out;
+  }
+  for (let i = 0; i < c.fig.length; i++) {
+    const S = c.S[i], Hi = c.H[i], Wi = c.W[i];
+    const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
+    const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
+    const x0 = h.col * c.px[i], ytop = (c.nrows[i] - 1 - h.row) * c.py[i] + S;
+    out.fig.push(c.fig[i]); out.tile.push(h.t); out.y.push(h.y); out.x.push(h.x);
+    out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
+    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click);
+  }
+  return out;
+}
+function send(h, click) {  // the only messages of the hover path
+  if (E.timer !== null) { clearTimeout(E.timer); E.timer = null; }
+  ptr.data = rows_for(h, click);
+}
+const clicks = () => ptr.data.click.length ? ptr.data.click[0] : 0;
+
+if (me < 0) {  // page vectors, query vectors or config changed: repaint once, next frame
+  if (browser && E.frame === 0) {
+    E.frame = requestAnimationFrame(() => { E.frame = 0; paint(current()); });
+  }
+  return;
+}
+const ev = cb_obj;
+let hit = null;
+if (ev.event_name !== "mouseleave" && c.fig.length > me) {
+  const S = c.S[me], PX = c.px[me], PY = c.py[me], NC = c.ncols[me], NR = c.nrows[me];
+  const col = Math.floor(ev.x / PX), rb = Math.floor(ev.y / PY), row = NR - 1 - rb;
+  const t = row * NC + col;
+  const px = ev.x - col * PX, py = rb * PY + S - ev.y;
+  if (col >= 0 && col < NC && row >= 0 && row < NR && t < c.n[me]
+      && px >= 0 && px <= S && py >= 0 && py <= S) {
+    const s = Math.max(0, c.selected.indexOf(1));
+    const H = c.H[s], W = c.W[s];
+    hit = {t: t, col: col, row: row, H: H, W: W,
+           y: Math.min(H - 1, Math.floor(py * H / S)), x: Math.min(W - 1, Math.floor(px * W / S))};
+  }
+}
+if (ev.event_name === "tap") {
+  if (hit !== null) send(hit, clicks() + 1);
+  return;
+}
+const last = E.hover;
+if (hit === null) {
+  if (hov.data.fig.length) hov.data = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: []};
+  return;
+}
+if (last !== null && last.bits === (c.fig.length ? vecs[0].data.v[0] : null)
+    && hit.t === last.t && hit.y === last.y && hit.x === last.x && hov.data.fig.length) {
+  return;
+}
+window.hoverlay_last_move = performance.now();
+hit.bits = c.fig.length ? vecs[0].data.v[0] : null;
+E.hover = hit;
+const out = rows_for(hit, 0);
+delete out.click;
+hov.data = out;
+if (!browser) {
+  send(hit, clicks());
+  return;
+}
+if (!pinned()) {
+  paint(hovered_query(hit));
+  if (E.timer !== null) clearTimeout(E.timer);
+  E.timer = setTimeout(() => { E.timer = null; if (!pinned()) send(E.hover, clicks()); }, c.rest[me]);
+}
+"""

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import argparse
 
-from hoverlay.options import STORAGE_OPTIONS
+from hoverlay.options import STORAGE_OPTIONS, ByteSize
+
+#: Default of ``--browser-hover-budget`` (hoverlay.explorer.browser_hover uses the same number).
+DEFAULT_BROWSER_HOVER_BUDGET = "32M"
+
+
+def browser_hover_budget(text: str) -> int:
+    """``--browser-hover-budget``: a size such as 32M, or 0 for the server path always."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return ByteSize().from_value(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes such as 32M, or 0") from None
 
 #: Seconds between checks for new commits (hoverlay.explorer.reload uses it as its default).
 DEFAULT_RELOAD_INTERVAL = 2.0
@@ -34,6 +47,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--tile-px", type=int, default=None, help="tile size in pixels (default 110)")
     parser.add_argument("-k", "--k", type=int, default=None, help="top-k neighbours shown (default 8)")
     parser.add_argument("--cmap", default=None, help="overlay colour map (default viridis)")
+    parser.add_argument("--browser-hover-budget", type=browser_hover_budget, default=None, metavar="BYTES",
+                        help="pages whose shown layers' vectors fit in BYTES are hovered in the browser, "
+                             "with no message per pointer move; larger pages, or 0, use the server "
+                             f"(default {DEFAULT_BROWSER_HOVER_BUDGET})")
     parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
                         help="search top-k only on pin / button, not whenever the pointer rests "
                              "(for large stores without an index)")

@@ -232,7 +232,8 @@ def main_serve(args: argparse.Namespace) -> int:
     logging.getLogger("hoverlay.explorer").setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk")
+    options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk",
+                                                "browser_hover_budget")
                if getattr(args, name, None) is not None}
     try:
         extra = server_options(args)

@@ -28,10 +28,19 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture
 def app(store):
+    """An app on the server path (budget 0): the server computes the maps, as for a large page."""
     from hoverlay.explorer.app import create_app
 
-    layout = create_app(store, page_size=6, ncols=3, k=4)
+    layout = create_app(store, page_size=6, ncols=3, k=4, browser_hover_budget=0)
     return layout.app
+
+
+@pytest.fixture
+def browser_app(store):
+    """An app on the default browser path: the server sends vectors, the browser draws."""
+    from hoverlay.explorer.app import create_app
+
+    return create_app(store, page_size=6, ncols=3, k=4).app
 
 
 def _cosines(reader, layer, image, y, x, ids):
@@ -105,6 +114,53 @@ def test_pointer_event_updates_overlays_in_place(app):
     assert cards[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert [c["score"] for c in cards] == sorted((c["score"] for c in cards), reverse=True)
     assert all(c["src"].startswith("data:image/png;base64,") for c in cards)
+
+
+def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes(browser_app):
+    app = browser_app
+    reader = app.reader
+    assert app.path.browser and "computed in this browser" in app.controls.page_info.object
+    ids = app.page_ids()
+    for layer in ("fine", "coarse"):  # float16 bits and float32 norms of the page, flat
+        data = app.browser.vectors[layer].data
+        np.testing.assert_array_equal(data["v"][0].view(np.float16), reader.vectors(layer, ids).reshape(-1))
+        np.testing.assert_allclose(data["norm"][0], reader.norms(layer, ids).reshape(-1))
+    cfg = app.shared.config.data
+    assert cfg["mode"] == [1, 1] and cfg["fn"] == ["cosine", "cosine"] and cfg["D"] == [16, 8]
+    assert app.browser.hover.syncable is False and all(not f.source.syncable for f in app._figures)
+    before = [np.array(f.source.data["image"][0]) for f in app._figures]
+    vectors_model = app.browser.vectors["fine"].data["v"][0]
+    # a pointer rest: the server learns the query (layer view, top-k) but draws no map
+    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
+    assert app._current == Query(4, 2, 5, "fine")
+    for fig, old in zip(app._figures, before, strict=True):
+        np.testing.assert_array_equal(fig.source.data["image"][0], old)  # still all transparent
+    q = dict(zip(app.browser.query.data["fig"], app.browser.query.data["q"], strict=True))
+    np.testing.assert_allclose(q["fine"], reader.vectors("fine", 4)[2, 5].astype(np.float32))
+    np.testing.assert_allclose(q["coarse"], reader.vectors("coarse", 4)[0, 1].astype(np.float32))
+    assert app.browser.query.data["pinned"] == [0, 0]
+    assert app.topk_cards.cards[0]["image"] == 4  # the rest ran the top-k search
+    # a pin flags the query; the page's vectors are not sent again
+    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [1]})
+    assert app.browser.query.data["pinned"] == [1, 1]
+    assert app.browser.vectors["fine"].data["v"][0] is vectors_model
+    # function and sigma reach the browser through the config; a new page sends new vectors
+    app.function = "rbf"
+    assert app.shared.config.data["fn"] == ["rbf", "rbf"]
+    app.page = 2
+    assert app.browser.vectors["fine"].data["v"][0] is not vectors_model
+
+
+def test_a_page_over_the_byte_budget_takes_the_server_path_and_says_so(store):
+    from hoverlay.explorer.app import create_app
+
+    app = create_app(store, page_size=6, ncols=3, browser_hover_budget=1000).app
+    assert not app.path.browser
+    assert "exceed the browser budget of 1 kB" in app.controls.page_info.object
+    assert app.shared.config.data["mode"] == [0, 0]
+    assert app.browser.vectors["fine"].data["v"][0].size == 0
+    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
+    assert np.isfinite(app._figures[0].source.data["image"][0]).sum() == 6 * 8 * 8  # the server drew
 
 
 def test_click_pins_then_unpins(app):

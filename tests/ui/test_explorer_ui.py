@@ -125,7 +125,7 @@ def hover_cell(page, tile: int, cell: tuple[int, int], grid=FINE, steps: int = 5
     sx, sy = tile_point(page, tile, (y + 0.5) * S / grid[0], (x + 0.5) * S / grid[1])
     page.mouse.move(sx, sy, steps=steps)
     page.wait_for_function(f"""() => {{
-        const d = Bokeh.documents[0].get_model_by_name('grid-pointer').data;
+        const d = Bokeh.documents[0].get_model_by_name('grid-hover').data;
         return d.tile[0] === {tile} && d.y[0] === {y} && d.x[0] === {x}
                && (window.hoverlay_updates || 0) > {before}; }}""")
     settle(page)
@@ -174,10 +174,72 @@ def test_hover_updates_every_overlay_to_the_true_similarities(page, server, read
         else:
             assert not np.allclose(first, fine)  # a second patch really changed the maps
     # the hovered patch is outlined client-side, the mapped patch in the other layer too
-    ptr = model_data(page, "grid-pointer")
+    ptr = model_data(page, "grid-hover")
     rows = dict(zip(ptr["fig"], zip(ptr["y"], ptr["x"], ptr["w"], strict=True), strict=True))
     assert rows["fine"][:2] == (7, 0) and rows["fine"][2] == pytest.approx(S / FINE[1])
     assert rows["coarse"][2] == pytest.approx(S / COARSE[1])
+
+
+def expected_function_maps(reader, store, image: int, cell: tuple[int, int], layer: str, ids,
+                           function: str) -> np.ndarray:
+    """Independent float64 cosine / dot / RBF maps from the stored unit vectors and norms.
+
+    RBF's sigma is the layer's median norm (sigma scale 1) from the explorer's own statistics
+    sample, the one input taken from the app: it is a display setting, not part of the maths."""
+    from hoverlay.explorer.resources import compute_layer_stats
+
+    g = reader.geometry(layer)
+    y, x = cell
+    if (g.height, g.width) != FINE:
+        y = int(((y + 0.5) * S / FINE[0]) * g.height // S)
+        x = int(((x + 0.5) * S / FINE[1]) * g.width // S)
+    vecs = reader.vectors(layer, np.asarray(ids)).astype(np.float64)
+    norms = reader.norms(layer, np.asarray(ids)).astype(np.float64)
+    q = reader.vectors(layer, image)[y, x].astype(np.float64)
+    qn = float(reader.norms(layer, image)[y, x])
+    cos = np.einsum("nhwd,d->nhw", vecs, q)
+    if function == "cosine":
+        return cos
+    if function == "dot":
+        return cos * norms * qn
+    sigma = compute_layer_stats(reader, layer).norm_median
+    return np.exp(-np.maximum(norms ** 2 + qn ** 2 - 2 * qn * norms * cos, 0) / (2 * sigma ** 2))
+
+
+@pytest.mark.parametrize("function", ["cosine", "dot", "rbf"])
+def test_browser_computes_every_layer_map_for_every_function(page, server, reader, store, function):
+    """The maps are the browser's own (the server sent vectors, never a map) and equal float64."""
+    open_app(page, server, f"?function={function}")
+    page.get_by_text("hover maps computed in this browser").first.wait_for()  # the page says which path
+    ids = page_ids(page)
+    for tile, cell in ((6, (0, 7)), (1, (4, 4))):
+        hover_cell(page, tile, cell)
+        for layer in ("fine", "coarse"):
+            want = expected_function_maps(reader, store, ids[tile], cell, layer, ids, function)
+            np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, rtol=2e-3,
+                                       err_msg=f"{function} {layer} after hovering {tile} {cell}")
+    assert page.evaluate("window.hoverlay_browser_paints") >= 2
+
+
+def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, server):
+    sent: list[tuple[float, str]] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append((time.monotonic(), payload))))
+    open_app(page, server)
+    settle(page, 500)
+    ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-pointer').id")
+    cells = [(i % PAGE_SIZE, ((3 * i) % FINE[0], (5 * i) % FINE[1])) for i in range(50)]  # all different
+    points = [tile_point(page, t, (y + 0.5) * S / FINE[0], (x + 0.5) * S / FINE[1]) for t, (y, x) in cells]
+    paints = page.evaluate("window.hoverlay_browser_paints || 0")
+    sent.clear()
+    for sx, sy in points:  # 50 moves, each to another patch, faster than the 120 ms rest
+        page.mouse.move(sx, sy)
+    during = list(sent)
+    assert page.evaluate("window.hoverlay_browser_paints") - paints >= 50  # every move repainted
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile.length > 0"
+                           f" && Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile[0] === {cells[-1][0]}")
+    assert during == [], f"{len(during)} frames sent while the pointer moved: {during[:3]}"
+    after = "".join(p if isinstance(p, str) else p.decode("utf-8", "replace") for _, p in sent)
+    assert ptr_id in after  # the one message: the rest, on the pointer source
 
 
 def test_layer_view_outlines_the_mapped_patch(page, server, reader):
@@ -235,7 +297,7 @@ def test_click_pins_and_unpins_the_query(page, server, reader):
     # while pinned, moving to another patch changes the client-side outline but not the overlays
     sx2, sy2 = tile_point(page, 4, 0.5 * 8, 0.5 * 8)
     page.mouse.move(sx2, sy2, steps=5)
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile[0] === 4")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-hover').data.tile[0] === 4")
     page.wait_for_timeout(400)
     np.testing.assert_allclose(overlays(page, "fine"), pinned)
     # a second click unpins: the overlays follow the pointer again (the clicked patch)

@@ -1,0 +1,145 @@
+"""The main grid's hover computed in the browser: what the server sends, and when.
+
+Per page the server sends each shown layer's page vectors once (float16 bits as ``uint16``, norms
+as float32: ``n·H·W·(2·D + 4)`` bytes per layer) and, when it changes, the query's vector per
+layer (the pinned query, or where the pointer last rested). The browser (:data:`GRID_HOVER_JS`)
+computes every shown layer's map on each pointer move and only tells the server where the
+pointer rests (layer view, top-k) or was clicked (pin). A page whose vectors exceed the byte
+budget keeps the server path: every patch change is a message and the server draws the maps.
+
+Sources (names are what browser tests and benchmarks read):
+
+- ``grid-hover``: the hovered patch's outline in every figure, written by the browser, never
+  synced (``syncable=False``);
+- ``grid-query``: ``fig``, ``q`` (float32 unit vector), ``qn`` (norm), ``pinned`` per layer;
+- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat) and
+  ``norm`` (float32, one per patch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from bokeh.models import ColumnDataSource, CustomJS
+
+from hoverlay.options import ByteSize
+
+from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns
+from .js import GRID_HOVER_JS
+from .kernels import SIMILARITY_FUNCTIONS, QueryVector
+from .options import DEFAULT_BROWSER_HOVER_BUDGET
+
+#: Default byte budget of a page's vectors for the browser path (``--browser-hover-budget``).
+DEFAULT_BUDGET = ByteSize().from_value(DEFAULT_BROWSER_HOVER_BUDGET)
+
+#: Per-figure columns of the config source the browser path adds to :data:`figures.CONFIG_COLUMNS`.
+HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest")
+
+
+def page_vector_bytes(n_images: int, geometries: Mapping[str, tuple[int, int, int]]) -> int:
+    """Bytes the browser path sends for a page: float16 vectors and float32 norms of every layer."""
+    return sum(n_images * h * w * (2 * d + 4) for h, w, d in geometries.values())
+
+
+@dataclass(frozen=True)
+class HoverPath:
+    """Which path a page's hover takes, and why (shown on the page)."""
+
+    browser: bool
+    page_bytes: int
+    budget: int
+
+    def describe(self) -> str:
+        size = _megabytes(self.page_bytes)
+        if self.browser:
+            return f"hover maps computed in this browser ({size} of page vectors)"
+        if self.budget <= 0:
+            return "hover maps computed by the server (browser path switched off)"
+        return (f"hover maps computed by the server: this page's vectors ({size}) exceed the "
+                f"browser budget of {_megabytes(self.budget)}")
+
+
+def choose_path(n_images: int, geometries: Mapping[str, tuple[int, int, int]], budget: int) -> HoverPath:
+    """Browser path when the page's vectors fit the budget (0 or less: always the server)."""
+    nbytes = page_vector_bytes(n_images, geometries)
+    return HoverPath(budget > 0 and nbytes <= budget, nbytes, budget)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
+
+class BrowserHover:
+    """The browser path's sources and callbacks on one grid of layer figures (built with them)."""
+
+    def __init__(self, figures: Sequence[LayerFigure], shared: SharedSources, prefix: str = "grid"):
+        self.figures = list(figures)
+        self.shared = shared
+        self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
+        self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
+        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "norm": [np.zeros(0, np.float32)]},
+                                                    name=f"{prefix}-vectors:{fig.layer}")
+                        for fig in self.figures}
+        self._page: np.ndarray | None = None
+        args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
+                "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures]}
+        for i, fig in enumerate(self.figures):
+            fig.source.syncable = False  # the browser writes the mosaic in place; nothing to send back
+            fig.add_outline(self.hover, "#ffffff")
+            cb = CustomJS(args={**args, "me": i}, code=GRID_HOVER_JS)
+            for event in ("mousemove", "tap", "mouseleave"):
+                fig.plot.js_on_event(event, cb)
+        refresh = CustomJS(args={**args, "me": -1}, code=GRID_HOVER_JS)
+        for src in (shared.config, self.query, *self.vectors.values()):
+            src.js_on_change("data", refresh)
+
+    @staticmethod
+    def _query_columns() -> dict[str, list]:
+        return {"fig": [], "q": [], "qn": [], "pinned": []}
+
+    def set_page(self, ids: np.ndarray, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
+        """Send the page's vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}``; None: the
+        server path (nothing sent; what the browser had is dropped)."""
+        if vectors is None:
+            ids = np.empty(0, np.int64)
+        if self._page is not None and np.array_equal(ids, self._page):
+            return
+        self._page = np.asarray(ids).copy()
+        for layer, src in self.vectors.items():
+            if vectors is None or not len(ids):
+                bits, norms = np.zeros(0, np.uint16), np.zeros(0, np.float32)
+            else:
+                vec, nrm = vectors[layer]
+                bits = np.ascontiguousarray(vec, dtype=np.float16).reshape(-1).view(np.uint16)
+                norms = np.ascontiguousarray(nrm, dtype=np.float32).reshape(-1)
+            src.data = {"v": [bits], "norm": [norms]}
+
+    def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:
+        """The query the browser draws when pinned, or after a page change (None: no query yet)."""
+        cols = self._query_columns()
+        for layer, qv in (queries or {}).items():
+            cols["fig"].append(layer)
+            cols["q"].append(np.ascontiguousarray(qv.unit, dtype=np.float32))
+            cols["qn"].append(float(qv.norm))
+            cols["pinned"].append(int(pinned))
+        self.query.data = cols
+
+    @staticmethod
+    def config_columns(path: HoverPath, layers: Sequence[str], dims: Mapping[str, int],
+                       gaps: Mapping[str, tuple[int, int, int]], function: str,
+                       sigmas: Mapping[str, float], rest_ms: int) -> dict[str, list]:
+        """The hover columns of the config source, one row per figure (in ``layers`` order)."""
+        if function not in SIMILARITY_FUNCTIONS:
+            raise ValueError(f"unknown similarity function {function!r}")
+        return {
+            "D": [int(dims[name]) for name in layers],
+            "gy": [int(gaps[name][0]) for name in layers],
+            "gx": [int(gaps[name][1]) for name in layers],
+            "band": [int(gaps[name][2]) for name in layers],
+            "mode": [int(path.browser)] * len(layers),
+            "fn": [function] * len(layers),
+            "sigma": [float(sigmas.get(name, 1.0)) for name in layers],
+            "rest": [int(rest_ms)] * len(layers),
+        }
