@@ -293,7 +293,11 @@ class LayerFigure:
         self.add_outline(shared.pin, "#ff3b30")
         if outline_source is not None:
             self.add_outline(outline_source, "#ffffff")
-        self.colorbar = ColorBar(color_mapper=self.mapper, width=8, padding=2, margin=4,
+        # The colour bar gets a twin of the mapper: BokehJS re-lays-out a colour bar whenever its
+        # mapper maps data ("metrics changed"), which turned every hover into a full repaint of the
+        # figure (image tiles included: ~6 ms of a 9 ms paint per figure, measured in Chromium).
+        self.bar_mapper = LinearColorMapper(palette=list(palette), low=clim[0], high=clim[1])
+        self.colorbar = ColorBar(color_mapper=self.bar_mapper, width=8, padding=2, margin=4,
                                  major_label_text_font_size="9px", title_text_font_size="9px")
         self.plot.add_layout(self.colorbar, "right")
         if hover:
@@ -314,10 +318,11 @@ class LayerFigure:
         self.source.data.update(image=[self.spec.mosaic(maps, n)])  # only the image column travels
 
     def set_colors(self, palette: Sequence[str] | None = None, clim: tuple[float, float] | None = None) -> None:
-        if palette is not None:
-            self.mapper.palette = list(palette)
-        if clim is not None:
-            self.mapper.update(low=float(clim[0]), high=float(clim[1]))
+        for mapper in (self.mapper, self.bar_mapper):
+            if palette is not None:
+                mapper.palette = list(palette)
+            if clim is not None:
+                mapper.update(low=float(clim[0]), high=float(clim[1]))
 
     def set_alpha(self, alpha: float) -> None:
         self.glyph.global_alpha = float(alpha)

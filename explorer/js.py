@@ -154,6 +154,7 @@ function current() {
   return server_query();
 }
 function paint(Q) {
+  const t0 = performance.now();
   for (let i = 0; i < c.fig.length; i++) {
     const img = ovs[i].data.image[0];
     img.fill(NaN);
@@ -178,9 +179,12 @@ function paint(Q) {
         }
       }
     }
-    ovs[i].change.emit();
   }
+  const t1 = performance.now();
+  for (const ov of ovs) ov.change.emit();  // Bokeh maps the new values through the colour mapper
   const now = performance.now();
+  window.hoverlay_compute_ms = t1 - t0;
+  window.hoverlay_emit_ms = now - t1;
   window.hoverlay_updates = (window.hoverlay_updates || 0) + 1;
   window.hoverlay_browser_paints = (window.hoverlay_browser_paints || 0) + 1;
   window.hoverlay_last_update = now;

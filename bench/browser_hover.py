@@ -1,0 +1,257 @@
+"""The hover computed in the browser against the server path, measured in one run.
+
+    python -m bench.browser_hover [--images 1000] [--moves 150] [--sessions 1 20 50]
+
+For each path (``browser``: the default; ``server``: the same server with
+``--browser-hover-budget 0``, i.e. the previous design, the peer configuration) and each number of
+concurrent sessions, one server process serves a synthetic store with the default model's layer
+geometry (16 images x 3 layers: 28x28x40, 14x14x112, 7x7x320 per page). One real Chromium page
+measures pointer move -> repainted overlays: ``performance.now()`` of the native ``mousemove``
+(a capture listener on the document, before Bokeh sees it) to the animation frame after the new
+maps were written (browser path) or arrived (server path), i.e. the end of Bokeh's paint of the
+last of the three figures after that (the page is instrumented to record it). The other sessions are Bokeh-protocol
+clients (:mod:`bench.wsclient`) sending exactly what a page on that path sends: on the server path
+every patch change, on the browser path one row per rest. Every rest must be answered by a top-k
+for that patch. Reported: p50/p99 pointer->paint, server CPU seconds per pointer move (all
+sessions' moves), rests answered, server errors, and bytes a page open and a page switch receive;
+page open and page switch p50. Results: ``bench/results/browser-hover.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import report
+from bench.hover import LAYERS, PAGE, build_index, make_store
+from bench.servers import serve_explorer
+from bench.serving import cpu_seconds
+from bench.wsclient import BokehSession
+
+CHROMIUM = os.environ.get("HOVERLAY_CHROMIUM", "/usr/bin/chromium")
+SNAP = "l28"
+MOVE_RATE = 15.0  # patch changes per second of a background user while moving
+STROKE = 15  # moves per stroke, then a rest
+REST_S = 0.6
+
+PAGE_READY = f"""() => window.Bokeh && Bokeh.documents.length > 0
+    && Bokeh.index.query_one(v => v.model.name === 'grid:{SNAP}') != null
+    && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0"""
+
+
+def _pct(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99)
+
+
+# ------------------------------------------------------------------ background sessions
+class Background:
+    """``n`` hovering websocket sessions in a thread of their own until :meth:`stop`."""
+
+    def __init__(self, url: str, n: int, browser_path: bool):
+        self.url, self.n, self.browser_path = url, n, browser_path
+        self.moves = self.rests = self.answered = self.failures = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self, timeout: float = 180) -> Background:
+        self._thread.start()
+        self._ready.wait(timeout)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    async def _main(self) -> None:
+        sessions: list[BokehSession] = []
+        try:
+            for _ in range(self.n):
+                sessions.append(await BokehSession.open(self.url))
+        except Exception:
+            self.failures += 1
+        self._ready.set()
+        try:
+            await asyncio.gather(*(self._user(i, s) for i, s in enumerate(sessions)))
+        finally:
+            await asyncio.gather(*(s.close() for s in sessions))
+
+    async def _user(self, seed: int, s: BokehSession) -> None:
+        rng = random.Random(seed)
+        h, w = LAYERS[SNAP][:2]
+        await asyncio.sleep(rng.uniform(0, 1.0))
+        while not self._stop.is_set():
+            cell = (0, 0, 0)
+            for _ in range(STROKE):
+                cell = (rng.randrange(PAGE), rng.randrange(h), rng.randrange(w))
+                self.moves += 1
+                if not self.browser_path:
+                    s.pointer(*cell)
+                await asyncio.sleep(1 / MOVE_RATE)
+            if self.browser_path:  # the one message of a stroke on the browser path
+                s.pointer(*cell)
+            self.rests += 1
+            image = s.page_image_ids()[cell[0]]
+            want = f"#{image} ({cell[1]},{cell[2]})"
+            try:
+                await s.wait_for(lambda want=want: want in s.texts(), 10.0)
+                self.answered += 1
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+            await asyncio.sleep(REST_S)
+
+
+# ----------------------------------------------------------------------- the real page
+def _tile_point(page: Any, tile: int, y: int, x: int) -> tuple[float, float]:
+    h, w = LAYERS[SNAP][:2]
+    return page.evaluate(f"""([tile, fx, fy]) => {{
+        const pv = Bokeh.index.query_one(v => v.model.name === 'grid:{SNAP}');
+        const rgb = Bokeh.documents[0].get_model_by_name('grid-rgb').data;
+        const r = pv.el.getBoundingClientRect(), s = rgb.dw[tile];
+        return [r.left + pv.frame.x_scale.compute(rgb['x:{SNAP}'][tile] + fx * s),
+                r.top + pv.frame.y_scale.compute(rgb['y:{SNAP}'][tile] + s - fy * s)];
+    }}""", [tile, (x + 0.5) / w, (y + 0.5) / h])
+
+
+def measure_moves(page: Any, moves: int, seed: int) -> list[float]:
+    """Pointer -> repainted overlays (ms) for ``moves`` moves to new patches (5 warm-up moves)."""
+    names = [f"grid:{name}" for name in LAYERS]
+    # Instrumentation of this page only: when each grid figure's canvas was last painted by Bokeh
+    # (the end of its paint; the browser presents that frame next), and the native pointer event.
+    page.evaluate("""(names) => {
+        document.addEventListener('pointermove', () => { window.__move_t = performance.now(); }, {capture: true});
+        window.__painted = {};
+        for (const name of names) {
+            const pv = Bokeh.index.query_one(v => v.model.name === name);
+            const paint = pv._actual_paint.bind(pv);
+            pv._actual_paint = () => { paint(); window.__painted[name] = performance.now(); };
+        }
+    }""", names)
+    rng = np.random.default_rng(seed)
+    h, w = LAYERS[SNAP][:2]
+    out, last = [], None
+    for i in range(moves + 5):
+        cell = (int(rng.integers(PAGE)), int(rng.integers(h)), int(rng.integers(w)))
+        if cell == last:
+            continue
+        last = cell
+        sx, sy = _tile_point(page, *cell)
+        page.mouse.move(sx, sy, steps=1)
+        page.wait_for_function("""(names) => {
+            const t0 = window.__move_t, u = window.hoverlay_update_times || {}, p = window.__painted;
+            return t0 !== undefined && Object.values(u).length > 0 && Math.max(...Object.values(u)) > t0
+                   && names.every(n => p[n] > Math.max(...Object.values(u)));
+        }""", arg=names, timeout=30_000, polling="raf")
+        lat = page.evaluate("(names) => Math.max(...names.map(n => window.__painted[n])) - window.__move_t", names)
+        if i >= 5:
+            out.append(float(lat))
+    return out
+
+
+def open_and_switch(browser: Any, url: str, repeats: int) -> dict[str, Any]:
+    """Page open (goto -> grid shown) and page switch (next -> new page painted) p50, and bytes."""
+    opens, switches, open_bytes, switch_bytes = [], [], [], []
+    for _ in range(repeats):
+        ctx = browser.new_context(viewport={"width": 1600, "height": 1300})
+        page = ctx.new_page()
+        received: list[int] = []
+        page.on("websocket", lambda ws, received=received: ws.on(
+            "framereceived", lambda p: received.append(len(p))))
+        t0 = time.perf_counter()
+        page.goto(url)
+        page.wait_for_function(PAGE_READY, timeout=60_000, polling="raf")
+        opens.append((time.perf_counter() - t0) * 1000)
+        page.wait_for_timeout(800)
+        open_bytes.append(sum(received))
+        received.clear()
+        first = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-labels').data.text[0]")
+        t1 = time.perf_counter()
+        page.get_by_role("button", name="next ▶").click()
+        page.wait_for_function("""(first) => {
+            const t = Bokeh.documents[0].get_model_by_name('grid-labels').data.text;
+            return t.length > 0 && t[0] !== first; }""", arg=first, timeout=30_000, polling="raf")
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        switches.append((time.perf_counter() - t1) * 1000)
+        page.wait_for_timeout(800)
+        switch_bytes.append(sum(received))
+        ctx.close()
+    return {"open_p50_ms": float(np.median(opens)), "switch_p50_ms": float(np.median(switches)),
+            "open_MB": float(np.median(open_bytes)) / 1e6, "switch_MB": float(np.median(switch_bytes)) / 1e6}
+
+
+def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: str) -> list[dict[str, Any]]:
+    from playwright.sync_api import sync_playwright
+
+    budget = "32M" if path == "browser" else "0"
+    rows = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        for n in sessions:
+            server = serve_explorer([store], "--page-size", str(PAGE), "--tile-px", "110", "-k", "8",
+                                    "--browser-hover-budget", budget, log_dir=workdir, name=f"{path}-{n}")
+            try:
+                row: dict[str, Any] = {"path": path, "sessions": n}
+                if n == sessions[0]:
+                    row.update(open_and_switch(browser, server.url, 3))
+                page = browser.new_page(viewport={"width": 1600, "height": 1300})
+                page.goto(server.url)
+                page.wait_for_function(PAGE_READY, timeout=60_000, polling="raf")
+                page.wait_for_timeout(500)
+                bg = Background(server.url, n - 1, path == "browser").start()
+                cpu0 = cpu_seconds(server.proc.pid)
+                t0 = time.perf_counter()
+                lat = measure_moves(page, moves, seed=n)
+                wall = time.perf_counter() - t0
+                cpu = cpu_seconds(server.proc.pid) - cpu0
+                bg.stop()
+                page.close()
+                p50, p99 = _pct(lat)
+                total_moves = len(lat) + 5 + bg.moves
+                row.update(paint_p50_ms=p50, paint_p99_ms=p99, moves=total_moves, wall_s=wall,
+                           server_cpu_ms_per_move=1000 * cpu / max(1, total_moves),
+                           rests=bg.rests, rests_answered=bg.answered, session_failures=bg.failures)
+            finally:
+                server.stop()
+            text = server.log()
+            row["server_errors"] = text.count("ERROR") + text.count("Traceback")
+            rows.append(row)
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        browser.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.browser_hover", description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--moves", type=int, default=150, help="measured pointer moves in Chromium per row")
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 20, 50])
+    p.add_argument("--paths", nargs="+", default=["browser", "server"], choices=["browser", "server"])
+    p.add_argument("--stores", default=None, help="folder to keep the synthetic store in")
+    args = p.parse_args(argv)
+    folder = args.stores or tempfile.mkdtemp(prefix="hoverlay-bench-")
+    store = make_store(os.path.join(folder, f"store-{args.images}"), args.images)
+    for layer in LAYERS:  # as `hoverlay build` leaves a store: an index per layer (rests search it)
+        if not os.path.exists(os.path.join(store, "index", f"{layer}.faiss")):
+            print("index", layer, build_index(store, layer), flush=True)
+    workdir = tempfile.mkdtemp(prefix="hoverlay-bench-logs-")
+    rows = [row for path in args.paths for row in run_path(store, path, args.sessions, args.moves, workdir)]
+    path = report("browser-hover", rows, extra={
+        "page": PAGE, "layers": LAYERS, "targets": {"paint_p50_ms": 16, "paint_p99_ms": 33, "open_ms": 1000,
+                                                     "switch_ms": 300},
+        "peer": "the same server with --browser-hover-budget 0 (the server path: one message per patch change)"})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
