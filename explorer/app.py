@@ -49,7 +49,7 @@ from .paging import (
     page_containing,
     page_of,
 )
-from .resources import get_layer_stats, get_search, refresh_reader
+from .resources import get_layer_stats, get_reader, get_search, refresh_reader
 from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
 from .sweep_view import SweepView, has_sweeps
 from .text import as_plain_markdown
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 #: Colour maps offered for the overlays (names HoloViews resolves without matplotlib).
 COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis", "fire", "kbc", "coolwarm")
 #: URL query parameter of each URL-mirrored app parameter.
-URL_PARAMETERS: dict[str, str] = {"layer": "layer", "query": "query", "page": "page", "function": "function"}
+URL_PARAMETERS: dict[str, str] = {"layer": "layer", "query": "query", "query_layer": "qlayer", "page": "page",
+                                  "function": "function"}
 
 # (store, query, cards, index warning, how the hits were found)
 TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", str]
@@ -82,7 +83,10 @@ class ExplorerApp(param.Parameterized):
     # URL-mirrored. Plain strings/ints so that a bad URL value reaches our validation (and a
     # visible message) instead of failing inside param.
     layer = param.String(default="", doc="Layer whose patches the pointer snaps to.")
-    query = param.String(default="", doc="Pinned query 'image,y,x' in `layer`; '' follows the pointer.")
+    query = param.String(default="", doc="Pinned query 'image,y,x' in `query_layer`; '' follows the pointer.")
+    query_layer = param.String(default="", doc="""
+        Layer whose cell the pinned query names ('': `layer`). A pin keeps its layer when the
+        pointer snaps to another one, so its place in every layer never drifts.""")
     page = param.Integer(default=1, doc="1-based page number.")
     function = param.String(default="cosine", doc="Similarity function: cosine, dot or rbf.")
 
@@ -121,6 +125,7 @@ class ExplorerApp(param.Parameterized):
         self._drawn: Query | None = None
         self._drawn_query: tuple[Query | None, bool] | None = None  # what the browser path last got
         self._ranked: np.ndarray | None = None
+        self._ranked_for: tuple[Query, int] | None = None  # the query and patch count of the ranking
         self._last_click = 0
         self._rest_timeout: Any = None
         self._topk_busy = False
@@ -129,6 +134,7 @@ class ExplorerApp(param.Parameterized):
         self._figures: list[LayerFigure] = []
         self._query_figures: list[LayerFigure] = []
         self._updating = False
+        self._quiet = False
         self._nodelay = False
         super().__init__()
         self.param.store.objects = urls
@@ -160,35 +166,52 @@ class ExplorerApp(param.Parameterized):
             self.topk_cards,
         ]))
         self._rebuild()
-        self.param.watch(self._on_state, list(URL_PARAMETERS))
-        self.param.watch(self._on_store, ["store"])
-        self.param.watch(self._on_layout, ["layers_shown", "page_size", "ncols", "tile_px"])
-        self.param.watch(self._on_paging, ["label", "order", "seed"])
-        self.param.watch(self._on_colors, ["cmap", "sigma_scale", "value_range"])
-        self.param.watch(self._on_alpha, ["alpha"])
-        self.param.watch(lambda e: self.search_topk(), ["k"])
+        self._watch(self._on_state, list(URL_PARAMETERS))
+        self._watch(self._on_store, ["store"])
+        self._watch(self._on_layout, ["layers_shown", "page_size", "ncols", "tile_px"])
+        self._watch(self._on_paging, ["label", "order", "seed"])
+        self._watch(self._on_colors, ["cmap", "sigma_scale", "value_range"])
+        self._watch(self._on_alpha, ["alpha"])
+        self._watch(lambda e: self.search_topk(), ["k"])
         self.param.watch(self._on_message, ["message"])
-        self.param.watch(lambda *e: self._sync_widgets(), ["layer", "function", "query"])
+        self._watch(lambda *e: self._sync_widgets(), ["layer", "function", "query"])
         self._add_views(urls)  # after the watchers above: the views react to already-applied state
         self._apply_state(initial=True)
 
     # ======================================================================= store & state
+    def _watch(self, fn: Any, names: list[str]) -> None:
+        """Watch parameters, except while :meth:`_set_quietly` sets several at once."""
+        def guarded(*events: param.parameterized.Event) -> None:
+            if not self._quiet:
+                fn(*events)
+        self.param.watch(guarded, names)
+
+    def _set_quietly(self, **values: Any) -> None:
+        """Set parameters together without the app's own reactions (the caller redraws once).
+
+        Not ``discard_events``: that would also keep the sidebar's widgets on the old values (a
+        store switch left *Layers shown* naming the previous store's layers, and the browser then
+        sent those back as an invalid update).
+        """
+        self._quiet = True
+        try:
+            self.param.update(**values)
+        finally:
+            self._quiet = False
+
     def _open_store(self, url: str, initial: dict[str, Any] | None = None) -> None:
         self.reader = refresh_reader(url)  # a new session sees images committed since the last one
         self.layer_names = self.reader.layers
         self._load_table()
         self.param.layers_shown.objects = list(self.layer_names)
         initial = initial or {}
-        with param.parameterized.discard_events(self):
-            self.label = ALL_LABELS
-            self.layers_shown = list(self.layer_names if len(self.layer_names) <= 3 else self.layer_names[:1])
-            self.layer = str(initial.get("layer", self.layer_names[0]))
-            self.page = int(initial.get("page", 1))
-            self.function = str(initial.get("function", "cosine"))
-            self.query = str(initial.get("query", ""))
+        self._set_quietly(label=ALL_LABELS,
+                          layers_shown=list(self.layer_names if len(self.layer_names) <= 3 else self.layer_names[:1]),
+                          layer=str(initial.get("layer", self.layer_names[0])), page=int(initial.get("page", 1)),
+                          function=str(initial.get("function", "cosine")), query=str(initial.get("query", "")))
         self.active_layer = self.layer_names[0]  # the validated `layer`
         self._current = self._drawn = None
-        self._ranked = None
+        self._ranked = self._ranked_for = None
         self._topk_for = None
         self.engine = OverlayEngine(self.reader, [self.active_layer])
 
@@ -245,13 +268,18 @@ class ExplorerApp(param.Parameterized):
             if not 1 <= self.page <= last:
                 problems.append(f"page {self.page} does not exist; pages are 1 to {last}")
                 self.page = min(max(1, self.page), last)
+            if self.query_layer and self.query_layer not in self.layer_names:
+                problems.append(f"unknown query layer {self.query_layer!r}; this store has {self.layer_names}")
+                self.query, self.query_layer = "", ""
             if self.query:
                 try:
                     image, y, x = parse_query_text(self.query)
-                    self._current = self.engine.validate(Query(image, y, x, self.active_layer))
+                    self._current = self.engine.validate(Query(image, y, x, self.query_layer or self.active_layer))
                 except (ValueError, StoreError) as exc:
                     problems.append(f"bad query: {exc}")
-                    self.query = ""
+                    self.query, self.query_layer = "", ""
+            elif self.query_layer:
+                self.query_layer = ""
         finally:
             self._updating = False
         self._show_page()
@@ -266,13 +294,16 @@ class ExplorerApp(param.Parameterized):
                 self._request_topk()
 
     def _switch_layer(self, layer: str) -> None:
-        """Snap to another layer; the current query moves to the cell covering the same place."""
-        self.active_layer = layer
-        if self._current is not None:
+        """Snap to another layer. A pinned query stays the cell of its own layer (re-expressing it in
+        a coarser layer and back would move it: fine (12,7) -> coarse -> fine (14,6)); a hovered
+        one moves to the cell of the new layer covering the same place."""
+        old, self.active_layer = self.active_layer, layer
+        if self._current is not None and self.query:
+            if not self.query_layer:
+                self.query_layer = self._current.layer or old
+        elif self._current is not None:
             y, x = self.engine.mapped(self._current, layer)
             self._current = Query(self._current.image, y, x, layer)
-            if self.query:
-                self.query = self._current.as_text()
         if layer not in self.engine.layers:
             self._rebuild()
 
@@ -284,7 +315,10 @@ class ExplorerApp(param.Parameterized):
         self.controls.layer_select.options = self.layer_names
         self._reorder()
         self._rebuild()
-        self._apply_state()
+        self._apply_state(initial=True)
+        if event.old is not None and set(self.reader.layers) != set(get_reader(event.old).layers):
+            self._say(f"this store has other layers: showing {', '.join(self.shown_layers())}, "
+                      f"the pointer snaps to {self.active_layer}")
 
     def _url_error(self, mapped: dict[str, Any]) -> None:
         """Location sync could not apply the URL's values at once (one had the wrong type).
@@ -351,6 +385,7 @@ class ExplorerApp(param.Parameterized):
         k = min(self.reader.n_images * g.patches_per_image, max(400, 20 * self.page_size))
         top = get_search(self.store, q.layer).search(qv.unit, k)
         self._ranked = images_by_best_patch(top.ids, g.patches_per_image)
+        self._ranked_for = (q, k)
 
     # ============================================================================== views
     def _clim(self, layer: str) -> tuple[float, float]:
@@ -427,7 +462,17 @@ class ExplorerApp(param.Parameterized):
             self._show_pin()
         total = len(self._order_ids)
         self.controls.page_info.object = (f"page **{self.page}** / {n_pages(total, self.page_size)} · "
-                                          f"{total} images  \n{self.path.describe()}")
+                                          f"{total} images{self._order_note()}  \n{self.path.describe()}")
+
+    def _order_note(self) -> str:
+        """How the similarity order was found, when it is the order shown."""
+        if self.order != "similar" or self._ranked is None or self._ranked_for is None:
+            return ""
+        (q, k), ranked = self._ranked_for, int(np.isin(self._order_ids, self._ranked).sum())
+        rest = len(self._order_ids) - ranked
+        note = (f" · by similarity to #{q.image} ({q.y},{q.x}) in {q.layer}: {ranked} ranked by their best "
+                f"patch among the {k} nearest patches")
+        return note + (f", {rest} more follow in store order" if rest else "")
 
     def _send_page_vectors(self, ids: np.ndarray) -> None:
         """The browser path's page vectors (once per page), or none when the page is over budget."""
@@ -568,7 +613,7 @@ class ExplorerApp(param.Parameterized):
             if self.query:
                 self.unpin(hovered)
             else:
-                self.query = hovered.as_text()  # pin (through the URL-mirrored parameter)
+                self._pin_query(hovered)
             return
         if not self.query:
             self._current = hovered
@@ -581,10 +626,16 @@ class ExplorerApp(param.Parameterized):
 
     def pin(self, image: int, y: int, x: int) -> None:
         """Pin the query at (image, y, x) of the active layer (numeric inputs, notebooks)."""
-        self.query = f"{int(image)},{int(y)},{int(x)}"
+        self._pin_query(Query(int(image), int(y), int(x), self.active_layer))
+
+    def _pin_query(self, query: Query) -> None:
+        """Pin through the URL-mirrored parameters: the cell, and the layer it is a cell of."""
+        self._set_quietly(query_layer=query.layer)
+        self.query = query.as_text()
 
     def unpin(self, follow: Query | None = None) -> None:
         """Let the overlays follow the pointer again (starting at ``follow`` if given)."""
+        self._set_quietly(query_layer="")
         self.query = ""
         if follow is not None:
             self._current = follow
@@ -664,8 +715,7 @@ class ExplorerApp(param.Parameterized):
         """Bring an image (a top-k hit's) onto the page, clearing filters that hide it."""
         page = page_containing(self._order_ids, image, self.page_size)
         if page is None:
-            with param.parameterized.discard_events(self):
-                self.label, self.order = ALL_LABELS, "index"
+            self._set_quietly(label=ALL_LABELS, order="index")
             self._reorder()
             page = page_containing(self._order_ids, image, self.page_size) or 0
         if self.page != page + 1:
@@ -693,11 +743,13 @@ class ExplorerApp(param.Parameterized):
         c.layer_select.value = self.active_layer
         if self.function in SIMILARITY_FUNCTIONS:
             c.function_select.value = self.function
-        h, w = self._hw(self.active_layer)
+        pinned = bool(self.query) and self._current is not None
+        h, w = self._hw(self._current.layer if pinned and self._current is not None else self.active_layer)
         qimage, qy, qx = c.query_inputs
         qimage.end, qy.end, qx.end = max(0, self.reader.n_images - 1), h - 1, w - 1
         if self.query and self._current is not None:
-            c.pin_state.object = f"pinned: #{self._current.image} ({self._current.y},{self._current.x})"
+            c.pin_state.object = (f"pinned: #{self._current.image} ({self._current.y},{self._current.x}) "
+                                  f"in {self._current.layer}")
             qimage.value, qy.value, qx.value = self._current.image, self._current.y, self._current.x
         else:
             c.pin_state.object = "following the pointer"

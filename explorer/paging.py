@@ -29,8 +29,10 @@ def ordered_ids(candidates: np.ndarray, order: str = "index", seed: int = 0,
     """Candidates in display order.
 
     ``random`` is a seeded permutation (a "random sample" is its first page; a new seed draws
-    another); ``similar`` keeps the candidates that appear in ``ranked`` (image ids ranked by
-    their best patch's similarity to the query), in that order.
+    another); ``similar`` puts the candidates that appear in ``ranked`` (image ids ranked by
+    their best patch's similarity to the query) first, in that order, and every other candidate
+    after them in store order: a search that found patches of only some images must not hide the
+    rest (the app says how many were ranked).
     """
     cand = np.asarray(candidates, dtype=np.int64)
     if order == "index":
@@ -39,7 +41,7 @@ def ordered_ids(candidates: np.ndarray, order: str = "index", seed: int = 0,
         return np.random.default_rng(seed).permutation(cand)
     if order == "similar":
         ranked_a = np.asarray(ranked if ranked is not None else [], dtype=np.int64)
-        return ranked_a[np.isin(ranked_a, cand)]
+        return np.concatenate([ranked_a[np.isin(ranked_a, cand)], cand[~np.isin(cand, ranked_a)]])
     raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
 
 

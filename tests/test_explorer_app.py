@@ -193,10 +193,36 @@ def test_bad_state_gives_a_message_and_keeps_a_valid_state(app, name, value, mes
     assert app._current is not None  # still hovering fine
 
 
-def test_layer_switch_remaps_pinned_query_and_function_changes_colour_range(app):
+def test_a_pinned_query_keeps_its_cell_when_the_pointer_snaps_to_another_layer(app):
+    """Today's main re-expressed the pin in the coarser layer: fine (6,1) -> coarse (1,0) -> fine (4,2)."""
     app.query = "2,6,1"
     app.layer = "coarse"
-    assert app.query == "2,1,0" and app.message == ""
+    assert (app.query, app.query_layer, app.message) == ("2,6,1", "fine", "")
+    assert app._current == Query(2, 6, 1, "fine")
+    pin = dict(zip(app.shared.pin.data["fig"], zip(app.shared.pin.data["y"], app.shared.pin.data["x"],
+                                                   strict=True), strict=True))
+    assert pin == {"fine": (6, 1), "coarse": (1, 0)}  # the coarse outline is the mapped cell
+    app.layer = "fine"
+    assert app._current == Query(2, 6, 1, "fine") and app.query == "2,6,1"
+    # a hovered (unpinned) query follows the new layer's cells
+    app.unpin()
+    app._on_pointer("data", None, {"tile": [2], "y": [6], "x": [1], "click": [0]})
+    app.layer = "coarse"
+    assert app._current == Query(2, 1, 0, "coarse") and app.query_layer == ""
+
+
+def test_a_pin_names_its_layer_in_the_url_state(app):
+    app.layer = "coarse"
+    app._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [0]})
+    app._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [1]})
+    assert (app.query, app.query_layer) == ("3,1,1", "coarse")
+    app.param.update(query="4,7,7", query_layer="fine")  # a URL naming a fine cell while snapping to coarse
+    assert app._current == Query(4, 7, 7, "fine") and app.message == ""
+    app.query_layer = "bogus"
+    assert "unknown query layer 'bogus'" in app.message and app.query == ""
+
+
+def test_function_changes_colour_range(app):
     coarse = next(f for f in app._figures if f.layer == "coarse")
     app.function = "dot"
     from hoverlay.explorer.resources import get_layer_stats
@@ -214,6 +240,21 @@ def test_paging_and_similarity_order(app):
     app._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
     app.sort_by_similarity()
     assert app.order == "similar" and app.page_ids()[0] == 0  # the query image is most similar
+    # every image stays reachable, those the search found first (today's main dropped the others)
+    assert sorted(app._order_ids.tolist()) == list(range(24))
+    ranked = int(np.isin(app._order_ids, app._ranked).sum())
+    assert app._order_ids[:ranked].tolist() == [i for i in app._ranked.tolist()]
+    info = app.controls.page_info.object
+    assert f"{ranked} ranked by their best patch among the 400 nearest patches" in info
+    assert (ranked == 24) or f"{24 - ranked} more follow in store order" in info
+
+
+def test_similarity_order_keeps_unranked_candidates_after_the_ranked_ones():
+    from hoverlay.explorer.paging import ordered_ids
+
+    cand = np.array([1, 2, 3, 5, 8])
+    assert ordered_ids(cand, "similar", ranked=[8, 4, 2]).tolist() == [8, 2, 1, 3, 5]
+    assert ordered_ids(cand, "similar", ranked=[]).tolist() == [1, 2, 3, 5, 8]
 
 
 def test_export_png_is_the_page_grid(app):
@@ -339,3 +380,27 @@ def test_opening_a_topk_card_brings_its_image_onto_the_page_and_bad_messages_are
     for junk in ({"open": "../etc"}, {"open": None}, "open", {"open": 10**30}, {"open": -5}):
         app.topk_cards._handle_msg(junk)
         assert 1 <= app.page <= 4 and len(app.page_ids()) > 0
+
+
+def test_switching_to_a_store_with_other_layers_shows_its_own_layers_with_a_message(store, tmp_path):
+    """Today's main left *Layers shown* naming the old store's layers (events discarded), which the
+    page then sent back: 'unknown layer', an empty grid."""
+    from hoverlay.explorer.app import create_app
+
+    other = str(tmp_path / "other")
+    make_synthetic_store(other, 10, layers={"b1": LayerGeometry(4, 4, 8), "b2": LayerGeometry(2, 2, 8)},
+                         image_size=S, chunk=8, labels=("p",), seed=5)
+    app = create_app([store, other], page_size=6).app
+    layers_widget = next(w for w in app.controls.sidebar if getattr(w, "name", "") == "Layers shown")
+    layer_select = app.controls.layer_select
+    app.store = other
+    assert app.layers_shown == ["b1", "b2"] and app.layer == "b1"
+    assert layers_widget.value == ["b1", "b2"] and list(layers_widget.options) == ["b1", "b2"]
+    assert layer_select.value == "b1" and list(layer_select.options) == ["b1", "b2"]
+    assert "other layers: showing b1, b2" in app.message
+    assert [f.layer for f in app._figures] == ["b1", "b2"]
+    app._on_pointer("data", None, {"tile": [2], "y": [3], "x": [1], "click": [0]})
+    assert app._current == Query(2, 3, 1, "b1")
+    assert app.browser.query.data["fig"] == ["b1", "b2"]
+    app.store = store  # and back
+    assert app.layers_shown == ["fine", "coarse"] and layers_widget.value == ["fine", "coarse"]
