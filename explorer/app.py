@@ -18,9 +18,10 @@ thread, one at a time per session, the latest request winning.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,6 +71,20 @@ TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", str]
 
 def palette(name: str) -> list[str]:
     return list(process_cmap(name, 256))
+
+
+def _held(method: Callable[..., None]) -> Callable[..., None]:
+    """Run a method inside ``pn.io.hold``: rebuilt figures and their first data leave together.
+
+    Unheld, the figures of a rebuild reached the browser in one message and their page images in
+    a later one that BokehJS did not apply (seen on a sweep store with groups: Columns, Page size
+    or a store switch left the grid without images until a reload).
+    """
+    @functools.wraps(method)
+    def run(self: ExplorerApp, *args: Any, **kwargs: Any) -> None:
+        with pn.io.hold(self._doc):
+            method(self, *args, **kwargs)
+    return run
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -148,8 +163,13 @@ class ExplorerApp(param.Parameterized):
             self.param.update(**params)
         self._reorder()
         self.controls: Controls = build_controls(self)
-        self._grid_row = pn.Row()
-        self._query_row = pn.Row()
+        # Rows that wrap: three layers of four 110 px columns are wider than a 1600 px window
+        # beside the sidebar, and a Row would overflow it horizontally
+        wrap = {"styles": {"flex-wrap": "wrap", "gap": "4px 12px"}, "sizing_mode": "stretch_width"}
+        self._grid_row = pn.Row(**wrap)
+        self._query_row = pn.Row(**wrap, visible=False)
+        self._query_head = pn.pane.Markdown("**Query patch in every shown layer**: hover a patch",
+                                            margin=(10, 10, 0, 10))
         self._topk_head = pn.pane.Markdown("**Top-k**: hover a patch", margin=(0, 10))
         self.topk_cards = TopKCards(on_open=self.open_image, sizing_mode="stretch_width")
         self.groups = GroupsOverlay(self)
@@ -159,8 +179,7 @@ class ExplorerApp(param.Parameterized):
             self.groups.panel,
             self._grid_row,
             self.groups.legend,
-            pn.pane.Markdown("**Query patch in every shown layer** (outline: the mapped patch)",
-                             margin=(10, 10, 0, 10)),
+            self._query_head,
             self._query_row,
             self._topk_head,
             self.topk_cards,
@@ -193,11 +212,11 @@ class ExplorerApp(param.Parameterized):
         store switch left *Layers shown* naming the previous store's layers, and the browser then
         sent those back as an invalid update).
         """
-        self._quiet = True
+        quiet, self._quiet = self._quiet, True
         try:
             self.param.update(**values)
         finally:
-            self._quiet = False
+            self._quiet = quiet
 
     def _open_store(self, url: str, initial: dict[str, Any] | None = None) -> None:
         self.reader = refresh_reader(url)  # a new session sees images committed since the last one
@@ -245,6 +264,7 @@ class ExplorerApp(param.Parameterized):
         log.info("explorer: %s", text)
         self.message = text
 
+    @_held
     def _apply_state(self, initial: bool = False, problems: Sequence[str] = ()) -> None:
         """Validate the URL-mirrored parameters (bad ones: message + fallback), then redraw.
 
@@ -310,10 +330,17 @@ class ExplorerApp(param.Parameterized):
     def _on_state(self, *events: param.parameterized.Event) -> None:
         self._apply_state()
 
+    @_held
     def _on_store(self, event: param.parameterized.Event) -> None:
-        self._open_store(event.new)
-        self.controls.layer_select.options = self.layer_names
-        self._reorder()
+        # quiet until the new store's state is whole: the sidebar's widgets answer their new
+        # options by writing values back (Layers shown), which would redraw with half of it
+        quiet, self._quiet = self._quiet, True
+        try:
+            self._open_store(event.new)
+            self._reorder()
+            self.controls.layer_select.options = self.layer_names
+        finally:
+            self._quiet = quiet
         self._rebuild()
         self._apply_state(initial=True)
         if event.old is not None and set(self.reader.layers) != set(get_reader(event.old).layers):
@@ -364,6 +391,7 @@ class ExplorerApp(param.Parameterized):
         else:
             self._on_paging()
 
+    @_held
     def _on_paging(self, *events: param.parameterized.Event) -> None:
         if self.order == "similar" and self._ranked is None:
             self._rank_similar()
@@ -426,7 +454,7 @@ class ExplorerApp(param.Parameterized):
             self._figures.append(LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal,
                                              clim=clim, alpha=self.alpha, title=title, hover=False))
             self._query_figures.append(LayerFigure(name, self.qspecs[name], self.qshared, index=i, palette=pal,
-                                                   clim=clim, alpha=self.alpha, title=title, prefix="query",
+                                                   clim=clim, alpha=self.alpha, title=name, prefix="query",
                                                    hover=False, outline_source=self.mapped_source))
         self.browser = BrowserHover(self._figures, self.shared)
         self.path = HoverPath(False, 0, self.browser_hover_budget)
@@ -435,6 +463,8 @@ class ExplorerApp(param.Parameterized):
         self.groups.attach(self._figures)
         self._grid_row.objects = [pn.pane.Bokeh(f.plot) for f in self._figures]
         self._query_row.objects = [pn.pane.Bokeh(f.plot) for f in self._query_figures]
+        self._query_row.visible = False  # until there is a query: no empty colour bars
+        self._query_head.object = "**Query patch in every shown layer**: hover a patch"
         self._shown_images = np.empty(0, dtype=np.int64)
         self._query_image = -1
         self._drawn = None
@@ -532,8 +562,12 @@ class ExplorerApp(param.Parameterized):
                 for col, v in (("fig", fig.layer), ("tile", 0), ("y", y), ("x", x),
                                *fig.spec.outline(0, y, x).items()):
                     rows[col].append(v)
-                fig.title.text = f"{fig.layer} ({y},{x}) · #{query.image} {label}"
+                fig.title.text = f"{fig.layer} ({y},{x})"  # short: the figure is one tile wide
             self.mapped_source.data = rows
+            self._query_head.object = (f"**Query patch in every shown layer**: #{query.image} "
+                                       f"{as_plain_markdown(str(label))} "
+                                       f"(outline: the cell it maps to in each layer)")
+            self._query_row.visible = True
 
     def _show_pin(self) -> None:
         """Outline the pinned query on its tile in every layer, if its image is on the page."""
@@ -565,6 +599,7 @@ class ExplorerApp(param.Parameterized):
             for fig in self._figures + self._query_figures:
                 fig.set_alpha(event.new)
 
+    @_held
     def _on_layout(self, *events: param.parameterized.Event) -> None:
         self._rebuild()
         self._apply_state()
@@ -593,6 +628,8 @@ class ExplorerApp(param.Parameterized):
             views = [None, *(v for v in (self.sweep_view, self.compare_view) if v is not None)]
             # a view builds its figures when its tab is first shown, not at session start
             self.tabs.param.watch(lambda e: views[e.new] and views[e.new].activate(), "active")
+            # the sidebar's controls drive the Explorer tab only: elsewhere they would do nothing
+            self.tabs.param.watch(lambda e: setattr(self.controls.sidebar, "visible", e.new == 0), "active")
 
     # ============================================================================ pointer
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:

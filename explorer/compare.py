@@ -215,7 +215,7 @@ class CompareView:
             pn.Row(*self.layer_selects, pn.Column(pn.Row(prev_b, next_b, self.page_info), margin=(18, 0, 0, 0))),
             self.status, self._figure_row, margin=(0, 0, 0, 16), name="Compare models")
         self.built = False
-        app.param.watch(lambda e: self.built and self._build(), ["page_size", "ncols", "tile_px"])
+        app.param.watch(lambda *e: self.built and self._build(), ["page_size", "ncols", "tile_px"])
         app.param.watch(self._on_colors, ["cmap", "alpha"])
 
     def activate(self) -> None:

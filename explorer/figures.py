@@ -39,6 +39,7 @@ from bokeh.models import (
     Image,
     ImageRGBA,
     LinearColorMapper,
+    NumeralTickFormatter,
     Plot,
     Range1d,
     Rect,
@@ -297,7 +298,10 @@ class LayerFigure:
         # mapper maps data ("metrics changed"), which turned every hover into a full repaint of the
         # figure (image tiles included: ~6 ms of a 9 ms paint per figure, measured in Chromium).
         self.bar_mapper = LinearColorMapper(palette=list(palette), low=clim[0], high=clim[1])
+        # compact labels ("12.5k"): a dot product's range reaches thousands, and long labels were
+        # cut off at the figure's edge
         self.colorbar = ColorBar(color_mapper=self.bar_mapper, width=8, padding=2, margin=4,
+                                 formatter=NumeralTickFormatter(format="0.[00]a"),
                                  major_label_text_font_size="9px", title_text_font_size="9px")
         self.plot.add_layout(self.colorbar, "right")
         if hover:

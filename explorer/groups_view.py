@@ -194,7 +194,7 @@ class GroupsOverlay:
         self._renderers: dict[str, tuple[GlyphRenderer, GlyphRenderer]] = {}
         self._page_groups: dict[str, np.ndarray] = {}
         self.mode.param.watch(lambda e: self._apply_mode(), "value")
-        app.param.watch(lambda e: self._apply_mode(), ["alpha"])
+        app.param.watch(lambda *e: self._apply_mode(), ["alpha"])
 
     def attach(self, figures: Sequence[LayerFigure]) -> None:
         """Add a group-image glyph to every figure whose layer has groups (just above the similarity)."""

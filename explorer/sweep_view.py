@@ -62,8 +62,8 @@ class SweepView:
             margin=(0, 0, 0, 16), name="Transform sweep")
         self.built = self._refreshing = False
         self.base_select.param.watch(lambda e: self._refreshing or self._build(), "value")
-        app.param.watch(lambda e: self.built and self.refresh(), ["store"])
-        app.param.watch(lambda e: self.built and self._build(), ["layers_shown", "layer", "tile_px"])
+        app.param.watch(lambda *e: self.built and self.refresh(), ["store"])
+        app.param.watch(lambda *e: self.built and self._build(), ["layers_shown", "layer", "tile_px"])
         app.param.watch(self._on_colors, ["cmap", "alpha"])
 
     # -------------------------------------------------------------------------- state

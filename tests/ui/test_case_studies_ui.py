@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_models import model_data
+from browser_models import ensure_live, model_data
 from conftest import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,9 +100,10 @@ def open_tab(page, title: str, figure: str) -> None:
 
 def tile_point(page, figure: str, rgb: str, key: str, tile: int, py: float, px: float) -> tuple[float, float]:
     """Viewport coordinates of image pixel (px, py) of a tile, from the browser's own layout."""
+    ensure_live(page)
     return page.evaluate("""([figure, rgb, key, tile, px, py]) => {
-        const pv = Bokeh.index.query_one(v => v.model.name === figure);
-        const d = Bokeh.documents[0].get_model_by_name(rgb).data;
+        const pv = Bokeh.index.query_one(v => v.model.name === figure && v.el.isConnected);
+        const d = window.hoverlay_live(rgb).data;
         const x = d['x:' + key][tile] + px, y = d['y:' + key][tile] + d.dh[tile] - py;
         const r = pv.el.getBoundingClientRect();
         return [r.left + pv.frame.x_scale.compute(x), r.top + pv.frame.y_scale.compute(y)];
@@ -126,7 +127,7 @@ def tiles(page, overlay: str, rgb: str, key: str, size: int) -> np.ndarray:
     """Per-tile arrays (n, H, W) cut out of a figure's mosaic where the browser draws the tiles."""
     data = model_data(page, overlay)
     pos = page.evaluate("""([rgb, key]) => {  // only the positions: the images are large
-        const d = Bokeh.documents[0].get_model_by_name(rgb).data;
+        const d = window.hoverlay_live(rgb).data;
         return {x: Array.from(d['x:' + key]), y: Array.from(d['y:' + key])}; }""", [rgb, key])
     img = data["image"][0]
     mosaic = np.asarray(img["values"]).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
@@ -265,3 +266,83 @@ def test_compare_view_updates_both_stores_on_one_hover(page, readers):
             np.testing.assert_allclose(got, cosines(reader, layer, ids[tile], cell, ids), atol=2e-3,
                                        err_msg=f"store {k} after hovering {figure}")
     shot(page, "compare")
+
+
+def set_widget(page, title: str, value) -> None:
+    """Change a sidebar widget's value in the browser, as a user's edit does (it syncs to the server)."""
+    page.evaluate("""([title, value]) => {
+        const m = [...Bokeh.documents[0].all_models].find(m => m.title === title && 'value' in m);
+        m.value = value; }""", [title, value])
+
+
+def test_layout_changes_on_a_page_with_groups_keep_the_grid_and_the_hover(page, readers, browser, server):
+    """Today's main: on a sweep store with NMF groups served beside another store, changing Columns
+    or Page size blanked the grid ('reference pNNNN isn't known' in the console) until a reload."""
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1100})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        pg.goto(server)
+        figure = f"grid:{LAYER_A}"
+        pg.wait_for_function(f"""() => window.Bokeh && Bokeh.documents.length > 0
+            && Bokeh.index.query_one(v => v.model.name === '{figure}') != null""")
+        reader = readers[0]
+        s, g = reader.image_size, reader.geometry(LAYER_A)
+        for step, (title, value, n_tiles) in enumerate((("Columns", 2, PAGE_SIZE), ("Page size", 6, 6),
+                                                        ("Tile px", 70, 6), ("Columns", 3, 6))):
+            ensure_live(pg)
+            before = pg.evaluate("() => window.hoverlay_live('grid-rgb').id")
+            set_widget(pg, title, value)
+            pg.wait_for_function(f"""([n, before]) => {{  // the rebuilt figure, shown, with its images
+                const v = Bokeh.index.query_one(v => v.model.name === '{figure}' && v.el.isConnected);
+                const rgb = window.hoverlay_live('grid-rgb');
+                return v != null && v.el.getBoundingClientRect().width > 0
+                       && rgb != null && rgb.id !== before && rgb.data.image.length === n; }}""",
+                                 arg=[n_tiles, before])
+            tile, cell = step % n_tiles, (step + 2, 10 - step)
+            xy = tile_point(pg, figure, "grid-rgb", LAYER_A, tile, (cell[0] + 0.5) * s / g.height,
+                            (cell[1] + 0.5) * s / g.width)
+            move_and_wait(pg, xy, [f"grid-overlay:{LAYER_A}"])
+            got = tiles(pg, f"grid-overlay:{LAYER_A}", "grid-rgb", LAYER_A, s)
+            want = cosines(reader, LAYER_A, tile, cell, range(n_tiles))  # index order: tile t is image t
+            np.testing.assert_allclose(got, want, atol=2e-3, err_msg=f"after {title}={value}")
+        assert not [e for e in errors if "isn't known" in e or "reference" in e], errors
+        # the groups switch still works on the rebuilt figures
+        pg.get_by_role("button", name="groups", exact=True).click()
+        pg.wait_for_function(f"""() => window.hoverlay_live('grid-groups:{LAYER_A}')
+            .data.image[0].shape[0] > 1""")
+        assert not [e for e in errors if "isn't known" in e], errors
+    finally:
+        ctx.close()
+
+
+def test_switching_store_to_one_with_other_layers_shows_its_layers_and_hovers(browser, server, readers):
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1100})
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    try:
+        pg.goto(server)
+        pg.wait_for_function(f"""() => window.Bokeh && Bokeh.documents.length > 0
+            && Bokeh.index.query_one(v => v.model.name === 'grid:{LAYER_A}') != null""")
+        store_b = [m for m in pg.evaluate("""() => [...Bokeh.documents[0].all_models]
+            .filter(m => m.title === 'Store').map(m => m.options)""")[0] if "resnet18" in str(m)][0]
+        set_widget(pg, "Store", store_b if isinstance(store_b, str) else store_b[0])
+        figure = f"grid:{LAYER_B}"
+        pg.wait_for_function(f"""() => {{
+            const v = Bokeh.index.query_one(v => v.model.name === '{figure}');
+            return v != null && v.el.isConnected && v.el.getBoundingClientRect().width > 0; }}""")
+        pg.get_by_text("this store has other layers").first.wait_for()
+        shown = pg.evaluate("""() => [...Bokeh.documents[0].all_models]
+            .find(m => m.title === 'Layers shown').value""")
+        assert shown == [LAYER_B]
+        reader = readers[1]
+        s, g = reader.image_size, reader.geometry(LAYER_B)
+        xy = tile_point(pg, figure, "grid-rgb", LAYER_B, 1, 2.5 * s / g.height, 3.5 * s / g.width)
+        move_and_wait(pg, xy, [f"grid-overlay:{LAYER_B}"])
+        got = tiles(pg, f"grid-overlay:{LAYER_B}", "grid-rgb", LAYER_B, s)
+        np.testing.assert_allclose(got, cosines(reader, LAYER_B, 1, (2, 3), range(reader.n_images)), atol=2e-3)
+    finally:
+        ctx.close()
