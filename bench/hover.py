@@ -229,7 +229,8 @@ def bench_explorer_memory(url: str, layer: str, hovers: int = 60, seed: int = 4)
 
     g = LAYERS[layer]
     with tempfile.TemporaryDirectory() as logs:
-        server = serve_explorer([url], "--page-size", str(PAGE), "--tile-px", "110", log_dir=logs)
+        server = serve_explorer([url], "--page-size", str(PAGE), "--tile-px", "110", "--browser-hover-budget", "0",
+                                log_dir=logs)
         try:
             async def session() -> int:
                 s = await BokehSession.open(server.url, f"?layer={layer}")

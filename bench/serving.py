@@ -124,7 +124,8 @@ def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workd
     rows = []
     for live in (True, False):
         for n in sessions:
-            server = serve_explorer([store], "--page-size", "8", "-k", "5", *([] if live else ["--no-live-topk"]),
+            server = serve_explorer([store], "--page-size", "8", "-k", "5", "--browser-hover-budget", "0",
+                                    *([] if live else ["--no-live-topk"]),
                                     log_dir=workdir, name=f"load-{n}-{live}")
             try:
                 cpu0 = cpu_seconds(server.proc.pid)
@@ -158,7 +159,7 @@ async def _reload(url: str, store: str, commits: int, interval: float) -> list[f
 
 
 def bench_reload(store: str, commits: int, interval: float, workdir: str) -> dict[str, Any]:
-    server = serve_explorer([store], "--page-size", "8", "--reload-interval", str(interval), log_dir=workdir,
+    server = serve_explorer([store], "--page-size", "8", "--browser-hover-budget", "0", "--reload-interval", str(interval), log_dir=workdir,
                            name="reload")
     try:
         idle0 = cpu_seconds(server.proc.pid)

@@ -10,6 +10,10 @@ server cannot tell the difference). Three servers start together when the module
   forked processes;
 - ``plain``: ``panel serve explorer/app_module.py`` with the stores in ``HOVERLAY_STORE``.
 
+The servers run the server hover path (``--browser-hover-budget 0``: every patch change is a
+message and the server draws the maps), the one these clients time; the browser path, where the
+server only hears rests and clicks, is tested in tests/ui and tests/test_explorer_app.py.
+
 Every server writes its log to a file, and tests that must not provoke errors read the part of
 the log written while they ran. Heavier variants (more sessions, longer runs, many kills) are in
 ``bench/serving.py``.
@@ -54,6 +58,8 @@ pytestmark = pytest.mark.slow
 S = 64
 LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(4, 4, 32)}
 PAGE_SIZE, K = 8, 5
+#: The hover path these websocket clients time: the server one (see the module docstring).
+SERVER_PATH = ("--browser-hover-budget", "0")
 PASSWD = "root:x:0:0"  # what /etc/passwd starts with: it must never reach a client
 USERS = {"alice": "correct horse battery"}
 
@@ -99,18 +105,19 @@ def servers(stores, tmp_path_factory):
     out = {
         "main": launch("main", [py, "-m", "hoverlay.explorer.serve", stores["a"], stores["b"], stores["c"],
                                 "--port", str(main_port), "--page-size", str(PAGE_SIZE), "-k", str(K),
-                                "--reload-interval", "0.5"],
+                                "--reload-interval", "0.5", *SERVER_PATH],
                        f"http://127.0.0.1:{main_port}/", logs),
         "auth": launch("auth", [py, "-m", "hoverlay", "serve", stores["a"], "--port", str(auth_port),
                                 "--basic-auth", str(users), "--prefix", "hv", "--num-procs", "2",
-                                "--page-size", str(PAGE_SIZE)],
+                                "--page-size", str(PAGE_SIZE), *SERVER_PATH],
                        f"http://127.0.0.1:{auth_port}/hv/", logs,
                        env={"PANEL_COOKIE_SECRET": secrets.token_urlsafe(24)}),
         "plain": launch("plain", [py, "-m", "panel", "serve", "explorer/app_module.py", "--port", str(plain_port),
                                   "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{plain_port}",
                                   "--liveness"],
                         f"http://127.0.0.1:{plain_port}/", logs,
-                        env={"HOVERLAY_STORE": os.pathsep.join([stores["a"], stores["b"]])}),
+                        env={"HOVERLAY_STORE": os.pathsep.join([stores["a"], stores["b"]]),
+                             "HOVERLAY_BROWSER_HOVER_BUDGET": "0"}),
     }
     yield out
     for server in out.values():
