@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,9 +62,14 @@ log = logging.getLogger(__name__)
 
 #: Colour maps offered for the overlays (names HoloViews resolves without matplotlib).
 COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis", "fire", "kbc", "coolwarm")
-#: URL query parameter of each URL-mirrored app parameter.
-URL_PARAMETERS: dict[str, str] = {"layer": "layer", "query": "query", "query_layer": "qlayer", "page": "page",
-                                  "function": "function"}
+#: URL query parameter of each URL-mirrored app parameter: the whole view, so that a reloaded
+#: (or shared) URL shows exactly what the user saw.
+URL_PARAMETERS: dict[str, str] = {
+    "store_key": "store", "layers_shown": "layers", "layer": "layer", "query": "query", "query_layer": "qlayer",
+    "page": "page", "page_size": "page_size", "ncols": "ncols", "function": "function", "value_range": "range",
+    "label": "label", "order": "order", "seed": "seed", "tab": "tab"}
+#: Parameters that options (CLI, Python) may set at start and the store switch resets.
+STATE_OPTIONS = ("layer", "query", "page", "function")
 
 # (store, query, cards, index warning, how the hits were found)
 TopKResult = tuple[str, Query, list[dict[str, Any]], "str | None", str]
@@ -123,6 +129,8 @@ class ExplorerApp(param.Parameterized):
     live_topk = param.Boolean(default=True, doc="Search top-k whenever the pointer rests (else on pin / button).")
     topk_delay_ms = param.Integer(default=120, bounds=(0, None), doc="Pointer rest before the slow views update.")
     message = param.String(default="")
+    store_key = param.String(default="", doc="The store's short name in the URL (never its server path).")
+    tab = param.Integer(default=0, doc="Shown tab: 0 the explorer, then transform sweep / compare models.")
     browser_hover_budget = param.Integer(default=DEFAULT_BUDGET, bounds=(0, None), doc="""
         Largest page (bytes of float16 vectors and norms of the shown layers) whose hover maps the
         browser computes; larger pages, or 0, use the server path (a message per patch change).""")
@@ -130,7 +138,7 @@ class ExplorerApp(param.Parameterized):
         Show a 'Compare models' tab for two stores with the same images (paired by content hash);
         None: whenever two of the given stores share images.""")
 
-    def __init__(self, stores: Sequence[str], **params: Any):
+    def __init__(self, stores: Sequence[str], url: dict[str, Any] | None = None, **params: Any):
         urls = [str(s) for s in stores]
         if not urls:
             raise ValueError("the explorer needs at least one store")
@@ -156,11 +164,24 @@ class ExplorerApp(param.Parameterized):
         store = str(params.pop("store", urls[0]))
         if store not in urls:
             raise ValueError(f"store {store!r} is not one of {urls}")
+        self.store_keys = store_keys(urls)
+        url = dict(url or {})
+        problems: list[str] = []
+        if url.get("store_key") not in (None, ""):
+            key = str(url["store_key"])
+            if key in self.store_keys.values():
+                store = next(u for u, k in self.store_keys.items() if k == key)
+            else:
+                problems.append(f"unknown store {key!r}; choose from {sorted(self.store_keys.values())}")
+        url.pop("store_key", None)
         with param.parameterized.discard_events(self):
-            self.store = store
-        self._open_store(store, initial={k: params.pop(k) for k in list(params) if k in URL_PARAMETERS})
+            self.param.update(store=store, store_key=self.store_keys[store])
+        self._open_store(store, initial={k: params.pop(k) for k in list(params) if k in STATE_OPTIONS})
         with param.parameterized.discard_events(self):
             self.param.update(**params)
+        tab = url.pop("tab", None)
+        problems += self._set_url_values(url)
+        problems += self._check_layers_shown()
         self._reorder()
         self.controls: Controls = build_controls(self)
         # Rows that wrap: three layers of four 110 px columns are wider than a 1600 px window
@@ -195,7 +216,12 @@ class ExplorerApp(param.Parameterized):
         self.param.watch(self._on_message, ["message"])
         self._watch(lambda *e: self._sync_widgets(), ["layer", "function", "query"])
         self._add_views(urls)  # after the watchers above: the views react to already-applied state
-        self._apply_state(initial=True)
+        if tab is not None:
+            problems += self._set_url_values({"tab": tab})
+        problems += self._on_tab()
+        self._apply_state(initial=True, problems=problems)
+        if self.order == "similar" and self._current is not None:  # a URL in similarity order
+            self._on_paging()
 
     # ======================================================================= store & state
     def _watch(self, fn: Any, names: list[str]) -> None:
@@ -225,7 +251,7 @@ class ExplorerApp(param.Parameterized):
         self.param.layers_shown.objects = list(self.layer_names)
         initial = initial or {}
         self._set_quietly(label=ALL_LABELS,
-                          layers_shown=list(self.layer_names if len(self.layer_names) <= 3 else self.layer_names[:1]),
+                          layers_shown=self._default_layers(),
                           layer=str(initial.get("layer", self.layer_names[0])), page=int(initial.get("page", 1)),
                           function=str(initial.get("function", "cosine")), query=str(initial.get("query", "")))
         self.active_layer = self.layer_names[0]  # the validated `layer`
@@ -324,7 +350,7 @@ class ExplorerApp(param.Parameterized):
         elif self._current is not None:
             y, x = self.engine.mapped(self._current, layer)
             self._current = Query(self._current.image, y, x, layer)
-        if layer not in self.engine.layers:
+        if self.shown_layers() != [f.layer for f in self._figures]:
             self._rebuild()
 
     def _on_state(self, *events: param.parameterized.Event) -> None:
@@ -332,6 +358,7 @@ class ExplorerApp(param.Parameterized):
 
     @_held
     def _on_store(self, event: param.parameterized.Event) -> None:
+        self._set_quietly(store_key=self.store_keys[event.new])
         # quiet until the new store's state is whole: the sidebar's widgets answer their new
         # options by writing values back (Layers shown), which would redraw with half of it
         quiet, self._quiet = self._quiet, True
@@ -347,23 +374,63 @@ class ExplorerApp(param.Parameterized):
             self._say(f"this store has other layers: showing {', '.join(self.shown_layers())}, "
                       f"the pointer snaps to {self.active_layer}")
 
-    def _url_error(self, mapped: dict[str, Any]) -> None:
-        """Location sync could not apply the URL's values at once (one had the wrong type).
+    def _check_layers_shown(self) -> list[str]:
+        """Layers shown must be layers of the store (param does not check a list it is given)."""
+        unknown = [name for name in self.layers_shown if name not in self.layer_names]
+        if not unknown and isinstance(self.layers_shown, list):
+            return []
+        self._set_quietly(layers_shown=self._default_layers())
+        return [f"bad URL value layers={unknown!r}: this store has {self.layer_names}"]
 
-        Values are set without events, type failures collected, then the whole state is
-        validated once, so a URL with several bad values reports all of them in one message.
-        """
+    def _default_layers(self) -> list[str]:
+        return list(self.layer_names if len(self.layer_names) <= 3 else self.layer_names[:1])
+
+    def _set_url_values(self, mapped: dict[str, Any]) -> list[str]:
+        """Set URL values without the app's reactions; a value param refuses becomes a problem."""
         problems = []
-        with param.parameterized.discard_events(self):
-            for name, value in mapped.items():
+        for name, value in mapped.items():
+            if value is None:
+                continue
+            try:
+                self._set_quietly(**{name: value})
+            except Exception:  # wrong type for the parameter, e.g. ?layer=3 -> int
                 try:
-                    setattr(self, name, value)
-                except Exception:  # wrong type for the parameter, e.g. ?layer=3 -> int
-                    try:
-                        setattr(self, name, str(value))
-                    except Exception as exc:
-                        problems.append(f"bad URL value {name}={value!r}: {exc}")
+                    self._set_quietly(**{name: str(value)})
+                except Exception:
+                    problems.append(f"bad URL value {URL_PARAMETERS.get(name, name)}={value!r}")
+        return problems
+
+    @_held
+    def apply_url(self, mapped: dict[str, Any]) -> None:
+        """Show the view a URL names (the browser's back / forward, an edited address).
+
+        Values are set without reactions, the ones param refuses collected, then the page is
+        redrawn once and the whole state validated, so a URL with several bad values reports all
+        of them in one message and no value undoes another (a label filter resetting the page).
+        """
+        mapped = {k: v for k, v in mapped.items() if k in URL_PARAMETERS and not _same(v, getattr(self, k))}
+        if not mapped:
+            return  # the URL says what is shown (e.g. the browser reporting the address it opened)
+        layout = {"store_key", "layers_shown", "layer", "page_size", "ncols"} & set(mapped)
+        problems = []
+        key = mapped.pop("store_key", None)
+        if key not in (None, "", self.store_key):
+            urls = [u for u, k in self.store_keys.items() if k == str(key)]
+            if urls:
+                self.store = urls[0]
+            else:
+                problems.append(f"unknown store {key!r}; choose from {sorted(self.store_keys.values())}")
+        problems += self._set_url_values(mapped)
+        problems += self._check_layers_shown()
+        problems += self._on_tab()
+        self._reorder()
+        if layout:
+            self._rebuild()
         self._apply_state(problems=problems)
+
+    def _url_error(self, mapped: dict[str, Any]) -> None:
+        """What Panel's location sync calls when it could not apply the URL's values at once."""
+        self.apply_url(mapped)
 
     # ============================================================================= paging
     def _reorder(self) -> None:
@@ -419,7 +486,8 @@ class ExplorerApp(param.Parameterized):
     def _clim(self, layer: str) -> tuple[float, float]:
         st = get_layer_stats(self.store, layer)
         nonnegative = {"auto": st.nonnegative, "positive": True, "symmetric": False}[self.value_range]
-        return color_range(self.function, nonnegative=nonnegative, norm_hi=st.norm_hi)
+        function = self.function if self.function in SIMILARITY_FUNCTIONS else "cosine"  # not yet validated
+        return color_range(function, nonnegative=nonnegative, norm_hi=st.norm_hi)
 
     def _sigmas(self) -> dict[str, float]:
         return {name: get_layer_stats(self.store, name).norm_median * self.sigma_scale
@@ -507,7 +575,7 @@ class ExplorerApp(param.Parameterized):
     def _send_page_vectors(self, ids: np.ndarray) -> None:
         """The browser path's page vectors (once per page), or none when the page is over budget."""
         geometries = {}
-        for name in self.shown_layers():
+        for name in self.browser.vectors:  # the figures' layers
             g = self.reader.geometry(name)
             geometries[name] = (g.height, g.width, g.dim)
         self.path = choose_path(len(ids), geometries, self.browser_hover_budget)
@@ -628,8 +696,22 @@ class ExplorerApp(param.Parameterized):
             views = [None, *(v for v in (self.sweep_view, self.compare_view) if v is not None)]
             # a view builds its figures when its tab is first shown, not at session start
             self.tabs.param.watch(lambda e: views[e.new] and views[e.new].activate(), "active")
-            # the sidebar's controls drive the Explorer tab only: elsewhere they would do nothing
-            self.tabs.param.watch(lambda e: setattr(self.controls.sidebar, "visible", e.new == 0), "active")
+            self.tabs.param.watch(lambda e: setattr(self, "tab", e.new), "active")
+        self._watch(lambda e: self._on_tab(), ["tab"])
+
+    def _on_tab(self) -> list[str]:
+        """Show the tab ``tab`` names (0 when there is no such tab: the problem is returned); the
+        sidebar only on the Explorer tab, where its controls act (elsewhere they would do nothing)."""
+        tabs = getattr(self, "tabs", None)
+        n = len(tabs) if tabs is not None else 1
+        problems = []
+        if not 0 <= self.tab < n:
+            problems.append(f"tab {self.tab} does not exist; tabs are 0 to {n - 1}")
+            self._set_quietly(tab=0)
+        if tabs is not None and tabs.active != self.tab:
+            tabs.active = self.tab
+        self.controls.sidebar.visible = self.tab == 0
+        return problems
 
     # ============================================================================ pointer
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:
@@ -806,19 +888,112 @@ class ExplorerApp(param.Parameterized):
             self._show_overlays(self._current, force=True)
 
 
+def _same(url_value: Any, value: Any) -> bool:
+    """Whether a URL value names the current value (the URL carries ``2`` and ``"2"`` alike)."""
+    if url_value == value:
+        return True
+    try:
+        return json.dumps(url_value) == json.dumps(value) or str(url_value) == str(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def store_keys(urls: Sequence[str]) -> dict[str, str]:
+    """Short unique names of the stores for the URL: the last path part, numbered if repeated."""
+    out: dict[str, str] = {}
+    for url in urls:
+        base = str(url).rstrip("/").rsplit("/", 1)[-1] or "store"
+        key, n = base, 2
+        while key in out.values():
+            key, n = f"{base}-{n}", n + 1
+        out[url] = key
+    return out
+
+
+class UrlState(param.Parameterized):
+    """The view as the URL holds it, between Panel's location sync and the app.
+
+    Its parameters take any value, so that whatever a URL holds reaches
+    :meth:`ExplorerApp.apply_url` (validation, one message for all bad values) instead of failing
+    inside param; and the app applies a changed URL in one step, so that no value's reaction
+    undoes another's (a label filter resetting the page to 1).
+    """
+
+    def __init__(self, **params: Any):
+        for name in URL_PARAMETERS:
+            self.param.add_parameter(name, param.Parameter(default=None))
+        super().__init__(**params)
+        self._app: ExplorerApp | None = None
+        self._location: Any = None
+        self._opened: dict[str, Any] | None = None
+        self._writing = False
+
+    def values(self) -> dict[str, Any]:
+        """The URL's values by app parameter name (None: not in the URL)."""
+        return {name: getattr(self, name) for name in URL_PARAMETERS}
+
+    def follow(self, app: ExplorerApp, location: Any) -> None:
+        """Mirror the app's state from now on, and hand URL changes to it."""
+        self._app, self._location = app, location
+        self._opened = self.values()  # the address the page was opened with
+        self._write(app)
+        app.param.watch(lambda *e: self._write(app), list(URL_PARAMETERS))
+        self.param.watch(self._read, list(URL_PARAMETERS))
+
+    def publish(self) -> None:
+        """Write the whole view into the address bar (once the page is connected)."""
+        if self._app is None or self._location is None:
+            return
+        query = {}
+        for name, key in URL_PARAMETERS.items():
+            value = getattr(self._app, name)
+            query[key] = value if isinstance(value, str) else json.dumps(value)
+        self._writing = True
+        try:
+            self._location.update_query(**query)
+        finally:
+            self._writing = False
+
+    def _write(self, app: ExplorerApp) -> None:
+        self._writing = True
+        try:
+            self.param.update(**{name: getattr(app, name) for name in URL_PARAMETERS})
+        finally:
+            self._writing = False
+
+    def _read(self, *events: param.parameterized.Event) -> None:
+        if self._writing or self._app is None:
+            return
+        values = {e.name: e.new for e in events}
+        opened, self._opened = self._opened, None
+        if opened is not None and all(_same(v, opened.get(k)) for k, v in values.items()):
+            # the page reporting the address it was opened with, after the app already applied
+            # (and corrected) it: write the view back instead of applying it a second time
+            self.publish()
+            return
+        self._app.apply_url(values)
+
+
 def create_app(stores: Sequence[str] | str, **options: Any) -> pn.viewable.Viewable:
     """Build one session's explorer as a servable Panel layout.
 
     ``stores`` is one store URL or a list (a selector appears for several). ``options`` set
     :class:`ExplorerApp` parameters (``layer``, ``page_size``, ``k``, ``cmap``, ...). In a server
-    session, layer, query, page and similarity function are mirrored in the URL.
+    session the whole view is mirrored in the URL (:data:`URL_PARAMETERS`), and a URL's values
+    override the options.
     The app object is available as ``layout.app``.
     """
     urls = [stores] if isinstance(stores, str) else list(stores)
-    app = ExplorerApp(urls, **options)
     doc = pn.state.curdoc
-    if pn.state.location is not None and doc is not None and doc.session_context is not None:
-        pn.state.location.sync(app, URL_PARAMETERS, on_error=app._url_error)
+    location = pn.state.location if doc is not None and doc.session_context is not None else None
+    if location is None:
+        app = ExplorerApp(urls, **options)
+    else:
+        url_state = UrlState()
+        location.sync(url_state, URL_PARAMETERS)  # the URL's values, untyped, into url_state
+        app = ExplorerApp(urls, url=url_state.values(), **options)
+        url_state.follow(app, location)
+        pn.state.onload(url_state.publish)
     pn.state.onload(app.on_load)  # a server session and a notebook cell alike
     layout = app.layout
     layout.app = app  # type: ignore[attr-defined]

@@ -404,3 +404,40 @@ def test_switching_to_a_store_with_other_layers_shows_its_own_layers_with_a_mess
     assert app.browser.query.data["fig"] == ["b1", "b2"]
     app.store = store  # and back
     assert app.layers_shown == ["fine", "coarse"] and layers_widget.value == ["fine", "coarse"]
+
+
+def test_a_url_restores_the_whole_view(store, tmp_path):
+    from hoverlay.explorer.app import ExplorerApp
+
+    other = str(tmp_path / "second")
+    make_synthetic_store(other, 8, layers=LAYERS, image_size=S, chunk=8, labels=("x",), seed=2)
+    url = {"store_key": "store", "layers_shown": ["coarse"], "layer": "coarse", "query": "7,6,1",
+           "query_layer": "fine", "page": 2, "page_size": 3, "ncols": 2, "function": "dot",
+           "value_range": "symmetric", "label": "y", "order": "random", "seed": 4}
+    app = ExplorerApp([other, store], url=url)
+    assert app.store == store and app.message == ""
+    for name, value in url.items():
+        assert getattr(app, name) == value, name
+    assert [f.layer for f in app._figures] == ["coarse"]
+    assert app._current == Query(7, 6, 1, "fine")
+    labels = app.reader.table()["label"]
+    ids = app.page_ids()
+    assert len(ids) == 3 and all(labels[i] == "y" for i in ids)
+    assert app.specs["coarse"].ncols == 2
+    # applying a URL in one step: the label filter does not reset the page the same URL names
+    app.apply_url({"label": "x", "page": 2, "seed": 4})
+    assert (app.label, app.page) == ("x", 2) and all(labels[i] == "x" for i in app.page_ids())
+
+
+def test_bad_url_values_of_the_new_keys_give_one_message_and_a_valid_view(store):
+    from hoverlay.explorer.app import ExplorerApp
+
+    app = ExplorerApp([store], url={"store_key": "nope", "page_size": "many", "ncols": 99, "label": "<b>zz</b>",
+                                    "layers_shown": ["bogus"], "tab": 5, "value_range": 3})
+    for says in ("unknown store 'nope'", "bad URL value page_size='many'", "bad URL value ncols=99",
+                 "bad URL value label='<b>zz</b>'", "bad URL value layers=['bogus']", "tab 5 does not exist",
+                 "bad URL value range=3"):
+        assert says in app.message, says
+    assert (app.page_size, app.ncols, app.label, app.layers_shown, app.tab) == (16, 4, "(all)", ["fine", "coarse"], 0)
+    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
+    assert app._current == Query(0, 1, 1, "fine")

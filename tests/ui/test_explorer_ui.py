@@ -371,3 +371,33 @@ def test_plain_panel_serve_of_the_app_module(page, store, reader, tmp_path):
         np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
     finally:
         plain.stop()
+
+
+def test_a_url_with_the_whole_view_restores_it_and_a_reload_keeps_it(page, server, reader):
+    from urllib.parse import parse_qs, urlsplit
+
+    query = ('?store=store&layers=["coarse"]&layer=fine&query=13,5,2&qlayer=fine&page=2&page_size=6'
+             '&ncols=3&function=dot&range=symmetric&label=dog&order=index&seed=0&tab=0')
+    open_app(page, server, query)
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+
+    def state() -> dict:
+        got = {k: v[0] for k, v in parse_qs(urlsplit(page.url).query).items()}
+        shown = page.evaluate("""() => [...Bokeh.documents[0].all_models]
+            .filter(m => typeof m.name === 'string' && m.name.startsWith('grid:')).map(m => m.name)""")
+        return {"url": got, "figures": sorted(shown), "ids": page_ids(page)}
+
+    first = state()
+    labels = reader.table()["label"]
+    dogs = [i for i in range(reader.n_images) if labels[i] == "dog"]
+    assert first["ids"] == dogs[6:12]  # page 2 of 6 of the dog images
+    assert first["figures"] == ["grid:coarse", "grid:fine"]  # coarse shown, fine snaps the pointer
+    for key, value in (("layer", "fine"), ("query", "13,5,2"), ("page", "2"), ("page_size", "6"),
+                       ("ncols", "3"), ("function", "dot"), ("range", "symmetric"), ("label", "dog")):
+        assert first["url"][key] == value, key
+    cfg = model_data(page, "grid-config")
+    assert cfg["ncols"] == [3, 3] and cfg["fn"] == ["dot", "dot"]
+    page.reload()
+    open_app(page, server, "?" + urlsplit(page.url).query)
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+    assert state() == first
