@@ -38,9 +38,9 @@ from .browser_hover import DEFAULT_BUDGET, BrowserHover, HoverPath, choose_path
 from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls
 from .engine import OverlayEngine, Query, parse_query_text
-from .export import compose_grid_png
+from .export import ExportLayer, compose_grid_png
 from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs
-from .groups_view import GroupsOverlay
+from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .kernels import SIMILARITY_FUNCTIONS, QueryVector, color_range, images_by_best_patch
 from .paging import (
     ALL_LABELS,
@@ -844,16 +844,25 @@ class ExplorerApp(param.Parameterized):
 
     # ============================================================================= export
     def export_png(self) -> io.BytesIO:
-        """The current page with its overlays as a PNG (what the download button serves)."""
+        """The current page as shown, as a PNG (what the download button serves): overlays, colour
+        bars, the query's cell outlined on its tile, and for the groups overlay its colours and legend."""
         ids = self._shown_images
         pixels = self.reader.pixels(ids) if ids.size else np.zeros((0, 1, 1, 3), np.uint8)
-        shown = self.shown_layers()
-        maps: dict[str, np.ndarray | None] = dict.fromkeys(shown)
-        if self._current is not None:
-            maps.update(self.engine.page_maps(self._current, self.function, self._sigmas()))
-        png = compose_grid_png(pixels, maps, {n: self._clim(n) for n in shown}, palette(self.cmap),
-                               self.alpha, min(self.ncols, self.page_size),
-                               [f"#{i} {self._labels[i]}" for i in ids])
+        shown = [f.layer for f in self._figures]
+        q = self._current
+        maps = self.engine.page_maps(q, self.function, self._sigmas()) if q is not None else {}
+        tile = np.flatnonzero(ids == q.image) if q is not None else np.empty(0)
+        groups, legend = self.groups.export(ids)
+        layers = {}
+        for name in shown:
+            cell = None
+            if q is not None and tile.size:
+                cell = (int(tile[0]), *self.engine.mapped(q, name))
+            layers[name] = ExportLayer(maps.get(name), self._clim(name), self._hw(name), cell, groups.get(name))
+        function = self.function if self.function in SIMILARITY_FUNCTIONS else "cosine"
+        png = compose_grid_png(pixels, layers, palette(self.cmap), self.alpha, min(self.ncols, self.page_size),
+                               [f"#{i} {self._labels[i]}" for i in ids], function=function,
+                               group_colors=GROUP_PALETTE, legend=legend)
         return io.BytesIO(png)
 
     # ================================================================== widgets & session

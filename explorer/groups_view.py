@@ -246,6 +246,20 @@ class GroupsOverlay:
         if legend:
             self._show_legend(mode != "similarity")
 
+    def export(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+        """What an exported PNG shows of the groups: per layer ``(n, H, W)`` groups of the page,
+        and legend entries ``(colour, text)``; nothing while the overlay shows similarity only."""
+        if self.mode.value == "similarity" or not self._figures:
+            return {}, []
+        out, legend = {}, []
+        for fig in self._figures:
+            got = read_groups(self.app.reader, fig.layer, np.asarray(ids, dtype=np.int64))
+            if got is not None:
+                out[fig.layer] = got[0]
+            k = int(self.layers.get(fig.layer, {}).get("k", 0))
+            legend += [(GROUP_PALETTE[g % len(GROUP_PALETTE)], f"{fig.layer} group {g}") for g in range(k)]
+        return out, legend
+
     def _group_image(self, fig: LayerFigure, mosaic: np.ndarray, mode: str) -> np.ndarray:
         colors = group_colors(mosaic)
         if mode != "groups + similarity":

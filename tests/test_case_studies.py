@@ -7,6 +7,8 @@ The browser tests (tests/ui/test_case_studies_ui.py) prove the same numbers reac
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -177,7 +179,7 @@ def test_groups_overlay_colours_the_page_from_stored_groups(tmp_path):
     url = str(tmp_path / "groups")
     make_synthetic_store(url, 6, layers=LAYERS, image_size=S, chunk=4)
     factorize(url, "coarse", k=3, images=[0, 1, 2, 3], quiet=True)
-    app = create_app(url, page_size=6, ncols=3).app
+    app = create_app(url, page_size=6, ncols=3, browser_hover_budget=0).app  # the server draws: readable here
     g = app.groups
     assert list(g.layers) == ["coarse"] and g.panel.visible
     g.mode.value = "groups"
@@ -194,6 +196,19 @@ def test_groups_overlay_colours_the_page_from_stored_groups(tmp_path):
     assert all(r.visible for r in g._renderers["coarse"])
     app._on_pointer("data", None, {"tile": [1], "y": [2], "x": [3], "click": [0]})
     assert np.nanmax(fig.source.data["image"][0]) == pytest.approx(1.0, abs=2e-3)
+    # the exported PNG shows the groups' colours and their legend under the grids
+    from PIL import Image
+
+    from hoverlay.explorer.export import palette_rgb
+    from hoverlay.explorer.groups_view import GROUP_PALETTE
+
+    png = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    legend_row = png[-12]  # through one row of 12 px swatches (18 px from the bottom): x = 0, 120, 240
+    for g_i in range(3):
+        assert legend_row[120 * g_i + 5].tolist() == palette_rgb([GROUP_PALETTE[g_i]])[0].tolist()
+    g.mode.value = "similarity"
+    plain = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    assert plain.shape[0] < png.shape[0]  # no legend without the groups overlay
 
 
 # ----------------------------------------------------------------------------------- compare

@@ -257,14 +257,39 @@ def test_similarity_order_keeps_unranked_candidates_after_the_ranked_ones():
     assert ordered_ids(cand, "similar", ranked=[]).tolist() == [1, 2, 3, 5, 8]
 
 
-def test_export_png_is_the_page_grid(app):
+def test_export_png_is_the_page_as_shown_with_colour_bars_and_the_query_outlined(app):
     from PIL import Image
 
-    app._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
-    img = Image.open(io.BytesIO(app.export_png().getvalue()))
-    ncols, gap, band, title = 3, 6, 14, 16
+    from hoverlay.explorer.app import palette
+    from hoverlay.explorer.export import colorize
+
+    app._on_pointer("data", None, {"tile": [1], "y": [3], "x": [5], "click": [0]})
+    img = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    ncols, gap, band, title, bar_w, bar_text = 3, 6, 14, 16, 10, 44
     grid_w = ncols * (S + gap) - gap
-    assert img.size == (2 * grid_w + 3 * gap, title + 2 * (S + gap + band) - gap)
+    grid_h = 2 * (S + gap + band) - gap
+    block_w = grid_w + gap + bar_w + bar_text
+    assert img.shape[:2] == (title + grid_h, 2 * block_w + 2 * gap)
+    pal = palette(app.cmap)
+    for li, layer in enumerate(("fine", "coarse")):
+        ox = li * (block_w + 2 * gap)
+        bar = img[title:title + grid_h, ox + grid_w + gap + bar_w // 2]  # the colour bar column
+        clim = app._clim(layer)
+        top, _ = colorize(np.array([clim[1]]), clim, pal)
+        bottom, _ = colorize(np.array([clim[0]]), clim, pal)
+        assert bar[0].tolist() == top[0].tolist() and bar[-1].tolist() == bottom[0].tolist()
+    # the query cell of tile 1 (fine (3, 5): an S/8 px cell) is outlined in red over a black halo
+    x0, y0 = 1 * (S + gap), title + band
+    cell = S // 8
+    edge = img[y0 + 3 * cell + cell // 2, x0 + 5 * cell - 1: x0 + 5 * cell + 3]
+    assert any(p.tolist() == [255, 59, 48] for p in edge) and any(p.tolist() == [0, 0, 0] for p in edge)
+    # the similarity itself: a pixel inside another tile's cell is the image blended with the map colour
+    maps = app.engine.page_maps(app._current, "cosine")["fine"]
+    px = app.reader.pixels(np.array([0]))[0].astype(np.float32)
+    y, x = 2 * cell + 1, 6 * cell + 1  # cell (2, 6) of tile 0, off the outline
+    rgb, _ = colorize(np.array([maps[0, 2, 6]]), app._clim("fine"), pal)
+    want = (px[y, x] * (1 - app.alpha) + rgb[0] * app.alpha).round()
+    np.testing.assert_allclose(img[title + band + y, x], want, atol=1)
 
 
 def test_explorer_never_imports_torch():
