@@ -51,6 +51,7 @@ from .paging import (
     page_containing,
     page_of,
 )
+from .prefetch import PagePrefetch
 from .resources import get_layer_stats, get_reader, get_search, refresh_reader
 from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
 from .sweep_view import SweepView, has_sweeps
@@ -91,6 +92,11 @@ def _held(method: Callable[..., None]) -> Callable[..., None]:
         with pn.io.hold(self._doc):
             method(self, *args, **kwargs)
     return run
+
+
+def _prefetch_executor() -> ThreadPoolExecutor:
+    return pn.state.as_cached("hoverlay-prefetch", ThreadPoolExecutor, max_workers=1,
+                              thread_name_prefix="hoverlay-prefetch")
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -156,6 +162,7 @@ class ExplorerApp(param.Parameterized):
         self._topk_for: tuple[Query, int, str] | None = None
         self._figures: list[LayerFigure] = []
         self._query_figures: list[LayerFigure] = []
+        self._prefetch = PagePrefetch(_prefetch_executor)
         self._updating = False
         self._quiet = False
         self._nodelay = False
@@ -206,7 +213,7 @@ class ExplorerApp(param.Parameterized):
             self.topk_cards,
         ]))
         self._rebuild()
-        self._watch(self._on_state, list(URL_PARAMETERS))
+        self._watch(self._on_state, [*STATE_OPTIONS, "query_layer"])
         self._watch(self._on_store, ["store"])
         self._watch(self._on_layout, ["layers_shown", "page_size", "ncols", "tile_px"])
         self._watch(self._on_paging, ["label", "order", "seed"])
@@ -545,11 +552,17 @@ class ExplorerApp(param.Parameterized):
         with pn.io.hold(self._doc):
             if not np.array_equal(ids, self._shown_images):
                 s = self.reader.image_size
-                pixels = self.reader.pixels(ids) if ids.size else np.zeros((0, s, s, 3), np.uint8)
+                layers = list(self.browser.vectors)
+                ahead = self._prefetch.take(self.reader, ids, layers)
+                pixels = (ahead.pixels if ahead is not None else self.reader.pixels(ids)) if ids.size \
+                    else np.zeros((0, s, s, 3), np.uint8)
                 self.shared.set_images(self.specs, pixels, [f"#{i} {self._labels[i]}" for i in ids])
                 self._shown_images = ids
                 self.groups.show_page(ids)
-                self._send_page_vectors(ids)
+                self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
+                # read the next page while this one is looked at (browser path: with its vectors)
+                self._prefetch.request(self.reader, page_of(self._order_ids, self.page, self.page_size),
+                                       layers if self.path.browser else [])
             self._send_config()
             for fig in self._figures + self._query_figures:
                 fig.set_colors(clim=self._clim(fig.layer))  # the similarity function may have changed
@@ -572,8 +585,10 @@ class ExplorerApp(param.Parameterized):
                 f"patch among the {k} nearest patches")
         return note + (f", {rest} more follow in store order" if rest else "")
 
-    def _send_page_vectors(self, ids: np.ndarray) -> None:
-        """The browser path's page vectors (once per page), or none when the page is over budget."""
+    def _send_page_vectors(self, ids: np.ndarray,
+                           ahead: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """The browser path's page vectors (once per page; ``ahead``: already read), or none when
+        the page is over budget."""
         geometries = {}
         for name in self.browser.vectors:  # the figures' layers
             g = self.reader.geometry(name)
@@ -581,7 +596,8 @@ class ExplorerApp(param.Parameterized):
         self.path = choose_path(len(ids), geometries, self.browser_hover_budget)
         vectors = None
         if self.path.browser:
-            vectors = {name: (self.reader.vectors(name, ids), self.reader.norms(name, ids))
+            vectors = {name: (ahead[name] if ahead is not None and name in ahead
+                              else (self.reader.vectors(name, ids), self.reader.norms(name, ids)))
                        if ids.size else (np.zeros(0, np.float16), np.zeros(0, np.float32))
                        for name in geometries}
         self.browser.set_page(ids, vectors)

@@ -466,3 +466,29 @@ def test_bad_url_values_of_the_new_keys_give_one_message_and_a_valid_view(store)
     assert (app.page_size, app.ncols, app.label, app.layers_shown, app.tab) == (16, 4, "(all)", ["fine", "coarse"], 0)
     app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
     assert app._current == Query(0, 1, 1, "fine")
+
+
+def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(browser_app, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hoverlay.explorer.prefetch import PagePrefetch
+
+    app = browser_app
+    layers = list(app.browser.vectors)
+    nxt = np.arange(6, 12)
+    ahead = app._prefetch._futures.get(app._prefetch._key(app.reader, nxt, layers))
+    assert ahead is not None  # page 2 requested once page 1 was shown
+    data = ahead.result()
+    np.testing.assert_array_equal(data.pixels, app.reader.pixels(nxt))
+    np.testing.assert_array_equal(data.vectors["fine"][0], app.reader.vectors("fine", nxt))
+    app.page = 2  # takes it: the request is consumed, page 3 is requested
+    assert app._prefetch._key(app.reader, nxt, layers) not in app._prefetch._futures
+    np.testing.assert_array_equal(app.browser.vectors["fine"].data["v"][0].view(np.float16),
+                                  app.reader.vectors("fine", nxt).reshape(-1))
+    # a read that fails (here: images past the store's end) is not an empty page, it is read again
+    pool = ThreadPoolExecutor(1)
+    prefetch = PagePrefetch(lambda: pool)
+    bad = np.array([22, 23, 24])
+    prefetch.request(app.reader, bad, layers)
+    assert prefetch.take(app.reader, bad, layers) is None
+    pool.shutdown()
