@@ -15,11 +15,9 @@ frame after the change).
 
 from __future__ import annotations
 
-#: CustomJS for ``mousemove``, ``tap`` and ``mouseleave`` on a grid figure.
-#: args: ptr (pointer source), cfg (config source: one row per figure), me (this figure's row).
-POINTER_JS = """
-const ev = cb_obj;
-const c = cfg.data;
+#: Finds the tile and the snapping layer's cell under a pointer event ``ev`` on figure row ``me``
+#: of the config columns ``c``: declares ``hit`` ({t, col, row, H, W, y, x}, or null off the tiles).
+FIND_HIT_JS = """
 let hit = null;
 if (ev.event_name !== "mouseleave" && c.fig.length > me) {
   const S = c.S[me], PX = c.px[me], PY = c.py[me], NC = c.ncols[me], NR = c.nrows[me];
@@ -34,7 +32,37 @@ if (ev.event_name !== "mouseleave" && c.fig.length > me) {
            y: Math.min(H - 1, Math.floor(py * H / S)), x: Math.min(W - 1, Math.floor(px * W / S))};
   }
 }
-const d = ptr.data;
+"""
+
+#: ``rows_for(c, hit, click)``: the pointer source's rows for a hit (tile, cell, click) with the
+#: outline of the mapped cell in every figure of the config columns ``c``; one "left" row for null.
+ROWS_FOR_JS = """
+function rows_for(c, h, click) {
+  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: []};
+  if (h === null) {
+    out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
+    out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click);
+    return out;
+  }
+  for (let i = 0; i < c.fig.length; i++) {
+    const S = c.S[i], Hi = c.H[i], Wi = c.W[i];
+    const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
+    const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
+    const x0 = h.col * c.px[i], ytop = (c.nrows[i] - 1 - h.row) * c.py[i] + S;
+    out.fig.push(c.fig[i]); out.tile.push(h.t); out.y.push(h.y); out.x.push(h.x);
+    out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
+    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click);
+  }
+  return out;
+}
+"""
+
+#: CustomJS for ``mousemove``, ``tap`` and ``mouseleave`` on a grid figure.
+#: args: ptr (pointer source), cfg (config source: one row per figure), me (this figure's row).
+POINTER_JS = ROWS_FOR_JS + """
+const ev = cb_obj;
+const c = cfg.data;
+""" + FIND_HIT_JS + """const d = ptr.data;
 const last = d.tile.length ? [d.tile[0], d.y[0], d.x[0]] : [-1, -1, -1];
 let click = d.click.length ? d.click[0] : 0;
 if (ev.event_name === "tap") {
@@ -45,23 +73,8 @@ if (ev.event_name === "tap") {
 } else if (hit.t === last[0] && hit.y === last[1] && hit.x === last[2]) {
   return;
 }
-const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: []};
-if (hit === null) {
-  out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
-  out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click);
-} else {
-  for (let i = 0; i < c.fig.length; i++) {
-    const S = c.S[i], Hi = c.H[i], Wi = c.W[i];
-    const yi = Math.min(Hi - 1, Math.floor((hit.y + 0.5) * Hi / hit.H));
-    const xi = Math.min(Wi - 1, Math.floor((hit.x + 0.5) * Wi / hit.W));
-    const x0 = hit.col * c.px[i], ytop = (c.nrows[i] - 1 - hit.row) * c.py[i] + S;
-    out.fig.push(c.fig[i]); out.tile.push(hit.t); out.y.push(hit.y); out.x.push(hit.x);
-    out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
-    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click);
-  }
-  window.hoverlay_last_move = performance.now();
-}
-ptr.data = out;
+if (hit !== null) window.hoverlay_last_move = performance.now();
+ptr.data = rows_for(c, hit, click);
 """
 
 #: CustomJS on every overlay source's ``data``: counts and times updates for tests and benchmarks
@@ -92,7 +105,7 @@ requestAnimationFrame(() => {
 #: message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
 #: a tap goes at once (pin / unpin). Rows with ``mode`` 0 (page vectors over the byte budget)
 #: send every patch change at once instead, and the server draws the maps, as before.
-GRID_HOVER_JS = """
+GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
 if (E === undefined) {
@@ -195,27 +208,9 @@ function paint(Q) {
     for (const ov of ovs) paints[ov.name] = t;
   });
 }
-function rows_for(h, click) {  // the pointer rows the server reads (tile, cell, click) and outlines
-  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: []};
-  if (h === null) {
-    out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
-    out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click);
-    return out;
-  }
-  for (let i = 0; i < c.fig.length; i++) {
-    const S = c.S[i], Hi = c.H[i], Wi = c.W[i];
-    const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
-    const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
-    const x0 = h.col * c.px[i], ytop = (c.nrows[i] - 1 - h.row) * c.py[i] + S;
-    out.fig.push(c.fig[i]); out.tile.push(h.t); out.y.push(h.y); out.x.push(h.x);
-    out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
-    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click);
-  }
-  return out;
-}
 function send(h, click) {  // the only messages of the hover path
   if (E.timer !== null) { clearTimeout(E.timer); E.timer = null; }
-  ptr.data = rows_for(h, click);
+  ptr.data = rows_for(cfg.data, h, click);
 }
 const clicks = () => ptr.data.click.length ? ptr.data.click[0] : 0;
 
@@ -226,21 +221,7 @@ if (me < 0) {  // page vectors, query vectors or config changed: repaint once, n
   return;
 }
 const ev = cb_obj;
-let hit = null;
-if (ev.event_name !== "mouseleave" && c.fig.length > me) {
-  const S = c.S[me], PX = c.px[me], PY = c.py[me], NC = c.ncols[me], NR = c.nrows[me];
-  const col = Math.floor(ev.x / PX), rb = Math.floor(ev.y / PY), row = NR - 1 - rb;
-  const t = row * NC + col;
-  const px = ev.x - col * PX, py = rb * PY + S - ev.y;
-  if (col >= 0 && col < NC && row >= 0 && row < NR && t < c.n[me]
-      && px >= 0 && px <= S && py >= 0 && py <= S) {
-    const s = Math.max(0, c.selected.indexOf(1));
-    const H = c.H[s], W = c.W[s];
-    hit = {t: t, col: col, row: row, H: H, W: W,
-           y: Math.min(H - 1, Math.floor(py * H / S)), x: Math.min(W - 1, Math.floor(px * W / S))};
-  }
-}
-if (ev.event_name === "tap") {
+""" + FIND_HIT_JS + """if (ev.event_name === "tap") {
   if (hit !== null) send(hit, clicks() + 1);
   return;
 }
@@ -256,7 +237,7 @@ if (last !== null && last.bits === (c.fig.length ? vecs[0].data.v[0] : null)
 window.hoverlay_last_move = performance.now();
 hit.bits = c.fig.length ? vecs[0].data.v[0] : null;
 E.hover = hit;
-const out = rows_for(hit, 0);
+const out = rows_for(c, hit, 0);
 delete out.click;
 hov.data = out;
 if (!browser) {

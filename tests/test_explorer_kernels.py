@@ -191,7 +191,8 @@ def test_paging_helpers():
     rnd = ordered_ids(cand, "random", seed=3)
     assert sorted(rnd.tolist()) == [0, 3, 5]
     assert ordered_ids(cand, "random", seed=3).tolist() == rnd.tolist()  # seeded
-    assert ordered_ids(cand, "similar", ranked=[5, 4, 0]).tolist() == [5, 0]
+    # the ranked candidates first, then every other candidate (the search found no patch of 3)
+    assert ordered_ids(cand, "similar", ranked=[5, 4, 0]).tolist() == [5, 0, 3]
     assert n_pages(0, 16) == 1 and n_pages(33, 16) == 3
     ids = np.arange(10)
     assert page_of(ids, 2, 4).tolist() == [8, 9]
