@@ -94,6 +94,10 @@ def _held(method: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+#: How long after a page is shown its successor is read ahead.
+PREFETCH_DELAY_MS = 400
+
+
 def _prefetch_executor() -> ThreadPoolExecutor:
     return pn.state.as_cached("hoverlay-prefetch", ThreadPoolExecutor, max_workers=1,
                               thread_name_prefix="hoverlay-prefetch")
@@ -528,16 +532,13 @@ class ExplorerApp(param.Parameterized):
             clim, title = self._clim(name), self._title(name)
             self._figures.append(LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal,
                                              clim=clim, alpha=self.alpha, title=title, hover=False))
-            self._query_figures.append(LayerFigure(name, self.qspecs[name], self.qshared, index=i, palette=pal,
-                                                   clim=clim, alpha=self.alpha, title=name, prefix="query",
-                                                   hover=False, outline_source=self.mapped_source))
         self.browser = BrowserHover(self._figures, self.shared)
         self.path = HoverPath(False, 0, self.browser_hover_budget)
         # groups glyphs join the figures before the figures join the page: models added to a
         # figure already in the document after the same hold reached the browser unknown
         self.groups.attach(self._figures)
         self._grid_row.objects = [pn.pane.Bokeh(f.plot) for f in self._figures]
-        self._query_row.objects = [pn.pane.Bokeh(f.plot) for f in self._query_figures]
+        self._query_row.objects = []  # its figures are built with the first query (a third of a page's start)
         self._query_row.visible = False  # until there is a query: no empty colour bars
         self._query_head.object = "**Query patch in every shown layer**: hover a patch"
         self._shown_images = np.empty(0, dtype=np.int64)
@@ -560,9 +561,11 @@ class ExplorerApp(param.Parameterized):
                 self._shown_images = ids
                 self.groups.show_page(ids)
                 self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
-                # read the next page while this one is looked at (browser path: with its vectors)
-                self._prefetch.request(self.reader, page_of(self._order_ids, self.page, self.page_size),
-                                       layers if self.path.browser else [])
+                # read the next page while this one is looked at (browser path: with its vectors),
+                # once this one is out: on 2 cores a read beside the page's own work slowed it ~0.5 s
+                nxt = page_of(self._order_ids, self.page, self.page_size)
+                self._scheduler.later(lambda reader=self.reader, nxt=nxt, layers=(layers if self.path.browser else []):
+                                      self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
             self._send_config()
             for fig in self._figures + self._query_figures:
                 fig.set_colors(clim=self._clim(fig.layer))  # the similarity function may have changed
@@ -631,9 +634,23 @@ class ExplorerApp(param.Parameterized):
             for fig in self._figures:
                 fig.set_maps(maps.get(fig.layer), n)
 
+    def _build_query_figures(self) -> None:
+        """The query-patch view's figures, one tile each: built when first needed, not per page open."""
+        pal = palette(self.cmap)
+        self._query_figures = [
+            LayerFigure(fig.layer, self.qspecs[fig.layer], self.qshared, index=i, palette=pal,
+                        clim=self._clim(fig.layer), alpha=self.alpha, title=fig.layer, prefix="query",
+                        hover=False, outline_source=self.mapped_source)
+            for i, fig in enumerate(self._figures)]
+        for fig in self._query_figures:
+            fig.colorbar.title = self.function
+        self._query_row.objects = [pn.pane.Bokeh(f.plot) for f in self._query_figures]
+
     def _show_layer_view(self, query: Query) -> None:
         """The query image in every shown layer, its self-similarity, the mapped patch outlined."""
         with pn.io.hold(self._doc):
+            if not self._query_figures:
+                self._build_query_figures()
             if query.image != self._query_image:
                 self.qshared.set_images(self.qspecs, self.reader.pixels(np.array([query.image])))
                 self._query_image = query.image

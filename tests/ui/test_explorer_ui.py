@@ -245,8 +245,10 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
 def test_layer_view_outlines_the_mapped_patch(page, server, reader):
     open_app(page, server)
     hover_cell(page, 3, (5, 2))
-    page.wait_for_function("""() => {
-        const d = Bokeh.documents[0].get_model_by_name('query-mapped').data;
+    page.wait_for_function("""() => {  // the query view's figures join the page with the first query
+        const m = Bokeh.documents[0].get_model_by_name('query-mapped');
+        if (m == null) return false;
+        const d = m.data;
         return d.fig.length === 2 && d.y[d.fig.indexOf('fine')] === 5 && d.x[d.fig.indexOf('fine')] === 2;
     }""")
     mapped = model_data(page, "query-mapped")
