@@ -63,6 +63,7 @@ class Background:
         self.moves = self.rests = self.answered = self.failures = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._go = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     def start(self, timeout: float = 180) -> Background:
@@ -70,7 +71,12 @@ class Background:
         self._ready.wait(timeout)
         return self
 
+    def go(self) -> None:
+        """Start hovering (after the sessions' own start-up work has settled)."""
+        self._go.set()
+
     def stop(self) -> None:
+        self._go.set()
         self._stop.set()
         self._thread.join(120)
 
@@ -90,6 +96,8 @@ class Background:
     async def _user(self, seed: int, s: BokehSession) -> None:
         rng = random.Random(seed)
         h, w = LAYERS[SNAP][:2]
+        while not self._go.is_set():
+            await asyncio.sleep(0.05)
         await asyncio.sleep(rng.uniform(0, 1.0))
         while not self._stop.is_set():
             cell = (0, 0, 0)
@@ -110,6 +118,18 @@ class Background:
             except (asyncio.TimeoutError, ConnectionError):
                 pass
             await asyncio.sleep(REST_S)
+
+
+def settle(pid: int, quiet_s: float = 0.15, step_s: float = 0.5, limit_s: float = 30.0) -> None:
+    """Wait until the server used less than ``quiet_s`` CPU seconds in a ``step_s`` interval."""
+    deadline = time.perf_counter() + limit_s
+    last = cpu_seconds(pid)
+    while time.perf_counter() < deadline:
+        time.sleep(step_s)
+        now = cpu_seconds(pid)
+        if now - last < quiet_s:
+            return
+        last = now
 
 
 # ----------------------------------------------------------------------- the real page
@@ -209,6 +229,8 @@ def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: st
                 page.wait_for_function(PAGE_READY, timeout=60_000, polling="raf")
                 page.wait_for_timeout(500)
                 bg = Background(server.url, n - 1, path == "browser").start()
+                settle(server.proc.pid)  # the sessions' own start-up work is not hover load
+                bg.go()
                 cpu0 = cpu_seconds(server.proc.pid)
                 t0 = time.perf_counter()
                 lat = measure_moves(page, moves, seed=n)

@@ -167,6 +167,7 @@ class ExplorerApp(param.Parameterized):
         self._figures: list[LayerFigure] = []
         self._query_figures: list[LayerFigure] = []
         self._prefetch = PagePrefetch(_prefetch_executor)
+        self._pages_shown = 0  # pages this session has shown (read-ahead starts with the second)
         self._updating = False
         self._quiet = False
         self._nodelay = False
@@ -562,10 +563,15 @@ class ExplorerApp(param.Parameterized):
                 self.groups.show_page(ids)
                 self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
                 # read the next page while this one is looked at (browser path: with its vectors),
-                # once this one is out: on 2 cores a read beside the page's own work slowed it ~0.5 s
-                nxt = page_of(self._order_ids, self.page, self.page_size)
-                self._scheduler.later(lambda reader=self.reader, nxt=nxt, layers=(layers if self.path.browser else []):
-                                      self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
+                # once this one is out (on 2 cores a read beside the page's own work slowed it
+                # ~0.5 s) and only in a session that pages (at 50 sessions opening at once, reading
+                # every session's second page saturated the server)
+                self._pages_shown += 1
+                if self._pages_shown > 1:
+                    nxt = page_of(self._order_ids, self.page, self.page_size)
+                    later = layers if self.path.browser else []
+                    self._scheduler.later(lambda reader=self.reader, nxt=nxt, layers=later:
+                                          self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
             self._send_config()
             for fig in self._figures + self._query_figures:
                 fig.set_colors(clim=self._clim(fig.layer))  # the similarity function may have changed

@@ -475,14 +475,17 @@ def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(brows
 
     app = browser_app
     layers = list(app.browser.vectors)
-    nxt = np.arange(6, 12)
+    assert app._prefetch._futures == {}  # a session that never pages reads nothing ahead
+    app.page = 2
+    nxt = np.arange(12, 18)
     ahead = app._prefetch._futures.get(app._prefetch._key(app.reader, nxt, layers))
-    assert ahead is not None  # page 2 requested once page 1 was shown
+    assert ahead is not None  # once it pages, the page after the shown one is read ahead
     data = ahead.result()
     np.testing.assert_array_equal(data.pixels, app.reader.pixels(nxt))
     np.testing.assert_array_equal(data.vectors["fine"][0], app.reader.vectors("fine", nxt))
-    app.page = 2  # takes it: the request is consumed, page 3 is requested
+    app.page = 3  # takes it: the request is consumed, page 4 is requested
     assert app._prefetch._key(app.reader, nxt, layers) not in app._prefetch._futures
+    assert app._prefetch._key(app.reader, np.arange(18, 24), layers) in app._prefetch._futures
     np.testing.assert_array_equal(app.browser.vectors["fine"].data["v"][0].view(np.float16),
                                   app.reader.vectors("fine", nxt).reshape(-1))
     # a read that fails (here: images past the store's end) is not an empty page, it is read again
