@@ -236,3 +236,22 @@ def test_synthetic_clusters_with_a_local_dim_have_real_activations_local_dimensi
     assert acts.shape == (2, 7, 128) and acts.dtype == np.float32 and acts.min() >= 0
     with pytest.raises(ValueError, match="local_dim"):
         clustered_activations(rng, (10, 16), local_dim=17)
+
+
+def test_reads_of_any_id_order_equal_single_image_reads(tmp_path):
+    """Reads go through slices of consecutive runs (fast in Zarr 3): any order, repeats, gaps."""
+    from hoverlay.stores import LayerGeometry, open_store
+    from hoverlay.stores.reader import consecutive_runs
+    from hoverlay.stores.synthetic import make_synthetic_store
+
+    assert consecutive_runs(np.array([4, 5, 6, 9, 2, 2, 3])) == [(4, 7), (9, 10), (2, 3), (2, 4)]
+    assert consecutive_runs(np.array([], np.int64)) == []
+    url = str(tmp_path / "s")
+    make_synthetic_store(url, 20, layers={"l": LayerGeometry(3, 3, 4)}, image_size=8, chunk=4)
+    r = open_store(url)
+    for ids in ([7, 8, 9, 10, 11], [19, 3, 3, 4, 0, 12], [5], list(range(19, -1, -1))):
+        a = np.array(ids)
+        np.testing.assert_array_equal(r.pixels(a), np.stack([r.pixels(int(i)) for i in ids]))
+        np.testing.assert_array_equal(r.vectors("l", a), np.stack([r.vectors("l", int(i)) for i in ids]))
+        np.testing.assert_array_equal(r.norms("l", a), np.stack([r.norms("l", int(i)) for i in ids]))
+    assert r.pixels(np.array([[1, 2], [3, 9]])).shape == (2, 2, 8, 8, 3)  # the selection's shape is kept
