@@ -35,6 +35,7 @@ from hoverlay.stores.errors import OutOfRangeError
 from hoverlay.stores.format import STATUS_OK, TABLE, TABLE_COLUMNS
 from hoverlay.stores.groups import NO_GROUP, GroupsWriter
 from hoverlay.stores.lock import StoreLock
+from hoverlay.stores.reader import consecutive_runs
 from hoverlay.stores.table import ImageTable
 
 from .errors import BuildUsageError
@@ -74,7 +75,7 @@ def parse_ids(text: str) -> list[int]:
 def describe_ids(ids: np.ndarray) -> str:
     """Sorted ids as compact ranges ('ids=0-9,12'), shortened to fit in the stored attributes."""
     ids = np.unique(ids)
-    runs = [str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}" for lo, hi in _runs(ids)]
+    runs = [str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}" for lo, hi in consecutive_runs(ids)]
     text = "ids=" + ",".join(runs)
     if len(text) > MAX_DESCRIPTION:
         text = f"ids={len(ids)} images from {ids[0]} to {ids[-1]} (list shortened)"
@@ -157,16 +158,6 @@ def _id_mask(ids: Sequence[int], n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- I/O
-def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted ids -> [(start, stop)) runs of consecutive ids."""
-    if ids.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [ids.size]])
-    return [(int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
-
-
 def _read_block(reader: StoreReader, layer: str, ids: np.ndarray) -> np.ndarray:
     """Raw activations (len(ids)·H·W, D) float32 of some sorted images: one minibatch in memory.
 
@@ -178,7 +169,7 @@ def _read_block(reader: StoreReader, layer: str, ids: np.ndarray) -> np.ndarray:
     geo = reader.geometry(layer)
     out = np.empty((len(ids) * geo.patches_per_image, geo.dim), dtype=np.float32)
     row = 0
-    for lo, hi in _runs(ids):
+    for lo, hi in consecutive_runs(ids):
         part = activations(reader.vectors(layer, slice(lo, hi)), reader.norms(layer, slice(lo, hi)))
         out[row:row + len(part)] = part
         row += len(part)
