@@ -230,14 +230,23 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
     cells = [(i % PAGE_SIZE, ((3 * i) % FINE[0], (5 * i) % FINE[1])) for i in range(50)]  # all different
     points = [tile_point(page, t, (y + 0.5) * S / FINE[0], (x + 0.5) * S / FINE[1]) for t, (y, x) in cells]
     paints = page.evaluate("window.hoverlay_browser_paints || 0")
+    rest_ms = model_data(page, "grid-config")["rest"][0]
+    page.evaluate("""() => { window.__moves = [];
+        document.addEventListener('pointermove', () => window.__moves.push(performance.now()), {capture: true}); }""")
     sent.clear()
-    for sx, sy in points:  # 50 moves, each to another patch, faster than the 120 ms rest
+    for sx, sy in points:  # 50 moves, each to another patch, meant to be faster than the rest
         page.mouse.move(sx, sy)
-    during = list(sent)
+    moves = page.evaluate("window.__moves")
+    during = [p if isinstance(p, str) else p.decode("utf-8", "replace") for _, p in sent]
     assert page.evaluate("window.hoverlay_browser_paints") - paints >= 50  # every move repainted
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile.length > 0"
                            f" && Bokeh.documents[0].get_model_by_name('grid-pointer').data.tile[0] === {cells[-1][0]}")
-    assert during == [], f"{len(during)} frames sent while the pointer moved: {during[:3]}"
+    # A message while moving is allowed only where the pointer really rested: a gap between two
+    # moves longer than the rest delay (a slow, loaded machine); then it is a rest, on the pointer.
+    rests = sum(1 for a, b in zip(moves, moves[1:], strict=False) if b - a > rest_ms)
+    messages = [f for f in during if '"msgtype"' in f]
+    assert len(messages) <= rests, f"{len(messages)} messages while the pointer moved ({rests} rests): {during[:3]}"
+    assert all(ptr_id in f for f in during if '"events"' in f)
     after = "".join(p if isinstance(p, str) else p.decode("utf-8", "replace") for _, p in sent)
     assert ptr_id in after  # the one message: the rest, on the pointer source
 
