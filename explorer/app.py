@@ -440,9 +440,6 @@ class ExplorerApp(param.Parameterized):
             self._rebuild()
         self._apply_state(problems=problems)
 
-    def _url_error(self, mapped: dict[str, Any]) -> None:
-        """What Panel's location sync calls when it could not apply the URL's values at once."""
-        self.apply_url(mapped)
 
     # ============================================================================= paging
     def _reorder(self) -> None:
@@ -610,7 +607,7 @@ class ExplorerApp(param.Parameterized):
                        if ids.size else (np.zeros(0, np.float16), np.zeros(0, np.float32))
                        for name in geometries}
         self.browser.set_page(ids, vectors)
-        self._drawn_query: tuple[Query | None, bool] | None = None
+        self._drawn_query = None
 
     def _send_config(self) -> None:
         """Grids, snapping layer, page size and — for the browser path — function, sigmas, timing."""

@@ -387,8 +387,8 @@ def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, 
 
 
 def test_a_url_with_several_bad_values_reports_all_of_them(app):
-    # what Panel's location sync calls when one URL value has the wrong type for its parameter
-    app._url_error({"layer": "bogus", "page": "abc", "function": "manhattan", "query": "99,0,0"})
+    # what a URL with several bad values (Panel's location sync through UrlState) applies
+    app.apply_url({"layer": "bogus", "page": "abc", "function": "manhattan", "query": "99,0,0"})
     for says in ("unknown layer 'bogus'", "bad URL value page='abc'", "unknown similarity function 'manhattan'",
                  "image 99 is outside"):
         assert says in app.message
