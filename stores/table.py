@@ -7,7 +7,7 @@ Columns (not rows) because every consumer wants one or two columns for many imag
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,14 @@ def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
 
 @dataclass
 class ImageTable:
-    """Committed rows of ``images/table`` as numpy columns (row index = image id)."""
+    """Committed rows of ``images/table`` as numpy columns (row index = image id).
+
+    ``metadata`` holds the user's own columns (``build --metadata``), apart from the core
+    columns so that a user's column can never shadow ``hash`` or ``status``.
+    """
 
     columns: dict[str, np.ndarray]
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.columns["hash"])
