@@ -243,6 +243,9 @@ def factorize(store: str | os.PathLike[str] | None = None, layer: str | None = N
     with StoreLock(reader.url, storage_options=storage_options):
         reader.refresh()  # a build may have committed before we got the lock
         ids, description, skipped = select_images(_TableColumns(reader), images)
+        advice = signed_layer_advice(reader, layer, ids, negative)
+        if advice:  # before any work: the user may rather factorise another layer
+            progress.write(f"hoverlay factorize: {advice}")
         fit, stats, shift = _fit(reader, layer, ids, k, negative, batch_images, epochs, tol, seed,
                                  progress)
         components, _ = nk.unit_components(fit.model)
@@ -273,12 +276,77 @@ def factorize(store: str | os.PathLike[str] | None = None, layer: str | None = N
             "last_epoch_change": fit.change if np.isfinite(fit.change) else None,
             "batch_images": batch_images,
             "seed": seed,
+            "signed_layer_advice": advice,
             "tool_version": _tool_version(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         out.finish(meta)  # last: from here on readers see the new groups
     summary = {key: v for key, v in meta.items() if key not in ("components", "shift")}
     return summary | {"store": reader.url, "layer": layer, "seconds": time.perf_counter() - t0}
+
+
+#: Images whose vectors are looked at to tell whether a layer is signed.
+SIGN_SAMPLE_IMAGES = 8
+
+
+def signed_layer_advice(reader: StoreReader, layer: str, ids: np.ndarray, negative: str) -> str | None:
+    """A warning when ``layer`` has negative activations, naming the nearest non-negative layer.
+
+    NMF needs non-negative input: ``clip`` drops the negative mass (half of it on a residual
+    block output), ``shift`` turns "absent" into a baseline. The nearest non-negative layer is
+    one of the store's own when one is at the same resolution (no rebuild needed), else the
+    model's (from its layer survey; a rebuild with ``--layers``). None for a non-negative layer.
+    """
+    sample = np.asarray(ids[:SIGN_SAMPLE_IMAGES])
+    if not sample.size:
+        return None
+    acts = reader.vectors(layer, sample).astype(np.float32) * reader.norms(layer, sample)[..., None]
+    negative_mass = float(-np.minimum(acts, 0).sum())
+    if negative_mass <= 0:
+        return None
+    fraction = negative_mass / max(float(np.abs(acts).sum()), 1e-30)
+    effect = {"clip": "negative=clip sets them to 0", "shift": "negative=shift adds a per-channel "
+              "baseline", "error": "negative=error refuses"}.get(negative, negative)
+    side = reader.geometry(layer).height
+    own = [name for name in reader.layers if name != layer and reader.geometry(name).height == side
+           and _non_negative(reader, name, sample)]
+    if own:
+        where = f"this store's layer {own[0]!r} is non-negative at the same {side}x{side} resolution"
+    else:
+        nearest = _model_nearest_non_negative(reader, layer)
+        where = (f"the nearest non-negative layer of the model is {nearest} (rebuild with "
+                 f"--layers to add it)") if nearest else "no non-negative layer of the model is known"
+    return (f"layer {layer!r} is signed: {100 * fraction:.1f}% of its activation mass (in "
+            f"{len(sample)} images) is negative and {effect}; NMF describes non-negative layers "
+            f"best: {where}")
+
+
+def _non_negative(reader: StoreReader, layer: str, sample: np.ndarray) -> bool:
+    return bool(float(reader.vectors(layer, sample).min()) >= 0)
+
+
+def _model_nearest_non_negative(reader: StoreReader, layer: str) -> str | None:
+    """``'name' (D=…, H×W)`` of the model's non-negative layer nearest to ``layer``, or None
+    when the model cannot be loaded here (its survey does not depend on the weights, so a
+    torchvision or timm model is surveyed as a seeded random network)."""
+    from .layer_survey import nearest_non_negative
+    from .models import load_model
+
+    model = reader.model
+    spec = str(model.get("spec", ""))
+    weights = "none" if spec.startswith(("torchvision:", "timm:")) else model.get("weights")
+    try:
+        adapter = load_model(spec, None if weights in ("shipped", "factory", "embedded") else weights)
+        infos = adapter.survey(reader.image_size)
+        node = adapter.layer_info(layer, reader.image_size)
+    except Exception:  # a model that does not load here: say nothing rather than guess
+        return None
+    found = nearest_non_negative(infos, node.name) if node else None
+    if found is None or found.grid is None:
+        return None
+    name = adapter.display_names().get(found.name, found.name)
+    h, w, d = found.grid
+    return f"{name!r} (D={d}, {h}x{w})"
 
 
 def _fit(reader: StoreReader, layer: str, ids: np.ndarray, k: int, negative: str,

@@ -7,6 +7,10 @@ Specs
 ``torchvision:<name>``             any torchvision classification model (``googlenet`` is the paper's);
                                    weights ``DEFAULT`` (downloads on a user's machine), ``none`` or a path
                                    to a state dict.
+``timm:<name>``                     any timm model (``timm:vit_small_patch16_224``, ``timm:resnet50``):
+                                   weights ``DEFAULT`` (the pretrained tag, from the Hugging Face
+                                   cache or a download), ``none`` or a state-dict path (``.pth``,
+                                   ``.safetensors``); mean, std and input size from timm's data config.
 ``torchscript:<path>``             a scripted/traced module (hooks are impossible on those): its forward
                                    returns the feature maps — a tensor (layer ``output``), a tuple
                                    (layers ``0``, ``1``, …) or a dict (its keys).
@@ -33,16 +37,10 @@ from torch import nn
 
 from hoverlay.stores import LayerGeometry, UnknownLayerError
 
+from . import layer_survey as survey_rules
 from .errors import ModelSpecError, WeightsError
+from .layer_survey import LayerInfo
 from .options import DEFAULT_MODEL
-
-#: Hand-picked defaults: three spatial resolutions, mid-level to high-level.
-DEFAULT_LAYERS: dict[str, list[str]] = {
-    "efficientnet-lite0": ["_blocks.4.add", "_blocks.10.add", "_blocks.15._bn2"],
-    "torchvision:googlenet": ["inception3b", "inception4d", "inception5b"],
-    "torchvision:resnet18": ["layer2", "layer3", "layer4"],
-    "torchvision:resnet50": ["layer2", "layer3", "layer4"],
-}
 
 #: One lock per process for loading, tracing and forward passes. torch.fx tracing patches
 #: ``nn.Module.__call__`` globally, so a forward in another thread during a trace breaks both;
@@ -65,7 +63,7 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 class Normalization:
     """How uint8 RGB pixels become the model's input tensor (recorded in the store)."""
 
-    kind: str  # "efficientnet": (x-127)/128 ; "imagenet": (x/255-mean)/std
+    kind: str  # "efficientnet": (x-127)/128 ; "imagenet", "mean-std": (x/255-mean)/std
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -99,6 +97,7 @@ class ModelAdapter:
     _extractors: dict[tuple[str, ...], Callable[[torch.Tensor], dict[str, torch.Tensor]]] = field(
         default_factory=dict, repr=False)
     _layer_names: list[str] | None = field(default=None, repr=False)
+    _surveys: dict[int, list[LayerInfo]] = field(default_factory=dict, repr=False)
     #: how a state-dict file was adapted to the module (e.g. a stripped "module." prefix)
     weights_note: dict[str, str] = field(default_factory=dict)
 
@@ -184,24 +183,81 @@ class ModelAdapter:
         acts = self.extract(probe, layers)
         return {name: LayerGeometry(*map(int, a.shape[1:])) for name, a in acts.items()}
 
-    def layer_shapes(self, size: int | None = None) -> list[tuple[str, tuple[int, ...] | None]]:
-        """(name, output shape without batch, channels first) for every layer at input ``size``
-        px (default: the model's); None where the output is not a tensor."""
+    def _all_outputs(self, side: int, batch: int) -> dict[str, Any]:
+        """Every node's (fx) or named submodule's (hooks) output on a seeded noise batch."""
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+        probe = self.normalization.apply(pixels, self.device)
         names = self.layer_names()
-        side = int(size or self.image_size)
-        probe = self.normalization.apply(np.zeros((1, side, side, 3), np.uint8), self.device)
-        with torch.inference_mode():
+        with _TRACE_LOCK, torch.inference_mode():
             if self.traceable:
                 from torchvision.models.feature_extraction import create_feature_extractor
 
-                with _TRACE_LOCK, warnings.catch_warnings():
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     fx = create_feature_extractor(self.module, return_nodes=names)
-                out = fx(probe)
-            else:
-                out = self._extractor(tuple(names))(probe)
-        return [(n, tuple(out[n].shape[1:]) if isinstance(out.get(n), torch.Tensor) else None)
-                for n in names]
+                return dict(fx(probe))
+            return dict(self._extractor(tuple(names))(probe))
+
+    def survey(self, size: int | None = None) -> list[LayerInfo]:
+        """Every output at input ``size`` px (default: the model's) with its kind, grid and sign,
+        in execution order, from one probe (cached): see :mod:`pipeline.layer_survey`."""
+        side = int(size or self.image_size)
+        if side not in self._surveys:
+            batch = survey_rules.PROBE_IMAGES
+            out = self._all_outputs(side, batch)
+            infos = []
+            for name in self.layer_names():
+                value = out.get(name)
+                array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else None
+                infos.append(survey_rules.classify_output(name, array, batch=batch, input_side=side))
+            self._surveys[side] = infos
+        return list(self._surveys[side])
+
+    def layer_shapes(self, size: int | None = None) -> list[tuple[str, tuple[int, ...] | None]]:
+        """(name, output shape without batch, as the model returns it) for every layer at
+        input ``size`` px; None where the output is not a tensor."""
+        return [(i.name, i.shape) for i in self.survey(size)]
+
+    def display_names(self) -> dict[str, str]:
+        """Node -> the module name that stands for it (``layer4.1.relu_1`` -> ``layer4``)."""
+        modules = {name for name, _ in self.module.named_modules() if name}
+        return survey_rules.module_output_names(self.layer_names(), modules)
+
+    def _block_outputs(self, infos: Sequence[LayerInfo]) -> list[LayerInfo]:
+        """The outputs of the model's block stack (see ``layer_survey.block_stack``), each
+        under its module name."""
+        children = [(name, [(c, type(m).__name__) for c, m in mod.named_children()])
+                    for name, mod in self.module.named_modules()]
+        by_name = {i.name: i for i in infos}
+        last_node = {module: node for node, module in self.display_names().items()}
+        out = []
+        for block in survey_rules.block_stack(children):
+            info = by_name.get(block) or by_name.get(last_node.get(block, ""))
+            if info is None:  # fx: the block's output is the last node under its name
+                under = [i for i in infos if i.name.startswith(block + ".")]
+                info = under[-1] if under else None
+            if info is not None:
+                out.append(LayerInfo(block, info.shape, info.kind, info.grid, info.prefix_tokens,
+                                     info.non_negative))
+        return out
+
+    def choose_default_layers(self) -> list[str]:
+        """Default layers by the rule of :func:`pipeline.layer_survey.choose_defaults`, each
+        under the module name that stands for it when there is one."""
+        infos = self.survey()
+        chosen = survey_rules.choose_defaults(infos, self._block_outputs(infos))
+        shown = self.display_names()
+        return [shown.get(i.name, i.name) for i in chosen]
+
+    def layer_info(self, layer: str, size: int | None = None) -> LayerInfo | None:
+        """The survey entry of a node, or of the last node of a module name."""
+        infos = self.survey(size)
+        by_name = {i.name: i for i in infos}
+        if layer in by_name:
+            return by_name[layer]
+        under = [i for i in infos if i.name.startswith(layer + ".")]
+        return under[-1] if under else None
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of the full model, for sanity checks."""
@@ -248,18 +304,18 @@ class _HookExtractor:
 
 
 def to_channels_last(t: torch.Tensor) -> np.ndarray:
-    """(B, D, H, W) conv maps or (B, T, D) token sequences -> float32 (B, H, W, D)."""
+    """(B, D, H, W) conv maps or (B, tokens, D) token sequences -> float32 (B, H, W, D).
+
+    Token sequences lose their class/register tokens: the grid is the largest square that the
+    token count holds (see :func:`pipeline.layer_survey.token_grid`).
+    """
     if t.ndim == 4:
         return t.permute(0, 2, 3, 1).float().cpu().numpy()
-    if t.ndim == 3:  # tokens: drop a class token if T-1 is square
-        b, n, d = t.shape
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            side = int(round((n - 1) ** 0.5))
-            if side * side != n - 1:
-                raise ModelSpecError(f"cannot reshape {n} tokens into a square grid")
-            t = t[:, 1:]
-        return t.reshape(b, side, side, d).float().cpu().numpy()
+    if t.ndim == 3:
+        try:
+            return survey_rules.tokens_to_grid(t.float().cpu().numpy())
+        except ValueError as exc:
+            raise ModelSpecError(str(exc)) from None
     raise ModelSpecError(f"layer output of shape {tuple(t.shape)} is not spatial "
                          f"(need (B, D, H, W) or (B, tokens, D))")
 
@@ -298,6 +354,70 @@ def _load_torchvision(name: str, weights: str) -> tuple[nn.Module, dict[str, str
         kwargs.update(aux_logits=False, init_weights=False)
     module = torchvision.models.get_model(name, weights=None, **kwargs)
     return module, load_state_dict_strictly(module, weights)
+
+
+def _load_timm(name: str, weights: str) -> tuple[nn.Module, dict[str, str], dict[str, Any]]:
+    """(module, how its weights file was read, timm's data config) for ``timm:<name>``."""
+    import timm
+
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name}*")[:5]
+        hint = f"; similar: {', '.join(near)}" if near else ""
+        raise ModelSpecError(f"timm has no model {name!r}{hint} (`timm.list_models()` lists them)")
+    note: dict[str, str] = {}
+    if weights.lower() == "none":
+        with torch.random.fork_rng(devices=[]):  # every worker builds the same network
+            torch.manual_seed(0)
+            module = timm.create_model(name, pretrained=False)
+    elif weights.upper() == "DEFAULT":
+        module = _timm_pretrained(name)
+    else:
+        module = timm.create_model(name, pretrained=False)
+        note = load_state_dict_strictly(module, weights)
+    config = timm.data.resolve_data_config({}, model=module)
+    return module, note, config
+
+
+def _timm_pretrained(name: str) -> nn.Module:
+    """timm's pretrained weights: the Hugging Face cache first, without the network; then a
+    download, unless the hub is unreachable, which is one line at once instead of a minute of
+    retries."""
+    import huggingface_hub.constants as hub
+    import timm
+
+    offline = hub.HF_HUB_OFFLINE
+    try:
+        hub.HF_HUB_OFFLINE = True  # the library's own switch: look in the cache only
+        return timm.create_model(name, pretrained=True)
+    except Exception:  # not cached (an OSError subclass), or another hub error: try the network
+        pass
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+    reason = None if offline else _unreachable(hub.ENDPOINT)
+    if offline or reason:
+        raise WeightsError(
+            f"cannot load the pretrained weights of timm:{name}: they are not in the Hugging Face "
+            f"cache ({hub.HF_HUB_CACHE}) and the hub cannot be reached "
+            f"({'HF_HUB_OFFLINE is set' if offline else reason}); download them on a machine that "
+            f"is online (they are cached there), pass a state-dict file with --weights PATH, or "
+            f"--weights none for a seeded random network")
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot load the pretrained weights of timm:{name}: {_reason(exc)}") from None
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why ``endpoint``'s host cannot be reached (DNS or TCP within ``timeout`` s), or None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname or "", parts.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return _reason(exc)
+    return None
 
 
 def _download_weights(name: str, weights: str) -> nn.Module:
@@ -340,10 +460,15 @@ def load_state_dict_strictly(module: nn.Module, path: str) -> dict[str, str]:
     a partly random network and store its activations as if they were the model's.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file {path!r} not found") from None
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+    except Exception as exc:  # torch.load's and safetensors' many ways of saying "not mine"
         raise WeightsError(f"weights file {path!r} is not a readable state dict: {_reason(exc)}") from None
     note: dict[str, str] = {}
     for key in STATE_DICT_KEYS:
@@ -397,14 +522,23 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
         if w != "shipped":
             note = load_state_dict_strictly(module, w)
         adapter = ModelAdapter(spec, w, module, Normalization("efficientnet"), 224,
-                               traceable=True, default_layers=DEFAULT_LAYERS[spec], weights_note=note)
+                               traceable=True, weights_note=note)
     elif spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         w = weights or "DEFAULT"
         module, note = _load_torchvision(name, w)
         size = 299 if name == "inception_v3" else 224
         adapter = ModelAdapter(spec, w, module, Normalization("imagenet"), size, traceable=True,
-                               default_layers=DEFAULT_LAYERS.get(spec, []), weights_note=note)
+                               weights_note=note)
+    elif spec.startswith("timm:"):
+        w = weights or "DEFAULT"
+        module, note, config = _load_timm(spec.split(":", 1)[1], w)
+        _, height, width = config["input_size"]
+        if height != width:
+            raise ModelSpecError(f"{spec} wants a {width}x{height} input; hoverlay stores square images")
+        norm = Normalization("mean-std", tuple(config["mean"]), tuple(config["std"]))
+        adapter = ModelAdapter(spec, w, module, norm, int(height), traceable=_can_trace(module),
+                               weights_note=note)
     elif spec.startswith("torchscript:"):
         path = spec.split(":", 1)[1]
         try:
@@ -428,29 +562,30 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
         adapter = ModelAdapter(spec, weights or "factory", module, Normalization("imagenet"), 224,
                                traceable=_can_trace(module), weights_note=note)
     else:
-        raise ModelSpecError(f"unknown model spec {spec!r}; use efficientnet-lite0, torchvision:<name>, "
+        raise ModelSpecError(f"unknown model spec {spec!r}; use efficientnet-lite0, torchvision:<name>, timm:<name>, "
                              f"torchscript:<path> or python:<module>:<factory>")
     adapter.module.eval().to(device)
     adapter.device = device
     if not adapter.default_layers:
-        adapter.default_layers = auto_layers(adapter)
+        adapter.default_layers = adapter.choose_default_layers()
     return adapter
 
 
 def list_layers(spec: str, weights: str | None = None, show_all: bool = False,
                 size: int | None = None) -> list[str]:
-    """``hoverlay layers``: a header, then one line per feature-map node (name, D, H, W), or
-    per node of any output with ``show_all``; ``*`` marks the default layers.
+    """``hoverlay layers``: a header, then one line per feature map (name, D, H, W, whether it
+    is non-negative), or per node of any output with ``show_all``; ``*`` marks the defaults.
 
-    Names and shapes do not depend on the weights, so torchvision models are listed with a
-    random network unless ``weights`` is given (no download, works offline).
+    Names and shapes do not depend on the weights, so torchvision and timm models are listed
+    with a random network unless ``weights`` is given (no download, works offline). Signs are
+    measured on that network too: a ReLU is non-negative whatever its weights.
     """
-    if weights is None and spec.startswith("torchvision:"):
+    if weights is None and spec.startswith(("torchvision:", "timm:")):
         weights = "none"
     adapter = load_model(spec, weights)
     side = int(size or adapter.image_size)
-    shapes = adapter.layer_shapes(side)
-    names = [n for n, _ in shapes]
+    infos = adapter.survey(side)
+    names = [i.name for i in infos]
     # a default may be a module name: it stands for its last node (torchvision's convention)
     defaults = {d: d for d in adapter.default_layers if d in names}
     for d in adapter.default_layers:
@@ -458,21 +593,16 @@ def list_layers(spec: str, weights: str | None = None, show_all: bool = False,
         if d not in names and inside:
             defaults[inside[-1]] = f"{inside[-1]} ({d})"
     lines = [f"# {adapter.spec}: input {side}px; * = default layers "
-             f"({', '.join(adapter.default_layers) or 'none'})"]
+             f"({', '.join(adapter.default_layers) or 'none'}); >=0 = non-negative (post-ReLU: "
+             f"cosine in [0, 1], NMF loses nothing)"]
     shown = 0
-    for name, shape in shapes:
-        # an RGB-shaped output is the input itself (or a copy of it): not a feature map
-        spatial = shape is not None and len(shape) == 3 and tuple(shape) != (3, side, side)
-        if not (show_all or spatial):
+    for info in infos:
+        if not (show_all or info.feature_map):
             continue
-        mark = "*" if name in defaults else " "
-        label = defaults.get(name, name)
-        if spatial:
-            assert shape is not None
-            dims = f"D={shape[0]} H={shape[1]} W={shape[2]}"
-        else:
-            dims = "x".join(map(str, shape)) if shape else "(not a tensor)"
-        lines.append(f"{mark} {label:<48} {dims}")
+        mark = "*" if info.name in defaults else " "
+        label = defaults.get(info.name, info.name)
+        kind = "" if info.feature_map or not show_all else f"  ({info.kind})"
+        lines.append(f"{mark} {label:<48} {info.describe()}{kind}")
         shown += 1
     if not shown:
         lines.append("(no feature-map layers; `--all` lists every node)")
@@ -489,16 +619,6 @@ def _can_trace(module: nn.Module) -> bool:
     except Exception:
         return False
     return True
-
-
-def auto_layers(adapter: ModelAdapter, count: int = 3) -> list[str]:
-    """The last layer at each of the ``count`` coarsest spatial resolutions (≥ 2×2)."""
-    last_at: dict[int, str] = {}
-    for name, shape in adapter.layer_shapes():
-        if shape is not None and len(shape) == 3 and shape[1] >= 2 and shape[1] == shape[2]:
-            last_at[shape[1]] = name
-    sides = sorted(last_at)[:count]
-    return [last_at[s] for s in sorted(sides, reverse=True)]
 
 
 def resolve_device(device: str) -> str:

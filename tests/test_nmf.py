@@ -209,3 +209,33 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "one of clip, shift, error" in capsys.readouterr().err
     assert main(base) == 0
     assert "clipped" in capsys.readouterr().out
+
+
+def test_a_signed_layer_is_named_before_the_work_with_a_non_negative_neighbour(tmp_path, capsys):
+    url = str(tmp_path / "two.zarr")
+    writer = create_store(url, model={"spec": "test"}, preprocessing={"kind": "test"}, image_size=8,
+                          layers={"signed": GEO, "relu": GEO}, chunk=8)
+    rng = np.random.default_rng(1)
+    acts = (rng.standard_normal((8, GEO.height, GEO.width, GEO.dim))).astype(np.float32)
+    start = writer.reserve(8)
+    writer.write_block(start, np.zeros((8, 8, 8, 3), np.uint8), {"signed": acts, "relu": np.maximum(acts, 0)})
+    writer.write_table(start, [{"source": f"t://{i}", "hash": f"h{i}"} for i in range(8)])
+    writer.commit(8)
+    summary = factorize(url, "signed", k=2, quiet=True)
+    advice = summary["signed_layer_advice"]
+    assert "'signed' is signed" in advice and "'relu' is non-negative" in advice
+    assert "% of its activation mass" in advice and "negative=clip sets them to 0" in advice
+    assert advice in capsys.readouterr().err  # said even with quiet (a warning, not progress)
+    assert factorize(url, "relu", k=2, quiet=True)["signed_layer_advice"] is None
+
+
+def test_a_signed_layer_of_a_real_model_gets_the_models_nearest_non_negative_layer(demo_subset, tmp_path):
+    from hoverlay.pipeline.build import build
+
+    url = str(tmp_path / "add.zarr")
+    build(demo_subset, url, layers=["_blocks.10.add"], quiet=True, index=False)
+    summary = factorize(url, "_blocks.10.add", k=3, quiet=True)
+    advice = summary["signed_layer_advice"]
+    assert "'_blocks.10.add' is signed" in advice
+    assert "nearest non-negative layer of the model is '_blocks.11._swish' (D=672, 14x14)" in advice
+    assert 0.2 < summary["clipped_mass_fraction"] < 0.8  # what the advice is about
