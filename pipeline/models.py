@@ -459,6 +459,7 @@ def load_state_dict_strictly(module: nn.Module, path: str) -> dict[str, str]:
     unexpected keys, other shapes — names the first offenders: loading non-strictly would build
     a partly random network and store its activations as if they were the model's.
     """
+    state: Any
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
