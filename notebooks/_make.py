@@ -55,7 +55,7 @@ print(summary.line()); print(reader)'''),
                "gives its cosine similarity with every patch of every image on the page."),
         ("code", '''\
 from hoverlay.explorer.kernels import page_block, similarity_map, QueryVector
-layer = "_blocks.10.add"
+layer = "_blocks.11._swish"
 table = reader.table()
 cat = int(np.flatnonzero([("chelsea" in s) for s in table["source"]])[0])
 page = np.flatnonzero(table.ok)[:6]
@@ -115,7 +115,7 @@ table = reader.table()
 print(sorted(set(table["label"])))'''),
         ("code", FIGURE),
         ("code", '''\
-layer = "_blocks.10.add"
+layer = "_blocks.11._swish"
 labels = np.asarray(table["label"], dtype=str)
 nat = np.flatnonzero(labels == "natural")
 cat = int([i for i in nat if "chelsea" in table["source"][i]][0])
@@ -147,7 +147,7 @@ reader = open_store(store)
 t = reader.table()
 print(reader.n_images, "images:", list(zip(t["transform"], t["param"]))[:6], "...")'''),
         ("code", '''\
-layer = "_blocks.10.add"
+layer = "_blocks.11._swish"
 ids = copies_of(t["base_id"], 0)
 rot = [i for i in ids if t["transform"][i] == "rotate"]
 sca = [i for i in ids if t["transform"][i] == "scale"]
@@ -204,10 +204,10 @@ from hoverlay.stores.groups import read_groups
 images = copy_demo_images(os.path.join(DATA, "demo-images"))
 store = os.path.join(DATA, "demo.zarr")
 build(images, store, quiet=True)
-summary = factorize(store, "_blocks.10.add", k=6, quiet=True)
+summary = factorize(store, "_blocks.11._swish", k=6, quiet=True)
 print({k: summary[k] for k in ("k", "reconstruction_error", "group_sizes") if k in summary})
 reader = open_store(store)
-groups, meta = read_groups(reader, "_blocks.10.add", np.arange(min(6, reader.n_images)))
+groups, meta = read_groups(reader, "_blocks.11._swish", np.arange(min(6, reader.n_images)))
 print(groups.shape, meta["k"], meta["negative"])'''),
         ("code", '''\
 from hoverlay.explorer.export import blend_tile
@@ -244,9 +244,9 @@ print(len(pairs), "images in both stores")'''),
 cat_a = next(i for i, s in enumerate(ra.table()["source"]) if "chelsea" in s)
 cat_b = hb[ra.table()["hash"][cat_a]]
 ids_a = [p[0] for p in pairs[:5]]; ids_b = [p[1] for p in pairs[:5]]
-qa = ra.vectors("_blocks.10.add", cat_a)[5, 4].astype(np.float32)
+qa = ra.vectors("_blocks.11._swish", cat_a)[5, 4].astype(np.float32)
 qb = rb.vectors("layer3", cat_b)[5, 4].astype(np.float32)
-ma = [ra.vectors("_blocks.10.add", i).astype(np.float32) @ qa for i in ids_a]
+ma = [ra.vectors("_blocks.11._swish", i).astype(np.float32) @ qa for i in ids_a]
 mb = [rb.vectors("layer3", i).astype(np.float32) @ qb for i in ids_b]
 print("trained:   mean cosine to the eye", round(float(np.mean([m.mean() for m in ma])), 3))
 print("untrained: mean cosine to the eye", round(float(np.mean([m.mean() for m in mb])), 3))

@@ -6,8 +6,8 @@ sign. From those facts alone, with no list kept per model, this module decides:
 * **feature maps**: conv outputs ``(B, D, H, W)`` and token sequences ``(B, T, D)`` whose ``T``
   is a square grid plus up to :data:`MAX_PREFIX_TOKENS` class/register tokens in front (ViT,
   DeiT, DINO, CLIP encoders). Not feature maps: the raw input (or a copy of it), zero padding
-  (a map whose outer ring is exactly zero in every channel of every probe image: what a
-  ``ZeroPad2d`` makes, and what no real activation does on noise), parameters (no batch
+  (a map with a border row or column that is exactly zero in every channel of every probe
+  image: what a ``ZeroPad2d`` makes, and what no real activation does on noise), parameters (no batch
   dimension), attention tensors (a "map" that is not square, or finer than half the input) and
   everything else;
 * **non-negative** layers: every value ≥ 0 on the probe (post-ReLU/ReLU6/sigmoid nodes, and
@@ -114,8 +114,10 @@ def classify_output(name: str, value: np.ndarray | None, *, batch: int, input_si
 
 
 def _zero_ring(value: np.ndarray) -> bool:
-    ring = np.concatenate([value[:, :, 0, :], value[:, :, -1, :], value[:, :, :, 0], value[:, :, :, -1]], axis=-1)
-    return bool(not ring.any() and value[:, :, 1:-1, 1:-1].any())
+    """A border row or column that is exactly zero in every channel of every image (padding
+    may be one-sided: TensorFlow's "same" padding for stride 2 adds only right and bottom)."""
+    edges = (value[:, :, 0, :], value[:, :, -1, :], value[:, :, :, 0], value[:, :, :, -1])
+    return bool(any(not e.any() for e in edges) and value[:, :, 1:-1, 1:-1].any())
 
 
 def tokens_to_grid(t: np.ndarray, prefix_tokens: int | None = None) -> np.ndarray:

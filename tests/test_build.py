@@ -168,13 +168,16 @@ def test_config_file_and_flag_override(tmp_path, generated_images, capsys):
 def test_info_and_layers_commands(demo_store, capsys):
     assert main(["info", demo_store]) == 0
     out = capsys.readouterr().out
-    assert "efficientnet-lite0" in out and "4 committed" in out and "H=14  W=14  D=112" in out
+    assert "efficientnet-lite0" in out and "4 committed" in out and "H=14  W=14  D=672" in out
     assert "IDMap,Flat" in out and "MB on disk" in out
     assert main(["layers", "efficientnet-lite0"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in out.splitlines()[1:]}
-    assert lines["_blocks.10.add"].startswith("*") and "D=112 H=14 W=14" in lines["_blocks.10.add"]
-    assert not lines["_blocks.9.add"].startswith("*")
+    assert lines["_blocks.11._swish"].startswith("*") and "D=672 H=14 W=14  >=0" in lines["_blocks.11._swish"]
+    assert not lines["_blocks.10.add"].startswith("*") and ">=0" not in lines["_blocks.10.add"]
+    assert [n for n, line in lines.items() if line.startswith("*")] == [
+        "_blocks.5._swish", "_blocks.11._swish", "_swish_1"]
+    assert not any("static_padding" in n for n in lines)  # zero padding is no feature map
     assert "inputs" not in lines and "_fc" not in lines  # the raw input and the logits are no feature maps
     assert main(["layers", "efficientnet-lite0", "--all"]) == 0
     assert "_fc" in capsys.readouterr().out

@@ -112,3 +112,10 @@ def test_module_output_names():
     names = module_output_names(nodes, modules)
     assert names["layer4.1.relu_1"] == "layer4" and names["inception5b.cat"] == "inception5b"
     assert names["layer4.0.relu"] == "layer4.0" and "conv1" not in names
+
+
+def test_one_sided_padding_is_padding_too():
+    relu = np.maximum(rng.normal(size=(3, 8, 14, 14)), 0) + 0.01
+    same = np.pad(relu, ((0, 0), (0, 0), (0, 1), (0, 1)))  # TensorFlow "same" padding, stride 2
+    assert classify_output("pad", same, batch=3, input_side=224).kind == PADDING
+    assert classify_output("relu", relu, batch=3, input_side=224).kind == MAP
