@@ -8,7 +8,16 @@ import zarr
 import zarr.errors
 
 from .errors import CorruptStoreError, NotAStoreError
-from .format import FORMAT_NAME, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
+from .format import (
+    ENDS_SUFFIX,
+    FORMAT_NAME,
+    PIXELS,
+    STRING_UTF8_SINCE,
+    TABLE,
+    TABLE_COLUMNS,
+    StoreAttrs,
+    layer_path,
+)
 from .urls import ensure_filesystem, is_local
 
 
@@ -48,6 +57,8 @@ def check_committed(group: zarr.Group, url: str, attrs: StoreAttrs) -> None:
     damaged or hand-edited zarr.json) would otherwise read missing rows as fill values — zeros —
     and an append would write phantom rows after them."""
     paths = [PIXELS, *(f"{TABLE}/{c}" for c in TABLE_COLUMNS)]
+    if attrs.format_version >= STRING_UTF8_SINCE:  # a string column's ends are per image too
+        paths += [f"{TABLE}/{c}{ENDS_SUFFIX}" for c, kind in TABLE_COLUMNS.items() if kind == "str"]
     for layer in attrs.layers:
         paths += [layer_path(layer, "vectors"), layer_path(layer, "norms")]
     for path in paths:

@@ -1,4 +1,4 @@
-"""The store format, version 1: names, dtypes and the root attributes schema.
+"""The store format, version 2: names, dtypes, dimension names and the root attributes schema.
 
 This module is the single source of truth for the layout described in
 ``docs/store-format.md``; writer and reader both import their names from here.
@@ -13,7 +13,12 @@ from .errors import CorruptStoreError, FormatVersionError, NotAStoreError
 from .geometry import LayerGeometry
 
 FORMAT_NAME = "hoverlay"
-FORMAT_VERSION = 1
+#: 2: string columns also as UTF-8 bytes + end offsets (core Zarr types, which tensorstore and
+#: other Zarr v3 readers read), and every array has Zarr ``dimension_names``. 1: string columns
+#: as zarr-python's ``string`` data type only. Readers read both; a writer keeps a store's own.
+FORMAT_VERSION = 2
+#: The first version whose string columns have UTF-8 companions (``<column>.utf8``/``.ends``).
+STRING_UTF8_SINCE = 2
 
 PIXELS = "images/pixels"
 TABLE = "images/table"
@@ -31,6 +36,23 @@ TABLE_COLUMNS: dict[str, str] = {
     "status": "str",          # ok | failed
     "reason": "str",          # why a failed image failed, "" otherwise
 }
+
+#: Zarr v3 ``dimension_names`` of every array (docs/store-format.md, "Dimension names").
+#: ``y``/``x`` mean pixel rows/columns in ``images/`` and patch rows/columns in ``layers/<layer>/``:
+#: each layer is its own group, so xarray sees each layer's (H, W) as its own dimensions.
+IMAGE_DIM = "image"
+PIXELS_DIMS = (IMAGE_DIM, "y", "x", "rgb")
+VECTORS_DIMS = (IMAGE_DIM, "y", "x", "channel")
+NORMS_DIMS = (IMAGE_DIM, "y", "x")
+TABLE_DIMS = (IMAGE_DIM,)
+
+#: Since version 2 a string column ``<column>`` (zarr-python's ``string`` data type, which
+#: xarray and zarr-python read) has two companions of core Zarr types that any Zarr v3 reader
+#: (tensorstore among them) reads: ``<column>.utf8``, uint8, the UTF-8 bytes of every row one
+#: after the other, and ``<column>.ends``, int64 (N,), where row i's bytes end (exclusive;
+#: row i is ``utf8[ends[i-1]:ends[i]]``, ``ends[-1]`` taken as 0; -1 = not written yet).
+UTF8_SUFFIX = ".utf8"
+ENDS_SUFFIX = ".ends"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"

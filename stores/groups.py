@@ -5,6 +5,8 @@
     layers/<layer>/groups          int16   (N, H, W)     argmax of the weights; -1 = no group
     layers/<layer>/group_weights   float16 (N, H, W, k)  weights against unit components
 
+(Zarr ``dimension_names`` ``factorized_image, y, x[, group]``: see :data:`GROUPS_DIMS`.)
+
 and sets the attributes of ``groups`` **last**. A ``groups`` array without those attributes is
 being (re)written, so readers treat it as absent. The explorer reads groups through this module
 and never imports the pipeline (torch, scikit-learn).
@@ -28,6 +30,11 @@ GROUPS = "groups"
 GROUP_WEIGHTS = "group_weights"
 GROUPS_FORMAT_VERSION = 1
 NO_GROUP = -1
+#: Zarr ``dimension_names``. The first is not ``image``: these arrays cover the images there were
+#: when the layer was factorised (row i = image i), fewer than its ``vectors`` once more are
+#: appended, and xarray needs one length per dimension name in a group.
+GROUPS_DIMS = ("factorized_image", "y", "x")
+GROUP_WEIGHTS_DIMS = ("factorized_image", "y", "x", "group")
 
 #: Attributes every complete ``groups`` array has; any missing means "not (fully) written".
 REQUIRED_ATTRS = ("format_version", "k", "components", "method", "negative", "images",
@@ -133,11 +140,12 @@ class GroupsWriter:
         self.layer, self.k = layer, int(k)
         self.groups = writer_group.create_array(
             layer_path(layer, GROUPS), shape=(n_images, height, width), dtype="int16",
-            chunks=(chunk, height, width), compressors=codec, fill_value=NO_GROUP, overwrite=True)
+            chunks=(chunk, height, width), compressors=codec, fill_value=NO_GROUP, overwrite=True,
+            dimension_names=GROUPS_DIMS)
         self.weights = writer_group.create_array(
             layer_path(layer, GROUP_WEIGHTS), shape=(n_images, height, width, k), dtype="float16",
             chunks=(1, height, width, k), shards=(chunk, height, width, k), compressors=codec,
-            fill_value=0, overwrite=True)
+            fill_value=0, overwrite=True, dimension_names=GROUP_WEIGHTS_DIMS)
 
     def write(self, lo: int, groups: np.ndarray, weights: np.ndarray) -> None:
         """Rows ``lo .. lo+len(groups)``: int16 groups (n, H, W), float16 weights (n, H, W, k).

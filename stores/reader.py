@@ -19,7 +19,7 @@ from ._zarr import array, open_root, read_attrs
 from .errors import CorruptStoreError, OutOfRangeError, UnknownLayerError
 from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
-from .table import ImageTable
+from .table import ImageTable, read_string_column
 from .urls import filesystem, is_local, normalize_url
 
 if TYPE_CHECKING:
@@ -239,9 +239,10 @@ class StoreReader:
     def table(self) -> ImageTable:
         """The committed rows of the image table (cached until the next commit)."""
         if self._table is None:
-            n = self.n_images
-            cols = {c: np.asarray(self._array(f"{TABLE}/{c}")[:n]) for c in TABLE_COLUMNS}
-            cols = {c: (v.astype(object) if TABLE_COLUMNS[c] == "str" else v) for c, v in cols.items()}
+            n, version = self.n_images, self.attrs.format_version
+            cols = {c: (read_string_column(self.group, f"{TABLE}/{c}", n, format_version=version)
+                        if kind == "str" else np.asarray(self._array(f"{TABLE}/{c}")[:n]))
+                    for c, kind in TABLE_COLUMNS.items()}
             self._table = ImageTable(cols)
         return self._table
 

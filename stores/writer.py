@@ -26,18 +26,29 @@ from ._zarr import array, open_root, read_attrs
 from .errors import StoreError, StoreMismatchError, UnknownLayerError
 from .format import (
     FORMAT_NAME,
+    FORMAT_VERSION,
+    NORMS_DIMS,
     PIXELS,
+    PIXELS_DIMS,
     TABLE,
     TABLE_COLUMNS,
+    TABLE_DIMS,
+    VECTORS_DIMS,
     StoreAttrs,
     layer_path,
 )
 from .geometry import LayerGeometry
-from .table import column_dtype, fill_value, rows_to_columns
+from .table import (
+    TABLE_CHUNK,
+    column_dtype,
+    create_string_column,
+    fill_value,
+    reserve_string_column,
+    rows_to_columns,
+    write_string_column,
+)
 from .urls import normalize_url
 from .vectors import normalize_patches
-
-TABLE_CHUNK = 4096
 
 
 def _now(timespec: str = "seconds") -> str:
@@ -94,17 +105,24 @@ def create_store(
                        tool_version=_tool_version())
     s = attrs.image_size
     group.create_array(PIXELS, shape=(0, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
-                       shards=(chunk, s, s, 3), compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
-    for col in TABLE_COLUMNS:
-        group.create_array(f"{TABLE}/{col}", shape=(0,), dtype=column_dtype(col),
-                           chunks=(TABLE_CHUNK,), fill_value=fill_value(col))
-    for name, g in layers.items():
+                       shards=(chunk, s, s, 3), compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
+                       dimension_names=PIXELS_DIMS)
+    for col, kind in TABLE_COLUMNS.items():
+        if kind == "str":
+            create_string_column(group, f"{TABLE}/{col}", format_version=FORMAT_VERSION,
+                                 fill=fill_value(col), chunk=TABLE_CHUNK)
+        else:
+            group.create_array(f"{TABLE}/{col}", shape=(0,), dtype=column_dtype(col),
+                               chunks=(TABLE_CHUNK,), fill_value=fill_value(col),
+                               dimension_names=TABLE_DIMS)
+    for name, g in layers.items():  # each layer its own group: y, x are its own (H, W)
         group.create_array(layer_path(name, "vectors"), shape=(0, g.height, g.width, g.dim),
                            dtype="float16", chunks=(1, g.height, g.width, g.dim),
                            shards=(chunk, g.height, g.width, g.dim), compressors=_compressor(),
-                           fill_value=0)
+                           fill_value=0, dimension_names=VECTORS_DIMS)
         group.create_array(layer_path(name, "norms"), shape=(0, g.height, g.width), dtype="float32",
-                           chunks=(chunk, g.height, g.width), compressors=_compressor(), fill_value=0)
+                           chunks=(chunk, g.height, g.width), compressors=_compressor(), fill_value=0,
+                           dimension_names=NORMS_DIMS)
     group.attrs.update({FORMAT_NAME: attrs.to_json()})
     return StoreWriter(group, url)
 
@@ -152,7 +170,9 @@ class StoreWriter:
         return {str(h): i for i, h in enumerate(hashes)}
 
     def _per_image_arrays(self) -> list[zarr.Array]:
-        arrays = [array(self.group, PIXELS)] + [array(self.group, f"{TABLE}/{c}") for c in TABLE_COLUMNS]
+        """Every per-image array but the string columns (:func:`reserve_string_column` does those)."""
+        arrays = [array(self.group, PIXELS)]
+        arrays += [array(self.group, f"{TABLE}/{c}") for c, kind in TABLE_COLUMNS.items() if kind != "str"]
         for name in self.layers:
             arrays += [array(self.group, layer_path(name, "vectors")), array(self.group, layer_path(name, "norms"))]
         return arrays
@@ -165,19 +185,30 @@ class StoreWriter:
         start = self.committed
         for arr in self._per_image_arrays():
             arr.resize((start + n, *arr.shape[1:]))
+        for col, kind in TABLE_COLUMNS.items():
+            if kind == "str":
+                reserve_string_column(self.group, f"{TABLE}/{col}", start, n,
+                                      format_version=self.attrs.format_version)
         return start
 
     def write_block(self, start: int, pixels: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
         write_image_block(self.group, start, pixels, activations, self.layers)
 
     def write_table(self, start: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Table rows ``start .. start+len(rows)``, after :meth:`reserve` and in row order (string
+        columns store each row's bytes after the previous row's)."""
         columns = rows_to_columns(rows)
         for col, values in columns.items():
             arr = array(self.group, f"{TABLE}/{col}")
             if start + len(values) > arr.shape[0]:
                 raise StoreError(f"table rows {start}..{start + len(values)} exceed reserved "
                                  f"{arr.shape[0]} rows; call reserve() first")
-            arr[start:start + len(values)] = values
+        for col, values in columns.items():
+            if TABLE_COLUMNS[col] == "str":
+                write_string_column(self.group, f"{TABLE}/{col}", start, values,
+                                    format_version=self.attrs.format_version)
+            else:
+                array(self.group, f"{TABLE}/{col}")[start:start + len(values)] = values
 
     def commit(self, committed: int, extra: Mapping[str, Any] | None = None) -> None:
         """Publish the first ``committed`` rows to readers; this write is the last of an append."""
