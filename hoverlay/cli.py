@@ -122,16 +122,26 @@ def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="+", metavar="STORE", help="store path(s) or URL(s)")
     p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
                    help=STORAGE_OPTIONS.argparse_help)
+    p.add_argument("--json", action="store_true",
+                   help="the same facts as one JSON document: an object for one store, an array "
+                        "of them for several (keys: hoverlay.stores.info.store_facts)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from .options import STORAGE_OPTIONS
     from .stores import open_store
-    from .stores.info import describe
+    from .stores.info import describe_facts, store_facts
 
     so = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
-    for store in args.store:
-        print(describe(open_store(store, storage_options=so)))
+    facts = (store_facts(open_store(store, storage_options=so)) for store in args.store)
+    if not args.json:
+        for f in facts:  # each store as soon as it is read
+            print(describe_facts(f))
+        return EXIT_OK
+    import json
+
+    every = list(facts)
+    print(json.dumps(every[0] if len(every) == 1 else every, indent=2, allow_nan=False))
     return EXIT_OK
 
 

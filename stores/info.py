@@ -1,7 +1,13 @@
-"""A human-readable description of a store (``hoverlay info``)."""
+"""A description of a store: ``hoverlay info`` (text) and ``hoverlay info --json`` (one document).
+
+:func:`store_facts` gathers the facts once; :func:`describe` only formats them, so the text and
+the JSON cannot say different things.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any
 
 from .index import index_path, read_index_meta
@@ -26,43 +32,91 @@ def index_file_bytes(reader: StoreReader, layer: str) -> int:
         return 0
 
 
-def describe(reader: StoreReader) -> str:
+def _number(x: float | None) -> float | None:
+    """JSON has no NaN: a measurement that was not taken is null."""
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _index_facts(reader: StoreReader, layer: str) -> dict[str, Any] | None:
+    meta = read_index_meta(reader.url, layer, reader.storage_options)
+    if meta is None:
+        return None
+    rec = meta.recall
+    return {
+        "factory": meta.factory,
+        "ntotal": meta.ntotal,
+        "images_indexed": meta.images_indexed,
+        "stale": meta.images_indexed != reader.n_images,
+        "file_bytes": index_file_bytes(reader, layer),
+        "recall": None if rec is None else {"k": rec.k, "value": _number(rec.value), "queries": rec.queries,
+                                            "p50_ms": _number(rec.p50_ms)},
+        "rerank_file_bytes": meta.rerank_rows * reader.geometry(layer).dim * 2,
+        "params": dict(meta.params),
+    }
+
+
+def store_facts(reader: StoreReader) -> dict[str, Any]:
+    """Everything ``hoverlay info`` says about a store, as JSON-ready values (no NaN: null).
+
+    Keys: ``store``, ``format`` (``name``, ``version``, ``tool_version``), ``model``,
+    ``preprocessing``, ``image_size``, ``chunk``, ``images`` (``committed``, ``ok``, ``failed``),
+    ``created``, ``updated``, ``size_bytes``, ``layers`` (name -> ``height``, ``width``, ``dim``,
+    ``index``: null or ``factory``, ``ntotal``, ``images_indexed``, ``stale``, ``file_bytes``,
+    ``recall`` (null or ``k``, ``value``, ``queries``, ``p50_ms``), ``rerank_file_bytes``,
+    ``params``) and ``labels`` (label -> ok images, sorted by label).
+    """
     a = reader.attrs
     table = reader.table()
     ok = int(table.ok.sum())
+    labels = Counter(str(x) for x in table["label"][table.ok])
+    return {
+        "store": reader.url,
+        "format": {"name": "hoverlay", "version": a.format_version, "tool_version": a.tool_version},
+        "model": a.model,
+        "preprocessing": a.preprocessing,
+        "image_size": a.image_size,
+        "chunk": a.chunk,
+        "images": {"committed": reader.n_images, "ok": ok, "failed": reader.n_images - ok},
+        "created": a.created,
+        "updated": a.updated,
+        "size_bytes": store_size_bytes(reader.url, reader.storage_options),
+        "layers": {name: {"height": g.height, "width": g.width, "dim": g.dim,
+                          "index": _index_facts(reader, name)} for name, g in a.layers.items()},
+        "labels": dict(sorted(labels.items())),
+    }
+
+
+def describe(reader: StoreReader) -> str:
+    """The facts of :func:`store_facts` as the text of ``hoverlay info``."""
+    return describe_facts(store_facts(reader))
+
+
+def describe_facts(f: dict[str, Any]) -> str:
+    images = f["images"]
     lines = [
-        f"store      {reader.url}",
-        f"format     hoverlay v{a.format_version} (written by hoverlay {a.tool_version})",
-        f"model      {a.model.get('spec')} (weights: {a.model.get('weights')})",
-        f"input      {a.image_size}x{a.image_size} px, {a.preprocessing.get('normalization')}",
-        f"images     {reader.n_images} committed ({ok} ok, {reader.n_images - ok} failed), "
-        f"updated {a.updated}",
-        f"size       {store_size_bytes(reader.url, reader.storage_options) / 1e6:.1f} MB on disk",
+        f"store      {f['store']}",
+        f"format     hoverlay v{f['format']['version']} (written by hoverlay {f['format']['tool_version']})",
+        f"model      {f['model'].get('spec')} (weights: {f['model'].get('weights')})",
+        f"input      {f['image_size']}x{f['image_size']} px, {f['preprocessing'].get('normalization')}",
+        f"images     {images['committed']} committed ({images['ok']} ok, {images['failed']} failed), "
+        f"updated {f['updated']}",
+        f"size       {f['size_bytes'] / 1e6:.1f} MB on disk",
         "layers",
     ]
-    for name, g in a.layers.items():
-        meta = read_index_meta(reader.url, name, reader.storage_options)
+    for name, g in f["layers"].items():
+        meta = g["index"]
         if meta is None:
             idx = "no index"
         else:
-            stale = "" if meta.images_indexed == reader.n_images else \
-                f", STALE: covers {meta.images_indexed} images"
-            rec = meta.recall
-            took = f" p50 {rec.p50_ms:.1f} ms" if rec is not None and rec.p50_ms == rec.p50_ms else ""
-            via = f" re-rank file {meta.rerank_rows * g.dim * 2 / 1e6:.1f} MB" if meta.rerank_rows else ""
-            recall = f"recall@{rec.k}={rec.value:.3f}" if rec is not None else "recall not measured"
-            idx = (f"index {meta.factory} ntotal={meta.ntotal} "
-                   f"file {index_file_bytes(reader, name) / 1e6:.1f} MB {recall}{took}{via}{stale}")
-        lines.append(f"  {name:<24} H={g.height:<3} W={g.width:<3} D={g.dim:<5} {idx}")
-    labels, counts = _label_counts(table["label"][table.ok])
-    if labels:
-        lines.append("labels     " + ", ".join(f"{lab} ({c})" for lab, c in zip(labels, counts, strict=True)))
+            stale = f", STALE: covers {meta['images_indexed']} images" if meta["stale"] else ""
+            rec = meta["recall"]
+            took = f" p50 {rec['p50_ms']:.1f} ms" if rec is not None and rec["p50_ms"] is not None else ""
+            via = f" re-rank file {meta['rerank_file_bytes'] / 1e6:.1f} MB" if meta["rerank_file_bytes"] else ""
+            value = "nan" if rec is None or rec["value"] is None else f"{rec['value']:.3f}"
+            recall = f"recall@{rec['k']}={value}" if rec is not None else "recall not measured"
+            idx = (f"index {meta['factory']} ntotal={meta['ntotal']} "
+                   f"file {meta['file_bytes'] / 1e6:.1f} MB {recall}{took}{via}{stale}")
+        lines.append(f"  {name:<24} H={g['height']:<3} W={g['width']:<3} D={g['dim']:<5} {idx}")
+    if f["labels"]:
+        lines.append("labels     " + ", ".join(f"{lab} ({c})" for lab, c in f["labels"].items()))
     return "\n".join(lines)
-
-
-def _label_counts(labels: Any) -> tuple[list[str], list[int]]:
-    from collections import Counter
-
-    c = Counter(str(x) for x in labels)
-    items = sorted(c.items())
-    return [k for k, _ in items], [v for _, v in items]

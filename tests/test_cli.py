@@ -258,6 +258,61 @@ def test_a_rerun_with_nothing_new_repairs_missing_and_stale_indexes(tmp_path, ca
         assert meta.images_indexed == 6 and meta.ntotal == 6 * reader.geometry(layer).patches_per_image
 
 
+# ===================================================================================== info
+def test_info_json_is_the_text_facts_as_one_document(tmp_path, images, capsys):
+    import json
+
+    from hoverlay.stores import FORMAT_VERSION
+    from hoverlay.stores.index import read_index_meta
+
+    Path(images, "gen", "broken.png").write_bytes(b"not a png")  # one failed image
+    store = str(tmp_path / "s")
+    assert main(["build", "--images", images, "--store", store, "-q", *TINY[:-1]]) == 0  # with indexes
+    r = run_cli("info", "--json", store)  # a fresh interpreter, as a script would run it
+    assert r.returncode == 0, r.stderr
+    assert "NaN" not in r.stdout  # strict JSON: a measurement not taken is null
+    facts = json.loads(r.stdout)
+    reader = open_store(store)
+    assert facts["store"] == reader.url
+    assert facts["format"] == {"name": "hoverlay", "version": FORMAT_VERSION,
+                               "tool_version": reader.attrs.tool_version}
+    assert facts["model"] == reader.model and facts["model"]["spec"] == "python:test_build:tiny_model"
+    assert facts["preprocessing"] == reader.attrs.preprocessing
+    assert facts["image_size"] == 64 and facts["chunk"] == reader.attrs.chunk
+    assert facts["images"] == {"committed": 7, "ok": 6, "failed": 1}
+    assert facts["created"] == reader.attrs.created and facts["updated"] == reader.attrs.updated
+    assert facts["labels"] == {"gen": 6} and facts["size_bytes"] > 0
+    assert list(facts["layers"]) == ["1", "3"]
+    for name, layer in facts["layers"].items():
+        g, meta = reader.geometry(name), read_index_meta(store, name)
+        assert (layer["height"], layer["width"], layer["dim"]) == (g.height, g.width, g.dim)
+        index = layer["index"]
+        assert index["factory"] == meta.factory and index["ntotal"] == 6 * g.patches_per_image
+        assert index["images_indexed"] == 7 and index["stale"] is False
+        assert index["file_bytes"] == os.path.getsize(os.path.join(store, "index", f"{name}.faiss"))
+        assert index["recall"]["k"] == meta.recall.k and index["recall"]["queries"] == meta.recall.queries
+
+    capsys.readouterr()
+    assert main(["info", store]) == 0  # the text says the same
+    text = capsys.readouterr().out
+    assert "7 committed (6 ok, 1 failed)" in text and f"{facts['size_bytes'] / 1e6:.1f} MB on disk" in text
+    for name, layer in facts["layers"].items():
+        assert f"  {name:<24} H={layer['height']:<3} W={layer['width']:<3} D={layer['dim']:<5} index " \
+               f"{layer['index']['factory']} ntotal={layer['index']['ntotal']}" in text
+    assert "labels     gen (6)" in text
+
+    more = str(tmp_path / "more")
+    write_generated_images(more, 2, seed=8)
+    assert main(["build", "--images", more, "--store", store, "-q", "--no-index"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--json", store, store]) == 0  # several stores: an array of them
+    both = json.loads(capsys.readouterr().out)
+    assert isinstance(both, list) and len(both) == 2 and both[0] == both[1]
+    assert both[0]["images"]["committed"] == 9
+    assert all(layer["index"]["stale"] and layer["index"]["images_indexed"] == 7
+               for layer in both[0]["layers"].values())
+
+
 # ===================================================================================== URLs
 def test_file_urls_round_trip(tmp_path, images, capsys):
     url = "file://" + str(tmp_path / "s")
