@@ -44,8 +44,11 @@ from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .kernels import SIMILARITY_FUNCTIONS, QueryVector, color_range, images_by_best_patch
 from .paging import (
     ALL_LABELS,
+    LABEL_COLUMN,
     ORDERS,
     candidate_ids,
+    caption_value,
+    filter_choices,
     n_pages,
     ordered_ids,
     page_containing,
@@ -68,7 +71,9 @@ COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis"
 URL_PARAMETERS: dict[str, str] = {
     "store_key": "store", "layers_shown": "layers", "layer": "layer", "query": "query", "query_layer": "qlayer",
     "page": "page", "page_size": "page_size", "ncols": "ncols", "function": "function", "value_range": "range",
-    "label": "label", "order": "order", "seed": "seed", "tab": "tab"}
+    "filter_by": "filter", "label": "label", "captions": "show", "order": "order", "seed": "seed", "tab": "tab"}
+#: Average width of a caption character (10 px font): captions are cut to one tile's width.
+CAPTION_PX_PER_CHAR = 6
 #: Parameters that options (CLI, Python) may set at start and the store switch resets.
 STATE_OPTIONS = ("layer", "query", "page", "function")
 
@@ -126,7 +131,13 @@ class ExplorerApp(param.Parameterized):
     page_size = param.Integer(default=16, bounds=(1, 64))
     ncols = param.Integer(default=4, bounds=(1, 16), doc="Tiles per row in each layer's grid.")
     tile_px = param.Integer(default=110, bounds=(40, 400), doc="Displayed tile size in pixels.")
-    label = param.Selector(default=ALL_LABELS, objects=[ALL_LABELS])
+    filter_by = param.Selector(default=LABEL_COLUMN, objects=[LABEL_COLUMN], doc="""
+        The table column the image filter looks at: the label, or a metadata column.""")
+    label = param.Selector(default=ALL_LABELS, objects=[ALL_LABELS], doc="""
+        The filter's value on ``filter_by`` (a value, a numeric range, or all).""")
+    has_metadata = param.Boolean(default=False, doc="The store has metadata columns (shows their widgets).")
+    captions = param.ListSelector(default=[], objects=[], doc="""
+        Metadata columns shown on tiles and top-k cards, after the image id and label.""")
     order = param.Selector(default="index", objects=list(ORDERS))
     seed = param.Integer(default=0, doc="Seed of the random order ('Random sample' draws a new one).")
     cmap = param.Selector(default="viridis", objects=list(COLORMAPS))
@@ -190,6 +201,9 @@ class ExplorerApp(param.Parameterized):
             self.param.update(store=store, store_key=self.store_keys[store])
         self._open_store(store, initial={k: params.pop(k) for k in list(params) if k in STATE_OPTIONS})
         with param.parameterized.discard_events(self):
+            if "filter_by" in params:  # before its values: they depend on the column
+                self.param.update(filter_by=params.pop("filter_by"))
+                self._filter_choices()
             self.param.update(**params)
         tab = url.pop("tab", None)
         problems += self._set_url_values(url)
@@ -222,6 +236,8 @@ class ExplorerApp(param.Parameterized):
         self._watch(self._on_store, ["store"])
         self._watch(self._on_layout, ["layers_shown", "page_size", "ncols", "tile_px"])
         self._watch(self._on_paging, ["label", "order", "seed"])
+        self._watch(self._on_filter_by, ["filter_by"])
+        self._watch(self._on_captions, ["captions"])
         self._watch(self._on_colors, ["cmap", "sigma_scale", "value_range"])
         self._watch(self._on_alpha, ["alpha"])
         self._watch(lambda e: self.search_topk(), ["k"])
@@ -262,7 +278,7 @@ class ExplorerApp(param.Parameterized):
         self._load_table()
         self.param.layers_shown.objects = list(self.layer_names)
         initial = initial or {}
-        self._set_quietly(label=ALL_LABELS,
+        self._set_quietly(label=ALL_LABELS, filter_by=LABEL_COLUMN, captions=[],
                           layers_shown=self._default_layers(),
                           layer=str(initial.get("layer", self.layer_names[0])), page=int(initial.get("page", 1)),
                           function=str(initial.get("function", "cosine")), query=str(initial.get("query", "")))
@@ -275,7 +291,40 @@ class ExplorerApp(param.Parameterized):
     def _load_table(self) -> None:
         table = self.reader.table()
         self._ok, self._labels = table.ok, table["label"]
-        self.param.label.objects = [ALL_LABELS, *sorted({str(v) for v in self._labels[self._ok]})]
+        self._columns = {LABEL_COLUMN: self._labels, **table.metadata}
+        self.param.filter_by.objects = list(self._columns)
+        self.param.captions.objects = list(table.metadata)
+        self.has_metadata = bool(table.metadata)
+        if self.filter_by not in self._columns:
+            self._set_quietly(filter_by=LABEL_COLUMN, label=ALL_LABELS)
+        self._set_quietly(captions=[c for c in self.captions if c in table.metadata])
+        self._filter_choices()
+
+    def _filter_choices(self) -> None:
+        """The filter's values for the column it looks at (of displayable images)."""
+        column = self._columns[self.filter_by]
+        self.param.label.objects = [ALL_LABELS, *filter_choices(column[self._ok])]
+
+    def _on_filter_by(self, *events: param.parameterized.Event) -> None:
+        self._filter_choices()
+        self._set_quietly(label=ALL_LABELS)
+        self._on_paging()
+
+    def _on_captions(self, *events: param.parameterized.Event) -> None:
+        ids = self._shown_images
+        if ids is not None and len(ids):
+            self.shared.set_labels(self.tile_captions(ids))
+
+    def tile_captions(self, ids: np.ndarray) -> list[str]:
+        """``#id label`` and the chosen metadata columns' values, for tiles and exports."""
+        out = []
+        for i in ids:
+            parts = [f"#{i} {self._labels[i]}".rstrip()]
+            parts += [caption_value(self._columns[c][i]) for c in self.captions if c in self._columns]
+            text = " · ".join(p for p in parts if p)
+            limit = max(8, self.tile_px // CAPTION_PX_PER_CHAR)  # one tile wide, 10 px font
+            out.append(text if len(text) <= limit else text[:limit - 1] + "…")
+        return out
 
     def on_commit(self) -> bool:
         """Catch up with the shared reader's newest commit, keeping layer, query and page.
@@ -400,7 +449,8 @@ class ExplorerApp(param.Parameterized):
     def _set_url_values(self, mapped: dict[str, Any]) -> list[str]:
         """Set URL values without the app's reactions; a value param refuses becomes a problem."""
         problems = []
-        for name, value in mapped.items():
+        # the filter's column first: the values a filter may take depend on it
+        for name, value in sorted(mapped.items(), key=lambda item: item[0] != "filter_by"):
             if value is None:
                 continue
             try:
@@ -410,6 +460,11 @@ class ExplorerApp(param.Parameterized):
                     self._set_quietly(**{name: str(value)})
                 except Exception:
                     problems.append(f"bad URL value {URL_PARAMETERS.get(name, name)}={value!r}")
+                    continue
+            if name == "filter_by":
+                self._filter_choices()
+                if "label" not in mapped:
+                    self._set_quietly(label=ALL_LABELS)
         return problems
 
     @_held
@@ -443,7 +498,7 @@ class ExplorerApp(param.Parameterized):
 
     # ============================================================================= paging
     def _reorder(self) -> None:
-        cand = candidate_ids(self._ok, self._labels, self.label)
+        cand = candidate_ids(self._ok, self._columns[self.filter_by], self.label)
         self._order_ids = ordered_ids(cand, self.order, self.seed, self._ranked)
 
     def page_ids(self) -> np.ndarray:
@@ -555,7 +610,7 @@ class ExplorerApp(param.Parameterized):
                 ahead = self._prefetch.take(self.reader, ids, layers)
                 pixels = (ahead.pixels if ahead is not None else self.reader.pixels(ids)) if ids.size \
                     else np.zeros((0, s, s, 3), np.uint8)
-                self.shared.set_images(self.specs, pixels, [f"#{i} {self._labels[i]}" for i in ids])
+                self.shared.set_images(self.specs, pixels, self.tile_captions(ids))
                 self._shown_images = ids
                 self.groups.show_page(ids)
                 self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
@@ -897,7 +952,7 @@ class ExplorerApp(param.Parameterized):
             layers[name] = ExportLayer(maps.get(name), self._clim(name), self._hw(name), cell, groups.get(name))
         function = self.function if self.function in SIMILARITY_FUNCTIONS else "cosine"
         png = compose_grid_png(pixels, layers, palette(self.cmap), self.alpha, min(self.ncols, self.page_size),
-                               [f"#{i} {self._labels[i]}" for i in ids], function=function,
+                               self.tile_captions(ids), function=function,
                                group_colors=GROUP_PALETTE, legend=legend)
         return io.BytesIO(png)
 

@@ -235,6 +235,13 @@ class SharedSources:
         self.rgb.data = rgb
         self.labels.data = labels
 
+    def set_labels(self, captions: Sequence[str]) -> None:
+        """New captions for the tiles shown (same images, same places)."""
+        data = dict(self.labels.data)
+        if len(data.get("text", [])) == len(captions):
+            data["text"] = list(captions)
+            self.labels.data = data
+
     def set_config(self, specs: dict[str, GridSpec], selected: str, n: int,
                    extra: dict[str, list] | None = None) -> None:
         """Tell the browser every figure's grid, which layer snaps the pointer, and the page size

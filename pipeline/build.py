@@ -9,6 +9,7 @@ same rows in the same order as an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import numpy as np
 
 from hoverlay.options import KEYWORD
 from hoverlay.stores import (
@@ -34,9 +36,11 @@ from hoverlay.stores.format import StoreAttrs
 from hoverlay.stores.index import read_index_meta
 from hoverlay.stores.info import store_size_bytes
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
+from hoverlay.stores.writer import metadata_mismatch
 
 from .errors import BuildUsageError, PipelineError, SourceError
 from .indexing import IndexUpdate, update_index
+from .metadata import Metadata, read_metadata
 from .models import ModelAdapter, load_model, resolve_device
 from .options import BUILD_OPTIONS, DEFAULT_MODEL
 from .partition import plan_partitions, select_new, waves
@@ -64,6 +68,8 @@ class BuildSummary:
     store_bytes: int = 0
     indexes: dict[str, IndexUpdate] = field(default_factory=dict)
     dashboard: str | None = None
+    metadata_missing: int | None = None    # added images without a metadata row (None: no metadata)
+    metadata_unmatched: int = 0            # metadata rows that matched no image
 
     @property
     def images_per_second(self) -> float:
@@ -76,7 +82,13 @@ class BuildSummary:
                 f"{self.images_per_second:.1f} images/s ({self.embed_seconds:.1f}s); total "
                 f"{self.seconds:.1f}s (hashing {self.hash_seconds:.1f}s, indexes "
                 f"{self.index_seconds:.1f}s); store {self.store} now has {self.committed} images, "
-                f"{self.store_bytes / 1e6:.1f} MB")
+                f"{self.store_bytes / 1e6:.1f} MB{self._metadata_text()}")
+
+    def _metadata_text(self) -> str:
+        if self.metadata_missing is None:
+            return ""
+        return (f"; metadata: {self.metadata_missing} added images had no row, "
+                f"{self.metadata_unmatched} rows matched no image")
 
 
 @dataclass
@@ -93,6 +105,17 @@ class BuildPlan:
     found: Discovery
     sweep: list[tuple[str, float]]
     geometry: dict[str, LayerGeometry] | None  # for a new store
+    metadata: Metadata | None = None
+    #: each found image's metadata row (None: none), aligned with ``found.images``
+    metadata_rows: list[dict[str, Any] | None] = field(default_factory=list)
+    metadata_unmatched: int = 0
+
+    @property
+    def metadata_kinds(self) -> dict[str, str] | None:
+        """The store columns the metadata file gives (its label goes to the label column)."""
+        if self.metadata is None:
+            return None
+        return {c: k for c, k in self.metadata.kinds.items() if c != "label"}
 
     @property
     def storage_options(self) -> dict[str, Any] | None:
@@ -162,7 +185,25 @@ def plan_build(options: dict[str, Any]) -> BuildPlan:
     geometry = None
     if existing is None:
         geometry = adapter.layer_geometry(layers, size)
-    return BuildPlan(url, options, adapter, layers, size, chunk, existing, found, sweep, geometry)
+    plan = BuildPlan(url, options, adapter, layers, size, chunk, existing, found, sweep, geometry)
+    if options["metadata"]:
+        _plan_metadata(plan, read_metadata(options["metadata"], so))
+    return plan
+
+
+def _plan_metadata(plan: BuildPlan, metadata: Metadata) -> None:
+    """Join a metadata file to the found images (before any write): rows per image, labels."""
+    plan.metadata = metadata
+    if plan.existing is not None:
+        problem = metadata_mismatch(plan.url, plan.existing.metadata, plan.metadata_kinds)
+        if problem:
+            raise StoreMismatchError(problem)
+    rows, plan.metadata_unmatched = metadata.join(plan.found.images)
+    plan.metadata_rows = rows
+    if "label" in metadata.kinds:  # the file's label replaces the folder's
+        images = [dataclasses.replace(image, label=str(row["label"])) if row is not None else image
+                  for image, row in zip(plan.found.images, rows, strict=True)]
+        plan.found = dataclasses.replace(plan.found, images=images)
 
 
 class _Scheduler:
@@ -259,7 +300,11 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
         known = writer.known_hashes()
         new_pos, summary.skipped, summary.duplicates = select_new([h for h, _ in hashed], known)
         start = writer.committed
-        items = _expand_transforms(plan.found.images, hashed, new_pos, known, start, plan.sweep)
+        items, positions = _expand_transforms(plan.found.images, hashed, new_pos, known, start, plan.sweep)
+        item_metadata = _item_metadata(plan, writer.attrs.metadata, positions)
+        if plan.metadata is not None:
+            summary.metadata_missing = sum(plan.metadata_rows[p] is None for p in positions)
+            summary.metadata_unmatched = plan.metadata_unmatched
         writer.reserve(len(items))
         parts = plan_partitions(start, len(items), plan.chunk)
         ref = ModelRef(plan.adapter.spec, plan.adapter.weights, plan.adapter.device, sched.torch_threads)
@@ -275,6 +320,9 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
                 results = sched.compute(tasks, phase)
                 rows = [row for part in results for row in part]
                 writer.write_table(wave[0][0], rows)
+                if item_metadata is not None:
+                    lo, hi = wave[0][0] - start, wave[-1][1] - start
+                    writer.write_metadata(wave[0][0], {c: v[lo:hi] for c, v in item_metadata.items()})
                 writer.commit(wave[-1][1])
                 for row in rows:
                     if row["status"] != "ok":
@@ -304,21 +352,35 @@ def _open_or_create(plan: BuildPlan) -> StoreWriter:
         assert plan.geometry is not None
         return create_store(plan.url, model=adapter.describe(), preprocessing=preprocessing,
                             image_size=plan.size, layers=plan.geometry, chunk=plan.chunk,
-                            storage_options=plan.storage_options)
+                            storage_options=plan.storage_options, metadata=plan.metadata_kinds)
     writer = StoreWriter.open(plan.url, storage_options=plan.storage_options)
     writer.check_compatible(model=adapter.describe(), preprocessing=preprocessing, image_size=plan.size,
                             layers=plan.layers)
+    writer.check_metadata(plan.metadata_kinds)
     return writer
 
 
+def _item_metadata(plan: BuildPlan, kinds: dict[str, str], positions: list[int]) -> dict[str, list[Any]] | None:
+    """Each new row's value of every metadata column of the store (transformed copies get their
+    image's), or None for a store without metadata columns."""
+    if not kinds:
+        return None
+    rows = [plan.metadata_rows[p] if plan.metadata_rows else None for p in positions]
+    return {col: [row[col] if row is not None else (np.nan if kind == "float64" else "") for row in rows]
+            for col, kind in kinds.items()}
+
+
 def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_pos: list[int],
-                       known: dict[str, int], start: int, sweep: list[tuple[str, float]]) -> list[TaskItem]:
-    """Rows to add: each new image followed by its missing transformed copies.
+                       known: dict[str, int], start: int,
+                       sweep: list[tuple[str, float]]) -> tuple[list[TaskItem], list[int]]:
+    """Rows to add: each new image followed by its missing transformed copies, and for each row
+    the position of its source image.
 
     Copies of an image stored by an earlier run (e.g. a wider sweep this time) point at its
     existing row; copies already stored are skipped like any other content hash.
     """
     items: list[TaskItem] = []
+    sources_of: list[int] = []
     new_set = set(new_pos)
     seen = set(known)
     positions = range(len(sources)) if sweep else new_pos
@@ -328,6 +390,7 @@ def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_po
         if p in new_set:
             base_id = start + len(items)
             items.append(TaskItem(src.uri, src.label, h, err))
+            sources_of.append(p)
         elif h in known:
             base_id = known[h]
         else:
@@ -338,7 +401,8 @@ def _expand_transforms(sources: list[Any], hashed: list[tuple[str, str]], new_po
                 continue
             seen.add(ch)
             items.append(TaskItem(src.uri, src.label, ch, err, kind, float(param), base_id))
-    return items
+            sources_of.append(p)
+    return items, sources_of
 
 
 def _layers_needing_index(url: str, layers: list[str], committed: int,

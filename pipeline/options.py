@@ -32,8 +32,8 @@ DEVICE = Text(choices=("cpu", "cuda", "auto", "mps"), pattern=r"cuda:\d+",
               described="cpu, cuda, cuda:N, mps or auto")
 SWEEP = Text(pattern=r"-?[0-9.]+:-?[0-9.]+:[0-9.]*[1-9][0-9.]*",
              described="start:stop:step with a positive step, e.g. 0:360:15")
-MODEL = Text(pattern=r"efficientnet-lite0|(torchvision|torchscript|python):\S+",
-             described="efficientnet-lite0, torchvision:<name>, torchscript:<path> or "
+MODEL = Text(pattern=r"efficientnet-lite0|(torchvision|timm|torchscript|python):\S+",
+             described="efficientnet-lite0, torchvision:<name>, timm:<name>, torchscript:<path> or "
                        "python:<module>:<factory>")
 
 BUILD_OPTIONS = OptionSet((
@@ -49,6 +49,9 @@ BUILD_OPTIONS = OptionSet((
            metavar="W"),
     Option("layers", TextList(), "comma-separated layer names (`hoverlay layers MODEL`); default: the "
            "model's three, or an existing store's", metavar="L1,L2"),
+    Option("metadata", Path(), "CSV or Parquet file of your own columns, one row per image, keyed by "
+           "'path' (relative to the source folder) or 'file' (file name); a 'label' column replaces "
+           "the folder label (new stores; an existing store's columns must match)", metavar="FILE"),
     Option("size", Integer(), "model input size in px (default: the model's, or the store's)",
            metavar="S"),
     Option("batch_size", Integer(), "images per forward pass", default=16, metavar="B"),

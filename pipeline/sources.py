@@ -22,7 +22,9 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 @dataclass(frozen=True)
 class ImageSource:
     uri: str     # local absolute path or fsspec URL
-    label: str   # parent folder name: class folders become labels
+    label: str   # parent folder name below the source folder: class folders become labels
+    #: path relative to the source folder (or glob root); the URI for listed files
+    relative: str = ""
 
 
 @dataclass
@@ -50,24 +52,28 @@ def discover(src: str | os.PathLike[str] | Sequence[str],
     """
     opts = storage_options or {}
     if isinstance(src, (list, tuple)):
-        found: list[str] = []
+        found: dict[str, ImageSource] = {}
         ignored: list[str] = []
         for item in src:
             d = discover(item, storage_options)
-            found += [s.uri for s in d.images]
+            for image in d.images:
+                found.setdefault(image.uri, image)
             ignored += d.ignored
-        return Discovery([ImageSource(u, _label(u)) for u in sorted(set(found))], ignored)
+        return Discovery([found[u] for u in sorted(found)], ignored)
     text = os.fspath(src)  # type: ignore[arg-type]
     if "://" not in text:
         text = os.path.abspath(os.path.expanduser(text))
     prefix = _protocol_prefix(text)
     fs, path = filesystem(text, opts)
     candidates: list[str]
+    root: str | None = None  # the source folder: labels and relative paths start below it
     if any(ch in path for ch in "*?["):
         candidates = sorted(fs.glob(path))
         candidates = [c for c in candidates if fs.isfile(c)]
+        root = path[:min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
         candidates = sorted(fs.find(path))
+        root = path.rstrip("/")
     elif fs.isfile(path):
         if os.path.splitext(path)[1].lower() in LIST_EXTENSIONS:
             lines = fs.cat_file(path).decode().splitlines()
@@ -84,8 +90,12 @@ def discover(src: str | os.PathLike[str] | Sequence[str],
         uri = prefix + c if prefix and not c.startswith(prefix) else c
         if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             ignored.append(uri)
+        elif root is not None and c.startswith(root + "/"):
+            relative = c[len(root) + 1:]
+            label = relative.rsplit("/", 2)[-2] if "/" in relative else ""  # directly in it: none
+            images.append(ImageSource(uri, label, relative))
         else:
-            images.append(ImageSource(uri, _label(uri)))
+            images.append(ImageSource(uri, _label(uri), uri))
     return Discovery(images, ignored)
 
 

@@ -22,6 +22,10 @@ STRING_UTF8_SINCE = 2
 
 PIXELS = "images/pixels"
 TABLE = "images/table"
+#: The user's own columns (``build --metadata``): one array per column, a row per image.
+METADATA = "images/metadata"
+#: Kinds a metadata column may have: text ("" where missing) or numbers (NaN where missing).
+METADATA_KINDS = ("str", "float64")
 LAYERS = "layers"
 INDEX_DIR = "index"
 
@@ -84,6 +88,8 @@ class StoreAttrs:
     tool_version: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: metadata column -> kind (:data:`METADATA_KINDS`), in the order the file had them
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +105,7 @@ class StoreAttrs:
             "created": self.created,
             "updated": self.updated,
             "extra": self.extra,
+            "metadata": self.metadata,
         }
 
     @classmethod
@@ -127,4 +134,18 @@ class StoreAttrs:
             tool_version=data.get("tool_version", ""),
             format_version=version,
             extra=data.get("extra", {}),
+            metadata=_metadata_kinds(data.get("metadata", {}), where),
         )
+
+
+def _metadata_kinds(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and "/" not in k and v in METADATA_KINDS for k, v in value.items()):
+        raise CorruptStoreError(f"{where!r} has metadata = {value!r} in its zarr.json; it must map "
+                                f"column names to one of {METADATA_KINDS}: the root document is damaged")
+    return dict(value)
+
+
+def metadata_path(column: str) -> str:
+    """Path of one metadata column's array (its companions, for text, beside it)."""
+    return f"{METADATA}/{column}"

@@ -17,7 +17,7 @@ import zarr
 
 from ._zarr import array, open_root, read_attrs
 from .errors import CorruptStoreError, OutOfRangeError, UnknownLayerError
-from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path
+from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path, metadata_path
 from .geometry import LayerGeometry, patch_coords, patch_id
 from .table import ImageTable, read_string_column
 from .urls import filesystem, is_local, normalize_url
@@ -243,7 +243,10 @@ class StoreReader:
             cols = {c: (read_string_column(self.group, f"{TABLE}/{c}", n, format_version=version)
                         if kind == "str" else np.asarray(self._array(f"{TABLE}/{c}")[:n]))
                     for c, kind in TABLE_COLUMNS.items()}
-            self._table = ImageTable(cols)
+            meta = {c: (read_string_column(self.group, metadata_path(c), n, format_version=version)
+                        if kind == "str" else np.asarray(self._array(metadata_path(c))[:n], dtype=np.float64))
+                    for c, kind in self.attrs.metadata.items()}
+            self._table = ImageTable(cols, meta)
         return self._table
 
     def __repr__(self) -> str:

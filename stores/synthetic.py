@@ -8,7 +8,8 @@ uniform noise where every approximate index looks bad.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,14 +78,23 @@ def synthetic_pixels(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 def make_synthetic_store(url: str | os.PathLike[str], n_images: int, *,
                          layers: Mapping[str, LayerGeometry] | None = None, image_size: int = 64,
                          chunk: int = 16, seed: int = 0, labels: tuple[str, ...] = ("a", "b", "c"),
-                         block: int = 256, overwrite: bool = True, local_dim: int | None = None) -> StoreWriter:
+                         block: int = 256, overwrite: bool = True, local_dim: int | None = None,
+                         metadata: Mapping[str, Sequence[Any]] | None = None) -> StoreWriter:
     """Create and commit a store of ``n_images`` synthetic images, written ``block`` at a time
-    (``local_dim``: see :func:`clustered_activations`)."""
+    (``local_dim``: see :func:`clustered_activations`). ``metadata`` gives metadata columns, one
+    value per image: floats make a number column, anything else a text column."""
     layers = dict(layers or DEFAULT_LAYERS)
+    metadata = dict(metadata or {})
+    kinds = {c: "float64" if all(isinstance(v, float) for v in vals) else "str" for c, vals in metadata.items()}
     writer = create_store(url, model={"spec": "synthetic", "seed": seed},
                           preprocessing={"kind": "synthetic"}, image_size=image_size,
-                          layers=layers, chunk=chunk, overwrite=overwrite)
-    _append(writer, n_images, np.random.default_rng(seed), labels, f"syn-{seed}-", block, local_dim)
+                          layers=layers, chunk=chunk, overwrite=overwrite, metadata=kinds)
+    start = _append(writer, n_images, np.random.default_rng(seed), labels, f"syn-{seed}-", block, local_dim,
+                    commit=not metadata)
+    if metadata:
+        writer.write_metadata(start, {c: [v if kinds[c] == "float64" else str(v) for v in vals]
+                                      for c, vals in metadata.items()})
+        writer.commit(start + n_images)
     return writer
 
 
@@ -96,7 +106,7 @@ def append_synthetic_images(url: str | os.PathLike[str], n_images: int, *, seed:
 
 
 def _append(writer: StoreWriter, n_images: int, rng: np.random.Generator, labels: tuple[str, ...],
-            hash_prefix: str, block: int, local_dim: int | None = None) -> int:
+            hash_prefix: str, block: int, local_dim: int | None = None, commit: bool = True) -> int:
     start = writer.reserve(n_images)
     block = max(writer.attrs.chunk, block - block % writer.attrs.chunk)
     size = writer.attrs.image_size
@@ -108,5 +118,6 @@ def _append(writer: StoreWriter, n_images: int, rng: np.random.Generator, labels
         writer.write_table(start + lo, [
             {"source": f"synthetic://{start + i}", "label": labels[i % len(labels)], "hash": f"{hash_prefix}{i}"}
             for i in range(lo, hi)])
-    writer.commit(start + n_images)
+    if commit:
+        writer.commit(start + n_images)
     return start

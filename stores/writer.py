@@ -36,6 +36,7 @@ from .format import (
     VECTORS_DIMS,
     StoreAttrs,
     layer_path,
+    metadata_path,
 )
 from .geometry import LayerGeometry
 from .table import (
@@ -80,6 +81,7 @@ def create_store(
     chunk: int = 16,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> StoreWriter:
     """Create an empty store (0 committed images) with one array group per layer.
 
@@ -102,7 +104,7 @@ def create_store(
     attrs = StoreAttrs(model=dict(model), preprocessing=dict(preprocessing), image_size=int(image_size),
                        layers=dict(layers), chunk=int(chunk), committed=0,
                        created=_now("microseconds"), updated=now,  # created also names this store
-                       tool_version=_tool_version())
+                       tool_version=_tool_version(), metadata=dict(metadata or {}))
     s = attrs.image_size
     group.create_array(PIXELS, shape=(0, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
                        shards=(chunk, s, s, 3), compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
@@ -123,6 +125,13 @@ def create_store(
         group.create_array(layer_path(name, "norms"), shape=(0, g.height, g.width), dtype="float32",
                            chunks=(chunk, g.height, g.width), compressors=_compressor(), fill_value=0,
                            dimension_names=NORMS_DIMS)
+    for col, kind in attrs.metadata.items():
+        if kind == "str":
+            create_string_column(group, metadata_path(col), format_version=FORMAT_VERSION, fill="",
+                                 chunk=TABLE_CHUNK)
+        else:
+            group.create_array(metadata_path(col), shape=(0,), dtype="float64", chunks=(TABLE_CHUNK,),
+                               fill_value=np.nan, dimension_names=TABLE_DIMS)
     group.attrs.update({FORMAT_NAME: attrs.to_json()})
     return StoreWriter(group, url)
 
@@ -173,6 +182,7 @@ class StoreWriter:
         """Every per-image array but the string columns (:func:`reserve_string_column` does those)."""
         arrays = [array(self.group, PIXELS)]
         arrays += [array(self.group, f"{TABLE}/{c}") for c, kind in TABLE_COLUMNS.items() if kind != "str"]
+        arrays += [array(self.group, metadata_path(c)) for c, kind in self.attrs.metadata.items() if kind != "str"]
         for name in self.layers:
             arrays += [array(self.group, layer_path(name, "vectors")), array(self.group, layer_path(name, "norms"))]
         return arrays
@@ -188,6 +198,10 @@ class StoreWriter:
         for col, kind in TABLE_COLUMNS.items():
             if kind == "str":
                 reserve_string_column(self.group, f"{TABLE}/{col}", start, n,
+                                      format_version=self.attrs.format_version)
+        for col, kind in self.attrs.metadata.items():
+            if kind == "str":
+                reserve_string_column(self.group, metadata_path(col), start, n,
                                       format_version=self.attrs.format_version)
         return start
 
@@ -209,6 +223,27 @@ class StoreWriter:
                                     format_version=self.attrs.format_version)
             else:
                 array(self.group, f"{TABLE}/{col}")[start:start + len(values)] = values
+
+    def check_metadata(self, kinds: Mapping[str, str] | None) -> None:
+        """Refuse metadata columns other than the store's (names and kinds): a store's columns are
+        declared when it is created, so every image has the same ones."""
+        problem = metadata_mismatch(self.url, self.attrs.metadata, kinds)
+        if problem:
+            raise StoreMismatchError(problem)
+
+    def write_metadata(self, start: int, columns: Mapping[str, Sequence[Any]]) -> None:
+        """Metadata rows ``start .. start+n`` (after :meth:`reserve`, in row order like
+        :meth:`write_table`); ``columns`` holds every metadata column of the store."""
+        if set(columns) != set(self.attrs.metadata):
+            raise StoreMismatchError(f"metadata columns {sorted(columns)} are not the store's "
+                                     f"{sorted(self.attrs.metadata)}")
+        for col, kind in self.attrs.metadata.items():
+            values = columns[col]
+            if kind == "str":
+                write_string_column(self.group, metadata_path(col), start, list(values),
+                                    format_version=self.attrs.format_version)
+            else:
+                array(self.group, metadata_path(col))[start:start + len(values)] = np.asarray(values, np.float64)
 
     def commit(self, committed: int, extra: Mapping[str, Any] | None = None) -> None:
         """Publish the first ``committed`` rows to readers; this write is the last of an append."""
@@ -244,3 +279,18 @@ def write_image_block(group: zarr.Group, start: int, pixels: np.ndarray,
         unit, norms = normalize_patches(acts)
         array(group, layer_path(name, "vectors"))[start:start + b] = unit
         array(group, layer_path(name, "norms"))[start:start + b] = norms
+
+
+def metadata_mismatch(url: str, own: Mapping[str, str], kinds: Mapping[str, str] | None) -> str | None:
+    """Why metadata columns ``kinds`` cannot be appended to a store that has ``own``, or None."""
+    if kinds is None or dict(kinds) == dict(own):
+        return None
+    if not own:
+        return (f"store {url!r} has no metadata columns; they are declared when a store is created: "
+                f"build a new store with --metadata")
+    return (f"store {url!r} has the metadata columns {_kinds_text(own)}, not {_kinds_text(kinds)}; "
+            f"give a metadata file with the store's columns")
+
+
+def _kinds_text(kinds: Mapping[str, str]) -> str:
+    return ", ".join(f"{k} ({'text' if v == 'str' else 'number'})" for k, v in kinds.items()) or "none"
