@@ -12,7 +12,7 @@ PORT   ?= 5006
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e '.[build,s3,dev]'
+	$(BIN)/python -m pip install -e '.[build,s3,export,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

