@@ -163,6 +163,30 @@ def test_user_metadata_columns_pass_through_and_a_clashing_name_is_prefixed(stor
         assert int(row["year"]) == 2000 + image
 
 
+def test_metadata_stored_in_a_store_reaches_hits_and_the_vectors_stay_apart(tmp_path):
+    url = str(tmp_path / "meta")
+    n = 12
+    site = [f"@site{i}" if i % 3 == 0 else f"site {i}" for i in range(n)]
+    depth = [float(i) * 1.5 if i != 4 else float("nan") for i in range(n)]
+    make_synthetic_store(url, n, layers={"fine": LayerGeometry(4, 4, 8)}, image_size=16, chunk=4,
+                         metadata={"site": site, "depth": depth})
+    assert set(open_store(url).table().metadata) == {"site", "depth"}  # written by the store's writer
+    export_hits(url, tmp_path / "h.parquet", [(4, 1, 1)], layer="fine", k=n * 16)
+    cols = _read_parquet(tmp_path / "h.parquet")
+    assert list(cols)[len(QUERY_COLUMNS) + len(HIT_COLUMNS):] == list(open_store(url).table().metadata)
+    assert cols["site"] == [site[i] for i in cols["image"]]
+    got = np.array(cols["depth"], dtype=float)
+    np.testing.assert_array_equal(got, np.array([depth[i] for i in cols["image"]]))  # NaN where missing
+    export_hits(url, tmp_path / "h.csv", [(4, 1, 1)], layer="fine", k=n * 16)
+    rows = list(csv.DictReader((tmp_path / "h.csv").open()))
+    for row in rows:
+        i = int(row["image"])
+        assert row["site"] == ("'" + site[i] if site[i].startswith("@") else site[i])
+        assert row["depth"] == ("" if i == 4 else str(depth[i]))  # a missing number is an empty cell
+    done = export_vectors(url, "fine", tmp_path / "v")
+    assert done.vectors == n * 16
+
+
 def test_csv_cells_are_quoted_and_formulas_escaped():
     buf = io.StringIO()
     from hoverlay.stores.exports import write_csv
