@@ -188,7 +188,7 @@ def test_offline_weights_are_one_line_with_what_to_do(tmp_path, images):
     assert not (tmp_path / "s").exists()
     # names and shapes do not need weights: listing works offline
     r = run_cli("layers", "torchvision:resnet18", env=env, timeout=120)
-    assert r.returncode == 0 and re.search(r"^\* layer3\.1\.relu_1 \(layer3\)\s+D=256 H=14 W=14$", r.stdout, re.M), r.stdout
+    assert r.returncode == 0 and re.search(r"^\* layer3\.1\.relu_1 \(layer3\)\s+D=256 H=14 W=14  >=0$", r.stdout, re.M), r.stdout
 
 
 def test_weights_are_loaded_strictly(tmp_path, images, capsys):
