@@ -10,6 +10,8 @@ import math
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from .index import index_path, read_index_meta
 from .reader import StoreReader
 from .urls import filesystem
@@ -63,7 +65,8 @@ def store_facts(reader: StoreReader) -> dict[str, Any]:
     ``created``, ``updated``, ``size_bytes``, ``layers`` (name -> ``height``, ``width``, ``dim``,
     ``index``: null or ``factory``, ``ntotal``, ``images_indexed``, ``stale``, ``file_bytes``,
     ``recall`` (null or ``k``, ``value``, ``queries``, ``p50_ms``), ``rerank_file_bytes``,
-    ``params``) and ``labels`` (label -> ok images, sorted by label).
+    ``params``), ``labels`` (label -> ok images, sorted by label) and ``metadata`` (column ->
+    ``kind`` ``"str"``/``"float64"`` and ``missing``: committed images without a value).
     """
     a = reader.attrs
     table = reader.table()
@@ -83,7 +86,14 @@ def store_facts(reader: StoreReader) -> dict[str, Any]:
         "layers": {name: {"height": g.height, "width": g.width, "dim": g.dim,
                           "index": _index_facts(reader, name)} for name, g in a.layers.items()},
         "labels": dict(sorted(labels.items())),
+        "metadata": {col: {"kind": kind, "missing": _missing(table.metadata[col])}
+                     for col, kind in a.metadata.items()},
     }
+
+
+def _missing(values: Any) -> int:
+    v = np.asarray(values)
+    return int((~np.isfinite(v)).sum()) if v.dtype.kind == "f" else int(sum(x == "" for x in v))
 
 
 def describe(reader: StoreReader) -> str:
@@ -119,4 +129,8 @@ def describe_facts(f: dict[str, Any]) -> str:
         lines.append(f"  {name:<24} H={g['height']:<3} W={g['width']:<3} D={g['dim']:<5} {idx}")
     if f["labels"]:
         lines.append("labels     " + ", ".join(f"{lab} ({c})" for lab, c in f["labels"].items()))
+    if f.get("metadata"):
+        lines.append("metadata   " + ", ".join(
+            f"{col} ({'number' if m['kind'] == 'float64' else 'text'}, {m['missing']} missing)"
+            for col, m in f["metadata"].items()))
     return "\n".join(lines)

@@ -200,3 +200,13 @@ def test_filter_choices_bin_many_numbers_and_offer_missing():
     text = np.array(["b", "", "a", "b"], dtype=object)
     assert filter_choices(text) == ["a", "b", MISSING]
     assert list(filter_mask(text, MISSING)) == [False, True, False, False]
+
+
+def test_info_names_the_metadata_columns(meta_store, capsys):
+    import json
+
+    assert main(["info", meta_store]) == 0
+    assert "metadata   site (text, 0 missing), depth (number, 0 missing)" in capsys.readouterr().out
+    assert main(["info", "--json", meta_store]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["metadata"] == {"site": {"kind": "str", "missing": 0}, "depth": {"kind": "float64", "missing": 0}}
