@@ -227,3 +227,20 @@ def test_timm_pretrained_weights_offline_is_one_line_at_once(tmp_path, env, reas
     assert len(err) == 1 and "timm:resnet10t" in err[0] and str(tmp_path / "hf") in err[0], proc.stderr
     assert reason in err[0] and "--weights none" in err[0]
     assert time.perf_counter() - t0 < 60  # not a minute of retries
+
+
+def test_a_timm_vit_builds_a_store_of_token_grids(generated_images, tmp_path):
+    from hoverlay.pipeline.build import build
+    from hoverlay.stores import open_store
+
+    images = generated_images(3)
+    store = str(tmp_path / "vit.zarr")
+    build(images, store, model="timm:vit_tiny_patch16_224", weights="none", quiet=True, index=False)
+    reader = open_store(store)
+    assert reader.layers == ["blocks.3", "blocks.7", "blocks.11"]
+    assert {(g.height, g.width, g.dim) for g in map(reader.geometry, reader.layers)} == {(14, 14, 192)}
+    assert reader.attrs.preprocessing["normalization"]["kind"] == "mean-std"
+    m = load_model("timm:vit_tiny_patch16_224", weights="none")
+    acts = m.extract(reader.pixels([0]), ["blocks.7"])["blocks.7"][0]
+    stored = reader.vectors("blocks.7", 0).astype(np.float32) * reader.norms("blocks.7", 0)[..., None]
+    np.testing.assert_allclose(stored, acts, rtol=2e-3, atol=2e-3 * float(np.abs(acts).max()))
