@@ -314,6 +314,13 @@ class ExplorerApp(param.Parameterized):
         ids = self._shown_images
         if ids is not None and len(ids):
             self.shared.set_labels(self.tile_captions(ids))
+        self.topk_cards.set_extra(self.card_extra)
+
+    def card_extra(self, image: int) -> list[str]:
+        """``column: value`` lines of the chosen metadata columns, for a top-k card."""
+        if not 0 <= image < len(self._labels):
+            return []
+        return [f"{c}: {caption_value(self._columns[c][image])}" for c in self.captions if c in self._columns]
 
     def tile_captions(self, ids: np.ndarray) -> list[str]:
         """``#id label`` and the chosen metadata columns' values, for tiles and exports."""
@@ -919,7 +926,7 @@ class ExplorerApp(param.Parameterized):
         if warning:
             head += f"  \n⚠ {warning}"
         self._topk_head.object = head
-        self.topk_cards.show(cards)
+        self.topk_cards.show([{**c, "extra": self.card_extra(int(c["image"]))} for c in cards])
 
     def open_image(self, image: int) -> None:
         """Bring an image (a top-k hit's) onto the page, clearing filters that hide it."""

@@ -40,6 +40,7 @@ function card(c, rank) {
   const score = document.createElement('b');
   score.textContent = c.score.toFixed(3);
   caption.append(score, ` #${c.image} (${c.y},${c.x})`, document.createElement('br'), c.label);
+  for (const line of (c.extra || [])) caption.append(document.createElement('br'), line);  // text nodes: no HTML
   const open = document.createElement('button');
   open.type = 'button';
   open.className = 'topk-open';
@@ -96,6 +97,10 @@ class TopKCards(JSComponent):
                       for c in cards]
         self.cards = [{k: v for k, v in c.items() if k != "row"} for c in cards]
         self.download.disabled = not self._rows
+
+    def set_extra(self, extra: Callable[[int], list[str]]) -> None:
+        """New extra caption lines (chosen metadata columns) for the cards shown, by image id."""
+        self.cards = [{**c, "extra": extra(int(c["image"]))} for c in self.cards]
 
     def csv_columns(self) -> dict[str, list[Any]]:
         """The shown hits as columns: ``rank`` (1 = best) and each row's fields."""

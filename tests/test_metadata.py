@@ -210,3 +210,15 @@ def test_info_names_the_metadata_columns(meta_store, capsys):
     assert main(["info", "--json", meta_store]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["metadata"] == {"site": {"kind": "str", "missing": 0}, "depth": {"kind": "float64", "missing": 0}}
+
+
+def test_top_k_cards_show_the_chosen_columns(meta_store):
+    from hoverlay.explorer.app import create_app
+
+    app = create_app(meta_store, page_size=12, ncols=4, k=3).app
+    app.captions = ["site"]
+    app._on_pointer("data", None, {"tile": [2], "y": [1], "x": [1], "click": [0]})  # synchronous here
+    cards = app.topk_cards.cards
+    assert cards and cards[0]["image"] == 2 and cards[0]["extra"] == ["site: <script>x</script>"]
+    app.captions = ["site", "depth"]
+    assert app.topk_cards.cards[0]["extra"] == ["site: <script>x</script>", "depth: 2"]
