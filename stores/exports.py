@@ -408,7 +408,8 @@ def export_vectors(store: str | os.PathLike[str] | StoreReader, layer: str, out:
     and ``ids/part-NNNNN.npy`` (int64 ``(n, 4)``: image, y, x, patch id) per shard.
     ``parquet``: ``part-NNNNN.parquet`` with columns image, y, x, patch_id (int64) and
     ``embedding`` (a list of float32 by default, the stored float16 values widened exactly;
-    ``dtype="float16"`` keeps half floats, which Parquet readers need pyarrow >= 15 for).
+    ``dtype="float16"`` keeps half floats: pyarrow 17 and 26 write and read them, older
+    versions may lack Parquet's float16).
     ``manifest.json`` lists the shards. ``out`` must not exist or be an empty folder; the export
     is written to a temporary folder beside it and renamed onto it.
     """

@@ -494,6 +494,8 @@ def test_source_sizes_follow_the_exif_rotation(tmp_path):
 
 def test_fiftyone_dataset_of_sources_with_hits_as_detections(tmp_path, generated_images):
     fo = pytest.importorskip("fiftyone")
+    from fiftyone import ViewField as F
+
     from hoverlay.pipeline.build import build
     from hoverlay.stores.to_fiftyone import export_fiftyone
 
@@ -506,7 +508,7 @@ def test_fiftyone_dataset_of_sources_with_hits_as_detections(tmp_path, generated
     try:
         ds = done.dataset
         assert len(ds) == 5 and done.detections == 4
-        sample = ds.match({"hoverlay_image": 0}).first()
+        sample = ds.match(F("hoverlay_image") == 0).first()
         assert sample.ground_truth.label == "gen"
         first = sample.hits.detections[0]
         assert first.rank == 1 and first.score == pytest.approx(1.0, abs=2e-3)
