@@ -150,6 +150,42 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ===================================================================================== check
+def _add_check(p: argparse.ArgumentParser) -> None:
+    from .options import STORAGE_OPTIONS
+
+    p.add_argument("store", metavar="STORE", help="store path or URL")
+    p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
+                   help=STORAGE_OPTIONS.argparse_help)
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild what can be rebuilt from the arrays (indexes, re-rank files), holding "
+                        "the store's build lock; damaged data is only reported")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .options import STORAGE_OPTIONS
+    from .stores.check import check_store
+
+    so = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
+    report = check_store(args.store, storage_options=so)
+    for line in report.lines():
+        print(line)
+    if args.repair and any(f.repairable for f in report.findings):
+        from .pipeline.indexing import update_index
+        from .stores import StoreReader
+        from .stores.lock import StoreLock
+
+        layers = list(dict.fromkeys(f.layer for f in report.findings if f.repairable and f.layer))
+        with StoreLock(report.store, storage_options=so):
+            reader = StoreReader(report.store, storage_options=so)
+            for layer in layers:
+                update_index(reader, layer, rebuild=True)
+                print(f"repaired: rebuilt the index of {layer}")
+        report = check_store(args.store, storage_options=so)
+        print("\n".join(report.lines()[1:]))
+    return EXIT_OK if report.ok else EXIT_INPUT
+
+
 # ==================================================================================== layers
 def _add_layers(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="efficientnet-lite0", metavar="MODEL",
@@ -273,6 +309,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "build": Command("add images to a store and update its indexes", _add_build, _run_build),
     "info": Command("describe a store: model, layers, geometry, images, indexes", _add_info, _run_info),
+    "check": Command("read every chunk and index of a store and report (or --repair) damage",
+                     _add_check, _run_check),
     "layers": Command("list a model's feature-map layers with (D, H, W)", _add_layers, _run_layers),
     "serve": Command("serve the explorer for one or more stores", _add_serve, _run_serve),
     "factorize": Command("NMF groups of a layer's patch activations, stored in the store",
