@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .format import PIXELS, layer_path
 from .index import index_path, read_index_meta
 from .reader import StoreReader
 from .urls import filesystem
@@ -88,7 +89,34 @@ def store_facts(reader: StoreReader) -> dict[str, Any]:
         "labels": dict(sorted(labels.items())),
         "metadata": {col: {"kind": kind, "missing": _missing(table.metadata[col])}
                      for col, kind in a.metadata.items()},
+        "missing_shards": missing_shards(reader),
     }
+
+
+def missing_shards(reader: StoreReader) -> dict[str, list[int]]:
+    """Array -> shard numbers that hold an ok image but have no file: the cheap part of
+    ``hoverlay check`` (one listing per array, no chunk read), so ``info`` can warn.
+
+    A shard of failed images only may be absent (Zarr does not write chunks of fill values).
+    """
+    n, chunk = reader.n_images, reader.attrs.chunk
+    if n == 0:
+        return {}
+    ok = reader.table().ok
+    wanted = [i for i in range((n + chunk - 1) // chunk) if ok[i * chunk:(i + 1) * chunk].any()]
+    paths = [PIXELS] + [layer_path(la, kind) for la in reader.layers for kind in ("vectors", "norms")]
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        base = f"{reader.url.rstrip('/')}/{path}/c"
+        fs, root = filesystem(base, reader.storage_options)
+        try:
+            present = {p[len(root.rstrip("/")) + 1:].split("/", 1)[0] for p in fs.find(root)}
+        except (FileNotFoundError, OSError):
+            present = set()
+        gone = [i for i in wanted if str(i) not in present]
+        if gone:
+            out[path] = gone
+    return out
 
 
 def _missing(values: Any) -> int:
@@ -129,6 +157,9 @@ def describe_facts(f: dict[str, Any]) -> str:
         lines.append(f"  {name:<24} H={g['height']:<3} W={g['width']:<3} D={g['dim']:<5} {idx}")
     if f["labels"]:
         lines.append("labels     " + ", ".join(f"{lab} ({c})" for lab, c in f["labels"].items()))
+    for path, shards in (f.get("missing_shards") or {}).items():
+        shown = ", ".join(map(str, shards[:8])) + (", …" if len(shards) > 8 else "")
+        lines.append(f"DAMAGED    {path}: shard file(s) {shown} missing (run `hoverlay check`)")
     if f.get("metadata"):
         lines.append("metadata   " + ", ".join(
             f"{col} ({'number' if m['kind'] == 'float64' else 'text'}, {m['missing']} missing)"

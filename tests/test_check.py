@@ -81,3 +81,13 @@ def test_damaged_data_names_images_and_files_and_is_not_repaired(store, capsys):
     out = capsys.readouterr().out
     assert "restore the file or rebuild the store" in out and "repaired" not in out
     assert (open_store(store).vectors("b", slice(0, 4)) == before).all()  # untouched
+
+
+def test_info_warns_of_missing_shard_files_without_reading_chunks(store, capsys):
+    from hoverlay.stores.info import missing_shards
+
+    assert missing_shards(open_store(store)) == {}
+    os.remove(os.path.join(store, "layers", "b", "norms", "c", "2", "0", "0"))  # images 8..11
+    assert missing_shards(open_store(store)) == {"layers/b/norms": [2]}
+    assert main(["info", store]) == EXIT_OK
+    assert "DAMAGED    layers/b/norms: shard file(s) 2 missing (run `hoverlay check`)" in capsys.readouterr().out
