@@ -37,6 +37,7 @@ from hoverlay.stores import StoreError, StoreReader
 from .browser_hover import DEFAULT_BUDGET, BrowserHover, HoverPath, choose_path
 from .compare import CompareView, find_compare_pair
 from .controls import Controls, build_controls
+from .damage import TolerantReader
 from .engine import OverlayEngine, Query, parse_query_text
 from .export import ExportLayer, compose_grid_png
 from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs
@@ -58,7 +59,7 @@ from .prefetch import PagePrefetch
 from .resources import get_layer_stats, get_reader, get_search, refresh_reader
 from .session import Scheduler, pointer_cell, set_nodelay  # pointer_cell: serving hook
 from .sweep_view import SweepView, has_sweeps
-from .text import as_plain_markdown
+from .text import as_plain_markdown, client_message
 from .topk import card_data, crop_png, search_hits
 from .topk_view import TopKCards
 
@@ -179,15 +180,16 @@ class ExplorerApp(param.Parameterized):
         self._query_figures: list[LayerFigure] = []
         self._prefetch = PagePrefetch(_prefetch_executor)
         self._pages_shown = 0  # pages this session has shown (read-ahead starts with the second)
+        self._damaged_shown: set[int] = set()  # damaged images of the page, captioned as such
         self._updating = False
         self._quiet = False
         self._nodelay = False
         super().__init__()
-        self.param.store.objects = urls
+        self.store_keys = store_keys(urls)
+        self.param.store.objects = urls  # server paths: widgets show store_keys instead
         store = str(params.pop("store", urls[0]))
         if store not in urls:
             raise ValueError(f"store {store!r} is not one of {urls}")
-        self.store_keys = store_keys(urls)
         url = dict(url or {})
         problems: list[str] = []
         if url.get("store_key") not in (None, ""):
@@ -273,7 +275,8 @@ class ExplorerApp(param.Parameterized):
             self._quiet = quiet
 
     def _open_store(self, url: str, initial: dict[str, Any] | None = None) -> None:
-        self.reader = refresh_reader(url)  # a new session sees images committed since the last one
+        # a new session sees images committed since the last one; damaged images become grey tiles
+        self.reader = TolerantReader(refresh_reader(url))
         self.layer_names = self.reader.layers
         self._load_table()
         self.param.layers_shown.objects = list(self.layer_names)
@@ -320,12 +323,17 @@ class ExplorerApp(param.Parameterized):
         """``column: value`` lines of the chosen metadata columns, for a top-k card."""
         if not 0 <= image < len(self._labels):
             return []
+        if image in self.reader.damaged:
+            return ["unreadable (damaged in the store)"]
         return [f"{c}: {caption_value(self._columns[c][image])}" for c in self.captions if c in self._columns]
 
     def tile_captions(self, ids: np.ndarray) -> list[str]:
         """``#id label`` and the chosen metadata columns' values, for tiles and exports."""
         out = []
         for i in ids:
+            if int(i) in self.reader.damaged:
+                out.append(f"#{i} unreadable")
+                continue
             parts = [f"#{i} {self._labels[i]}".rstrip()]
             parts += [caption_value(self._columns[c][i]) for c in self.captions if c in self._columns]
             text = " · ".join(p for p in parts if p)
@@ -452,6 +460,13 @@ class ExplorerApp(param.Parameterized):
 
     def _default_layers(self) -> list[str]:
         return list(self.layer_names if len(self.layer_names) <= 3 else self.layer_names[:1])
+
+    def choose_store(self, key: str) -> None:
+        """Switch to the store whose display name is ``key`` (the Store selector's value: a
+        browser never sees server paths); an unknown name is ignored."""
+        urls = [u for u, k in self.store_keys.items() if k == str(key)]
+        if urls and urls[0] != self.store:
+            self.store = urls[0]
 
     def _set_url_values(self, mapped: dict[str, Any]) -> list[str]:
         """Set URL values without the app's reactions; a value param refuses becomes a problem."""
@@ -621,6 +636,7 @@ class ExplorerApp(param.Parameterized):
                 self._shown_images = ids
                 self.groups.show_page(ids)
                 self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
+                self._mark_damaged()
                 # read the next page while this one is looked at (browser path: with its vectors),
                 # once this one is out (on 2 cores a read beside the page's own work slowed it
                 # ~0.5 s) and only in a session that pages (at 50 sessions opening at once, reading
@@ -695,9 +711,19 @@ class ExplorerApp(param.Parameterized):
                                        if query is not None else None, pinned=bool(self.query))
             return
         maps = self.engine.page_maps(query, self.function, self._sigmas()) if query is not None else {}
+        self._mark_damaged()
         with pn.io.hold(self._doc):
             for fig in self._figures:
                 fig.set_maps(maps.get(fig.layer), n)
+
+    def _mark_damaged(self) -> None:
+        """Caption the page's tiles "unreadable" as soon as a read finds them damaged (the
+        vectors of a layer are read after the captions went out)."""
+        ids = self._shown_images
+        found = self.reader.damaged & set(ids.tolist()) if ids is not None else set()
+        if found != self._damaged_shown:
+            self._damaged_shown = found
+            self.shared.set_labels(self.tile_captions(ids))
 
     def _build_query_figures(self) -> None:
         """The query-patch view's figures, one tile each: built when first needed, not per page open."""
@@ -783,7 +809,8 @@ class ExplorerApp(param.Parameterized):
                 self.compare_view = CompareView(self, *pair)
                 tabs.append(("Compare models", self.compare_view.layout))
             elif self.compare:
-                self._say(f"no two of the stores {urls} share images (content hashes): nothing to compare")
+                names = ", ".join(self.store_keys[u] for u in urls)
+                self._say(f"no two of the stores {names} share images (content hashes): nothing to compare")
         elif self.compare:
             self._say("comparing models needs two stores built from the same images")
         if tabs:
@@ -909,7 +936,7 @@ class ExplorerApp(param.Parameterized):
         self._topk_busy = False
         if error is not None:  # a failed search must not break hovering
             log.error("top-k search failed", exc_info=error)
-            self._say(f"top-k search failed: {error}")
+            self._say(f"top-k search failed: {client_message(error)}")
         pending, self._topk_pending = self._topk_pending, False
         if result is not None and result[0] != self.store:
             result, pending = None, True  # hits of a store this session has left: never shown

@@ -62,8 +62,13 @@ def build_controls(app: ExplorerApp) -> Controls:
     topk_b.on_click(lambda e: app.search_topk())
     download = w.FileDownload(callback=app.export_png, filename="hoverlay-grid.png", label="Export grid PNG",
                               width=160, **colored(w.FileDownload, "success"))
-    stores = ([w.Select.from_param(app.param.store, **labelled(w.Select, "Store"), **wide)]
-              if len(app.param.store.objects) > 1 else [])
+    stores = []
+    if len(app.store_keys) > 1:  # by display name: the browser never sees a server path
+        store_select = w.Select(options=list(app.store_keys.values()), value=app.store_key,
+                                **labelled(w.Select, "Store"), **wide)
+        store_select.param.watch(lambda e: app.choose_store(e.new), "value")
+        app.param.watch(lambda e: setattr(store_select, "value", e.new), "store_key")
+        stores = [store_select]
     message = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["hoverlay-message"],
                             sizing_mode="stretch_width")
     pin_state = pn.pane.Markdown("following the pointer", margin=(0, 10))

@@ -197,7 +197,7 @@ def watch_session(app: Any, interval: float = DEFAULT_INTERVAL) -> Reloader | No
     except RuntimeError:
         return None
     r = reloader(interval)
-    for url in list(app.param.store.objects):
+    for url in list(app.store_keys):  # the store URLs
         r.watch(str(url))
     r.start()
     return r

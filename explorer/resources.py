@@ -103,4 +103,6 @@ def _make_search(url: str, layer: str, n_images: int) -> LayerSearch:
 
 
 def _make_stats(url: str, layer: str) -> LayerStats:
-    return compute_layer_stats(get_reader(url), layer)
+    from .damage import TolerantReader
+
+    return compute_layer_stats(TolerantReader(get_reader(url)), layer)  # type: ignore[arg-type]
