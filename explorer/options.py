@@ -55,6 +55,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="search top-k only on pin / button, not whenever the pointer rests "
                              "(for large stores without an index)")
     srv = parser.add_argument_group("server (passed to Panel's server)")
+    srv.add_argument("--login-attempts", type=int, default=5, metavar="N",
+                     help="failed logins (per client address and per user name) before a lockout (default 5)")
+    srv.add_argument("--login-window", type=float, default=300.0, metavar="SECONDS",
+                     help="seconds over which failed logins count, and the lockout's length (default 300)")
+    srv.add_argument("--login-delay", type=float, default=1.0, metavar="SECONDS",
+                     help="seconds each failed login waits before its answer (default 1)")
     srv.add_argument("--num-procs", type=int, default=1, metavar="N",
                      help="worker processes forked after the stores are opened (0: one per CPU); "
                           "a browser session lives in one process, so a proxy in front must be sticky")

@@ -32,6 +32,8 @@ from hoverlay.errors import HoverlayError, UsageError
 from hoverlay.options import FLAG, STORAGE_OPTIONS
 
 from .app import ExplorerApp, create_app
+from .guards import LoginPolicy
+from .guards import install as install_guards
 from .options import SERVER_ARGUMENTS, add_serve_arguments
 from .reload import DEFAULT_INTERVAL, watch_session
 from .resources import get_reader, set_storage_options
@@ -199,6 +201,8 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
         get_reader(url)  # fail fast, and warm the per-process cache the sessions share
     freeze_startup_heap()
     options = {k: kw.pop(k) for k in list(kw) if k in APP_OPTIONS}
+    install_guards(LoginPolicy(attempts=int(kw.pop("login_attempts", 5)), window=float(kw.pop("login_window", 300.0)),
+                               delay=float(kw.pop("login_delay", 1.0))))
     kw.setdefault("title", "hoverlay explorer")
     kw.setdefault("liveness", True)
     pn.config.exception_handler = show_session_error
@@ -218,6 +222,12 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
         extra["num_procs"] = args.num_procs
     if getattr(args, "admin", False):
         extra["admin"] = True
+    for name in ("login_attempts", "login_window", "login_delay"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 0 or (name == "login_attempts" and value < 1):
+                raise ServeConfigError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'login_attempts' else '>= 0'}, got {value}")
+            extra[name] = value
     if getattr(args, "oauth_extra_params", None):
         try:
             extra["oauth_extra_params"] = dict(json.loads(args.oauth_extra_params))
