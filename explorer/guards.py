@@ -9,6 +9,10 @@ Panel adds three routes that a public deployment cannot keep as they are:
 * ``/liveness?endpoint=/`` builds a whole session (seconds of CPU) for anyone who asks.
   :class:`CheapLivenessHandler` answers whether the endpoint is served without building one: a
   health check needs no login and must stay cheap;
+* ``/ws`` lets any logged-in user join any session whose token they hold: the token is signed,
+  but says nothing of the user. :class:`UserBoundWSHandler` compares the user of the page request
+  that made the token (its signed ``user`` cookie travels in the token's payload) with the user
+  who connects, and refuses a mismatch: a leaked token is useless to another account;
 * the basic-auth login form accepts any number of wrong passwords at full speed.
   :class:`ThrottledLoginHandler` delays every failure and locks a client or a user name out
   for a while after :data:`LoginPolicy.attempts` failures in :data:`LoginPolicy.window` seconds.
@@ -24,12 +28,15 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import tornado.escape
+from bokeh.protocol.exceptions import ProtocolError
+from bokeh.util.token import check_token_signature, get_token_payload
 from panel.auth import BasicLoginHandler
 from panel.io.liveness import LivenessHandler
-from panel.io.server import AuthenticatedStaticFileHandler, ComponentResourceHandler
-from tornado.web import HTTPError, authenticated
+from panel.io.server import AuthenticatedStaticFileHandler, ComponentResourceHandler, WSHandler
+from tornado.web import HTTPError, authenticated, decode_signed_value
 
 #: Packages whose components' resources ``/components/`` may serve.
 COMPONENT_PACKAGES = ("panel", "panel_material_ui", "bokeh", "holoviews", "hoverlay")
@@ -66,6 +73,32 @@ class CheapLivenessHandler(LivenessHandler):
         if endpoint is not None and endpoint not in self.applications:
             raise HTTPError(400, "no such endpoint")
         self.write({endpoint if endpoint is not None else self.request.path: True})
+
+
+class UserBoundWSHandler(WSHandler):
+    """Panel's websocket handler; with a login, only the user who opened a session may join it."""
+
+    def open(self) -> None:
+        token = getattr(self, "_token", None)
+        if token is not None and self.application.auth_provider.get_user is not None and \
+                check_token_signature(token, signed=self.application.sign_sessions,
+                                      secret_key=self.application.secret_key):
+            owner = _signed_user(self, get_token_payload(token).get("cookies", {}).get("user"))
+            current = self.current_user
+            current = current.decode() if isinstance(current, bytes) else current
+            if owner is None or owner != current:
+                self.close()
+                raise ProtocolError("this session belongs to another user")
+        super().open()
+
+
+def _signed_user(handler: Any, value: str | None) -> str | None:
+    """The user name in a signed ``user`` cookie value, or None when absent or forged."""
+    if not value:
+        return None
+    secret = handler.application.settings.get("cookie_secret")
+    raw = decode_signed_value(secret, "user", value) if secret else None
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 @dataclass
@@ -144,9 +177,11 @@ def install(policy: LoginPolicy | None = None) -> None:
     global THROTTLE
     THROTTLE = LoginThrottle(policy or LoginPolicy())
     panel.io.server.ComponentResourceHandler = GuardedComponentHandler  # type: ignore[misc]
+    patterns = panel.io.server.per_app_patterns  # Bokeh's list, which Panel filled in place
+    patterns[:] = [(route, UserBoundWSHandler if route == r"/ws" else handler) for route, handler in patterns]
     panel.io.server.LivenessHandler = CheapLivenessHandler  # type: ignore[misc]
     panel.auth.BasicLoginHandler = ThrottledLoginHandler  # type: ignore[misc]
 
 
 __all__ = ["CheapLivenessHandler", "GuardedComponentHandler", "LoginPolicy", "LoginThrottle",
-           "ThrottledLoginHandler", "install"]
+           "ThrottledLoginHandler", "UserBoundWSHandler", "install"]

@@ -107,6 +107,29 @@ def test_liveness_builds_no_session(server):
     assert get(srv.url + "liveness?endpoint=/nope")[0] == 400
 
 
+def test_a_session_token_joins_only_the_session_of_its_user(server):
+    import asyncio
+
+    from bench.wsclient import BokehSession, SessionRefused
+
+    srv, _ = server
+    alice = post_login(srv.url, "alice", USERS["alice"])[1]
+    bob = post_login(srv.url, "bob", USERS["bob"])[1]
+    assert alice and bob
+
+    async def go():
+        mine = await BokehSession.open(srv.url, cookies=alice)
+        try:
+            with pytest.raises(SessionRefused):  # bob holding alice's token: refused
+                await BokehSession.connect(srv.url, mine.token, cookies=bob)
+            again = await BokehSession.connect(srv.url, mine.token, cookies=alice)  # her second tab
+            await again.close()
+        finally:
+            await mine.close()
+
+    asyncio.run(go())
+
+
 def test_failed_logins_are_slow_then_locked_out_per_client_and_user(server):
     srv, _ = server
     for _ in range(ATTEMPTS):
