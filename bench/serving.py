@@ -36,6 +36,10 @@ from bench.wsclient import BokehSession
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: Seconds without an overlay update after which a client takes its last move as answered.
+QUIET = 1.0
+
+
 @dataclass
 class ClientRun:
     sent: list[float]  # perf_counter() of each move
@@ -45,7 +49,22 @@ class ClientRun:
 
     @property
     def latencies(self) -> list[float]:
-        return [g - t for t, g in zip(self.sent, self.got, strict=False)]
+        """Per move: the wait for the first overlay update after it (the server draws only the
+        latest of a burst of moves, so that update shows this move or a newer one)."""
+        got = np.asarray(self.got)
+        out = []
+        for t in self.sent:
+            later = got[got >= t]
+            if later.size:
+                out.append(float(later[0] - t))
+        return out
+
+    @property
+    def last_answer(self) -> float | None:
+        """Seconds from the last move to the first overlay update after it, which draws the
+        latest move the server has read (None: never answered)."""
+        later = [g for g in self.got if g >= self.sent[-1]] if self.sent else []
+        return later[0] - self.sent[-1] if later else None
 
 
 async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, moves: int = 8,
@@ -72,9 +91,10 @@ async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, mov
             await asyncio.sleep(1 / rate)
         await asyncio.sleep(rest)
 
-    def answered() -> bool:  # every move's overlays, and the top-k of the last rest
-        return (sum(1 for u in s.updates[base:] if u.models & ids) >= len(sent)
-                and (not topk or rest < 0.2 or "patches of the store closest to" in s.texts()))
+    def answered() -> bool:  # the last move's overlays (then quiet), and the top-k of the last rest
+        overlays = [u.time for u in s.updates[base:] if u.models & ids]
+        settled = bool(overlays) and overlays[-1] >= sent[-1] and time.perf_counter() - overlays[-1] > QUIET
+        return settled and (not topk or rest < 0.2 or "patches of the store closest to" in s.texts())
 
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):  # counted by the caller
         await s.wait_for(answered, drain)

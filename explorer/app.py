@@ -73,6 +73,8 @@ URL_PARAMETERS: dict[str, str] = {
     "store_key": "store", "layers_shown": "layers", "layer": "layer", "query": "query", "query_layer": "qlayer",
     "page": "page", "page_size": "page_size", "ncols": "ncols", "function": "function", "value_range": "range",
     "filter_by": "filter", "label": "label", "captions": "show", "order": "order", "seed": "seed", "tab": "tab"}
+#: Server path: ms a hover's draw waits for superseding moves (see ExplorerApp._queue_hover).
+HOVER_COALESCE_MS = 4
 #: Average width of a caption character (10 px font): captions are cut to one tile's width.
 CAPTION_PX_PER_CHAR = 6
 #: Parameters that options (CLI, Python) may set at start and the store switch resets.
@@ -181,6 +183,7 @@ class ExplorerApp(param.Parameterized):
         self._prefetch = PagePrefetch(_prefetch_executor)
         self._pages_shown = 0  # pages this session has shown (read-ahead starts with the second)
         self._damaged_shown: set[int] = set()  # damaged images of the page, captioned as such
+        self._hover_pending = False  # a server-path draw of the latest hover is scheduled
         self._updating = False
         self._quiet = False
         self._nodelay = False
@@ -861,12 +864,27 @@ class ExplorerApp(param.Parameterized):
             return
         if not self.query:
             self._current = hovered
-            self._show_overlays(hovered)
             if self.path.browser:  # the browser already waited for the pointer to rest
+                self._show_overlays(hovered)
                 self._scheduler.cancel(self._rest_timeout)
                 self._rest_timeout = self._scheduler.later(self._on_rest, 0)
             else:
+                self._queue_hover()
                 self._after_rest()
+
+    def _queue_hover(self) -> None:
+        """Draw the overlays of the latest hovered patch once the loop gets to it: moves that
+        arrive meanwhile (a loaded server reads a session's queued moves first) replace the
+        pending one, so a burst costs one draw and the latest move wins, however busy the loop."""
+        if self._hover_pending:
+            return
+        self._hover_pending = True
+        self._scheduler.soon(self._draw_latest_hover, HOVER_COALESCE_MS)
+
+    def _draw_latest_hover(self) -> None:
+        self._hover_pending = False
+        if not self.query and self._current is not None:
+            self._show_overlays(self._current)
 
     def pin(self, image: int, y: int, x: int) -> None:
         """Pin the query at (image, y, x) of the active layer (numeric inputs, notebooks)."""

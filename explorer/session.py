@@ -123,6 +123,16 @@ class Scheduler:
         fn()
         return None
 
+    def soon(self, fn: Callable[[], None], delay_ms: int = 0) -> Any:
+        """Run ``fn`` after ``delay_ms`` on the session's loop, never deferred (at once without
+        a loop): for work that must happen, but only once for a burst of events."""
+        if self.doc is not None:
+            return self.doc.add_timeout_callback(in_document(self.doc, fn), delay_ms)
+        if self.loop is not None:
+            return self.loop.call_later(delay_ms / 1000, fn)
+        fn()
+        return None
+
     def cancel(self, handle: Any) -> None:
         if handle is None:
             return

@@ -539,10 +539,15 @@ N_SESSIONS = 20
 LOAD = {"strokes": 1, "moves": 15, "rate": 15.0, "rest": 0.6}
 HOVERING = 15.0  # at most this long from the first move to the last (the brief's bound)
 DRAIN = 40.0  # then at most this long for the answers still queued (only a busy machine needs it)
+LAST_ANSWER_S = 2.0  # every session's last move is drawn within this long of it (the brief's bound)
 
 
 def test_twenty_sessions_hover_at_once(main, stores):
+    import psutil
+
     mark = main.mark()
+    server = psutil.Process(main.proc.pid)
+    rss_before = server.memory_info().rss
 
     async def go():
         t0 = time.perf_counter()
@@ -562,6 +567,9 @@ def test_twenty_sessions_hover_at_once(main, stores):
             await asyncio.gather(*(s.close() for s in sessions))
 
     sessions, runs, opened, hovering, final = run(go())
+    time.sleep(1.0)
+    rss_after = server.memory_info().rss
+    print(f"server RSS {rss_before / 2**20:.0f} MB before the sessions, {rss_after / 2**20:.0f} MB after they closed")
     p = percentiles(runs)
     print(f"\n{N_SESSIONS} sessions opened in {opened:.1f} s; {sum(len(r.got) for r in runs)} hovers and "
           f"{sum(r.topk for r in runs)} top-k in {hovering:.1f} s: pointer move -> overlays p50 {p['p50_ms']:.0f} ms, "
@@ -569,9 +577,12 @@ def test_twenty_sessions_hover_at_once(main, stores):
     moving = max(r.sent[-1] for r in runs) - min(r.sent[0] for r in runs)
     assert moving <= HOVERING
     assert not errors_in(main.log(mark)), main.log(mark)
+    last = [r.last_answer for r in runs]
+    print(f"last move -> its overlays: max {max(x or float('inf') for x in last):.2f} s; draws per session "
+          f"{np.mean([len(r.got) for r in runs]):.1f} for {len(runs[0].sent)} moves (superseded moves are dropped)")
     for i, r in enumerate(runs):
-        # every move answered; a pointer rest may add one more push (top-k / layer view), which is not an error
-        assert len(r.got) >= len(r.sent), f"session {i}: {len(r.got)} of {len(r.sent)} moves answered"
+        # the latest move wins: superseded moves may be dropped, the last one is answered in time
+        assert r.last_answer is not None and r.last_answer <= LAST_ANSWER_S, (i, r.last_answer)
         assert r.topk, f"session {i} never got its top-k"
         tile, y, x = r.cells[-1]
         ids = list(range(PAGE_SIZE))
