@@ -166,12 +166,6 @@ def stop_workers_with_supervisor() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-#: A session without a connection for this long is discarded (Bokeh's default: 15 s).
-UNUSED_SESSION_MS = 3000
-#: How often Bokeh looks for such sessions (its default: 17 s).
-CHECK_UNUSED_MS = 1000
-
-
 def freeze_startup_heap() -> None:
     """Keep the objects that exist at startup out of every later garbage collection.
 
@@ -211,10 +205,6 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
                                delay=float(kw.pop("login_delay", 1.0))))
     kw.setdefault("title", "hoverlay explorer")
     kw.setdefault("liveness", True)
-    # a closed tab's session (its page vectors, figures, caches) goes within seconds, not Bokeh's
-    # default 15-32 s, and its memory back to the system (see explorer.session.release_memory)
-    kw.setdefault("unused_session_lifetime_milliseconds", UNUSED_SESSION_MS)
-    kw.setdefault("check_unused_sessions_milliseconds", CHECK_UNUSED_MS)
     pn.config.exception_handler = show_session_error
     if int(kw.get("num_procs") or 1) != 1:
         stop_workers_with_supervisor()

@@ -555,7 +555,6 @@ def test_twenty_sessions_hover_at_once(main, stores):
             await s.hover(1, 1, 1)
 
     run(warm_up())
-    time.sleep(4)  # that session is discarded (explorer.serve.UNUSED_SESSION_MS)
     rss_before = server.memory_info().rss
 
     async def go():
@@ -576,8 +575,8 @@ def test_twenty_sessions_hover_at_once(main, stores):
             await asyncio.gather(*(s.close() for s in sessions))
 
     sessions, runs, opened, hovering, final = run(go())
-    time.sleep(4)  # closed sessions are discarded after 3 s (explorer.serve.UNUSED_SESSION_MS)
-    rss_after = server.memory_info().rss  # reported, not asserted: see the closing note of issue 17
+    rss_after = server.memory_info().rss  # reported, not asserted: Bokeh discards closed sessions
+    # after 15-32 s, and the process keeps its caches (see the closing note of issue 17)
     print(f"server RSS {rss_before / 2**20:.0f} MB before the sessions, {rss_after / 2**20:.0f} MB after they closed")
     p = percentiles(runs)
     print(f"\n{N_SESSIONS} sessions opened in {opened:.1f} s; {sum(len(r.got) for r in runs)} hovers and "
