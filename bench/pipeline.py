@@ -3,8 +3,15 @@
 P1: images/s of ``hoverlay build`` ÷ images/s of a bare torch loop doing only the forward pass
 (same model, layers, batch size, pre-decoded inputs), measured in one run. Target ≥ 0.9.
 P6: peak RSS of a build subprocess for N and 10·N images (must stay flat).
+Scaling (``--scaling SMALL,LARGE``, results in ``pipeline-scaling.json``): the *marginal*
+embedding rate, (LARGE − SMALL) / (t_LARGE − t_SMALL), of the threaded build and of 1 and 2
+local Dask worker processes (``LocalCluster``, one thread each, reached by address as a real
+cluster is), all warm (model loaded), so start-up cancels out; what a worker costs to start
+(cluster start, and the first build on fresh workers minus the same build warm); and images/s
+of one threaded build from a moto S3 server into S3 vs from disk to disk (same images).
 
     python -m bench.pipeline [--images 200] [--large 2000] [--batch-size 16]
+    python -m bench.pipeline --scaling 40,160 --only-scaling
 """
 
 from __future__ import annotations
@@ -71,6 +78,89 @@ def build_rate(folder: str, store: str, model: str, batch_size: int, device: str
     return s.added / s.seconds
 
 
+def _timed_build(folder: str, store: str, model: str, batch_size: int, **kw: object) -> float:
+    from hoverlay.pipeline.build import build
+
+    shutil.rmtree(store, ignore_errors=True)
+    t0 = time.perf_counter()
+    s = build(folder, store, model=model, batch_size=batch_size, chunk=batch_size, index=False,
+              quiet=True, **kw)
+    assert "://" in folder or s.added == len(os.listdir(folder)), s.line()
+    return time.perf_counter() - t0
+
+
+def scaling(work: str, model: str, batch_size: int, small_n: int, large_n: int) -> list[dict[str, object]]:
+    """Marginal rates: threads, 1 and 2 worker processes; worker start cost."""
+    from distributed import LocalCluster
+
+    from hoverlay.pipeline.models import load_model
+
+    small = make_images(os.path.join(work, f"scale-{small_n}"), small_n, seed=2)
+    large = make_images(os.path.join(work, f"scale-{large_n}"), large_n, seed=3)
+    warm = make_images(os.path.join(work, "scale-warm"), 2 * batch_size, seed=4)
+    rows: list[dict[str, object]] = []
+    adapter = load_model(model)
+    adapter.extract(np.zeros((batch_size, adapter.image_size, adapter.image_size, 3), np.uint8),
+                    adapter.default_layers)
+    store = os.path.join(work, "scale.zarr")
+    t_s = _timed_build(small, store, model, batch_size)
+    t_l = _timed_build(large, store, model, batch_size)
+    rows.append({"case": "marginal: threaded build", "workers": 0, "small_s": t_s, "large_s": t_l,
+                 "img_per_s": (large_n - small_n) / (t_l - t_s)})
+    for k in (1, 2):
+        t0 = time.perf_counter()
+        with LocalCluster(n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            start = time.perf_counter() - t0
+            addr = cluster.scheduler_address
+            cold = _timed_build(warm, store, model, batch_size, scheduler=addr)  # loads the model
+            hot = _timed_build(warm, store, model, batch_size, scheduler=addr)
+            t_s = _timed_build(small, store, model, batch_size, scheduler=addr)
+            t_l = _timed_build(large, store, model, batch_size, scheduler=addr)
+        rows.append({"case": f"marginal: {k} Dask worker process(es), 1 thread each", "workers": k,
+                     "small_s": t_s, "large_s": t_l, "img_per_s": (large_n - small_n) / (t_l - t_s),
+                     "cluster_start_s": start, "first_build_extra_s": cold - hot})
+    base = float(rows[0]["img_per_s"])  # type: ignore[arg-type]
+    for row in rows:
+        row["ratio_to_threads"] = float(row["img_per_s"]) / base  # type: ignore[arg-type]
+    return rows
+
+
+def s3_vs_local(work: str, model: str, batch_size: int, n: int) -> list[dict[str, object]]:
+    """images/s of one threaded build: disk -> disk, and moto S3 -> moto S3 (same images)."""
+    import socket
+
+    folder = make_images(os.path.join(work, f"scale-{n}"), n, seed=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        import s3fs
+
+        so = {"endpoint_url": f"http://127.0.0.1:{port}"}
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = s3fs.S3FileSystem(**so)
+        fs.mkdir("bench")
+        fs.put(folder, "bench/images", recursive=True)
+        t_local = _timed_build(folder, os.path.join(work, "local.zarr"), model, batch_size)
+        t_s3 = _timed_build("s3://bench/images", "s3://bench/store.zarr", model, batch_size, storage_options=so)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return [{"case": "threaded build, disk -> disk", "images": n, "img_per_s": n / t_local},
+            {"case": "threaded build, moto S3 -> moto S3", "images": n, "img_per_s": n / t_s3,
+             "ratio_to_threads": t_local / t_s3}]
+
+
 def peak_rss_mb(folder: str, store: str, batch_size: int, index: bool) -> float:
     """Peak RSS of a fresh build process, read from /proc by the child itself (VmHWM)."""
     shutil.rmtree(store, ignore_errors=True)
@@ -91,8 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-processes", action="store_true", help="skip the 2-worker LocalCluster case")
+    p.add_argument("--scaling", default=None, metavar="SMALL,LARGE",
+                   help="marginal rates of threads and 1, 2 worker processes, worker start cost, S3 vs disk")
+    p.add_argument("--only-scaling", action="store_true", help="skip P1 and P6")
     a = p.parse_args(argv)
     work = a.workdir or tempfile.mkdtemp(prefix="hoverlay-bench-")
+    if a.scaling:
+        small_n, large_n = (int(v) for v in a.scaling.split(","))
+        rows_s = scaling(work, a.model, a.batch_size, small_n, large_n)
+        rows_s += s3_vs_local(work, a.model, a.batch_size, small_n)
+        report("pipeline-scaling", rows_s, {"target": {"2 workers / threads (marginal)": ">= 0.8"},
+                                            "model": a.model, "batch_size": a.batch_size})
+        if a.only_scaling:
+            return
     small = make_images(os.path.join(work, "small"), a.images)
     rows = []
     bare = bare_forward(small, a.model, None, a.batch_size, a.device)
