@@ -197,7 +197,10 @@ def test_hoverlay_serve_passes_server_options_to_panel(tmp_path):
                                 "--cookie-secret", "x" * 32, "--admin", "--reload-interval", "5"])
     assert args.stores == ["s1", "s2"] and args.reload_interval == 5
     assert server_options(args) == {"prefix": "hv", "basic_auth": str(users), "cookie_secret": "x" * 32,
-                                    "websocket_origin": ["example.org"], "num_procs": 3, "admin": True}
+                                    "websocket_origin": ["example.org"], "num_procs": 3, "admin": True,
+                                    "login_attempts": 5, "login_window": 300.0, "login_delay": 1.0}
+    with pytest.raises(ServeConfigError, match="--login-attempts must be >= 1"):
+        server_options(command_parser("serve").parse_args(["s", "--login-attempts", "0"]))
     oauth = command_parser("serve").parse_args(["s", "--oauth-provider", "github", "--oauth-key", "k",
                                  "--oauth-secret", "s", "--oauth-extra-params", '{"scope": "read"}'])
     opts = server_options(oauth)
