@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import report
-from bench.hover import LAYERS, PAGE, build_index, make_store
+from bench.hover import GEOMETRIES, LAYERS, PAGE, build_index, make_store, use_geometry
 from bench.servers import serve_explorer
 from bench.serving import cpu_seconds
 from bench.wsclient import BokehSession
@@ -260,16 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 20, 50])
     p.add_argument("--paths", nargs="+", default=["browser", "server"], choices=["browser", "server"])
     p.add_argument("--stores", default=None, help="folder to keep the synthetic store in")
+    p.add_argument("--geometry", default="v2", choices=list(GEOMETRIES),
+                   help="layer dims of the default model: v1 the old signed defaults (D 40/112/320), v2 "
+                        "today's non-negative ones (D 240/672/1280)")
+    p.add_argument("--name", default="browser-hover", help="results/<name>.json")
     args = p.parse_args(argv)
+    use_geometry(args.geometry)
     folder = args.stores or tempfile.mkdtemp(prefix="hoverlay-bench-")
-    store = make_store(os.path.join(folder, f"store-{args.images}"), args.images)
+    store = make_store(os.path.join(folder, f"store-{args.geometry}-{args.images}"), args.images)
     for layer in LAYERS:  # as `hoverlay build` leaves a store: an index per layer (rests search it)
         if not os.path.exists(os.path.join(store, "index", f"{layer}.faiss")):
             print("index", layer, build_index(store, layer), flush=True)
     workdir = tempfile.mkdtemp(prefix="hoverlay-bench-logs-")
     rows = [row for path in args.paths for row in run_path(store, path, args.sessions, args.moves, workdir)]
-    path = report("browser-hover", rows, extra={
-        "page": PAGE, "layers": LAYERS, "targets": {"paint_p50_ms": 16, "paint_p99_ms": 33, "open_ms": 1000,
+    path = report(args.name, rows, extra={
+        "page": PAGE, "layers": LAYERS, "geometry": args.geometry, "targets": {"paint_p50_ms": 16, "paint_p99_ms": 33, "open_ms": 1000,
                                                      "switch_ms": 300},
         "peer": "the same server with --browser-hover-budget 0 (the server path: one message per patch change)"})
     print(f"\nwrote {path}")

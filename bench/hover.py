@@ -32,6 +32,16 @@ import numpy as np
 from bench.common import report
 
 LAYERS = {"l28": (28, 28, 40), "l14": (14, 14, 112), "l7": (7, 7, 320)}
+#: The default model's layer geometry by name: v1 the old signed defaults (_blocks.4.add,
+#: _blocks.10.add, _blocks.15._bn2), v2 the non-negative ones (_blocks.5._swish,
+#: _blocks.11._swish, _swish_1). Benchmarks choose one with --geometry; LAYERS is v1 unless set.
+GEOMETRIES = {"v1": dict(LAYERS), "v2": {"l28": (28, 28, 240), "l14": (14, 14, 672), "l7": (7, 7, 1280)}}
+
+
+def use_geometry(name: str) -> None:
+    """Make ``LAYERS`` (shared by the benches that import it) one of :data:`GEOMETRIES`."""
+    LAYERS.clear()
+    LAYERS.update(GEOMETRIES[name])
 IMAGE_SIZE = 224
 PAGE = 16
 DISTINCT_BLOCKS = 8  # blocks of 256 images with their own random activations; then reused

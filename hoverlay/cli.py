@@ -121,23 +121,33 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ====================================================================================== info
-def _add_info(p: argparse.ArgumentParser) -> None:
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
     from .options import STORAGE_OPTIONS
 
-    p.add_argument("store", nargs="+", metavar="STORE", help="store path(s) or URL(s)")
     p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
                    help=STORAGE_OPTIONS.argparse_help)
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The checked ``--storage-options`` of a subcommand (None when not given)."""
+    from .options import STORAGE_OPTIONS
+
+    return STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", nargs="+", metavar="STORE", help="store path(s) or URL(s)")
+    _add_storage_options(p)
     p.add_argument("--json", action="store_true",
                    help="the same facts as one JSON document: an object for one store, an array "
                         "of them for several (keys: hoverlay.stores.info.store_facts)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .options import STORAGE_OPTIONS
     from .stores import open_store
     from .stores.info import describe_facts, store_facts
 
-    so = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
+    so = _storage_options(args)
     facts = (store_facts(open_store(store, storage_options=so)) for store in args.store)
     if not args.json:
         for f in facts:  # each store as soon as it is read
@@ -152,21 +162,17 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # ===================================================================================== check
 def _add_check(p: argparse.ArgumentParser) -> None:
-    from .options import STORAGE_OPTIONS
-
     p.add_argument("store", metavar="STORE", help="store path or URL")
-    p.add_argument(STORAGE_OPTIONS.flag, dest="storage_options", metavar=STORAGE_OPTIONS.metavar,
-                   help=STORAGE_OPTIONS.argparse_help)
+    _add_storage_options(p)
     p.add_argument("--repair", action="store_true",
                    help="rebuild what can be rebuilt from the arrays (indexes, re-rank files), holding "
                         "the store's build lock; damaged data is only reported")
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from .options import STORAGE_OPTIONS
     from .stores.check import check_store
 
-    so = STORAGE_OPTIONS.coerce(args.storage_options, FLAG) if args.storage_options else None
+    so = _storage_options(args)
     report = check_store(args.store, storage_options=so)
     for line in report.lines():
         print(line)
