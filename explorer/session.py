@@ -199,24 +199,8 @@ def register_session(app: Any, doc: Any) -> bool:
     if doc is None or getattr(doc, "session_context", None) is None:
         return False
     _SESSIONS[doc] = app
-
-    def destroyed(context: Any) -> None:
-        _SESSIONS.pop(doc, None)
-        release_memory()
-
-    doc.on_session_destroyed(destroyed)
+    doc.on_session_destroyed(lambda context: _SESSIONS.pop(doc, None))
     return True
-
-
-def release_memory() -> None:
-    """After a session is destroyed: collect its cycles and hand freed heap pages back to the
-    system (glibc keeps them otherwise, and a server that had 20 sessions stayed 90 MB larger)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def sessions() -> list[tuple[Any, Any]]:

@@ -176,12 +176,13 @@ def _run_check(args: argparse.Namespace) -> int:
     report = check_store(args.store, storage_options=so)
     for line in report.lines():
         print(line)
-    if args.repair and any(f.repairable for f in report.findings):
+    if args.repair and (report.unindexed or any(f.repairable for f in report.findings)):
         from .pipeline.indexing import update_index
         from .stores import StoreReader
         from .stores.lock import StoreLock
 
-        layers = list(dict.fromkeys(f.layer for f in report.findings if f.repairable and f.layer))
+        layers = list(dict.fromkeys([*report.unindexed,
+                                     *(f.layer for f in report.findings if f.repairable and f.layer)]))
         with StoreLock(report.store, storage_options=so):
             reader = StoreReader(report.store, storage_options=so)
             for layer in layers:

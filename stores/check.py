@@ -44,6 +44,9 @@ class CheckReport:
     images: int
     findings: list[Finding] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)  # what was read, for the summary
+    #: layers without an index: no damage (``build --no-index`` makes such stores; top-k then
+    #: scans exactly), but ``--repair`` builds one
+    unindexed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -55,9 +58,11 @@ class CheckReport:
 
     def lines(self) -> list[str]:
         head = (f"{self.store}: {self.images} committed images; checked {', '.join(self.checked)}")
+        notes = [f"no index for {', '.join(self.unindexed)} (top-k scans exactly; --repair builds one)"] \
+            if self.unindexed else []
         if self.ok:
-            return [head, "no problems found"]
-        out = [head, f"{len(self.findings)} problem(s):"]
+            return [head, *notes, "no problems found"]
+        out = [head, *notes, f"{len(self.findings)} problem(s):"]
         for f in self.findings:
             fix = "repairable with --repair" if f.repairable else "data: restore the file or rebuild the store"
             out.append(f"  {f.where}: {f.problem} ({fix})")
@@ -98,7 +103,14 @@ def check_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | N
             report.findings.append(Finding(where, bad[0] + more, repairable=False,
                                            layer=_layer_of(where, reader.layers)))
     for layer in reader.layers:
-        report.findings += _check_index(reader, layer)
+        try:
+            missing = read_index_meta(reader.url, layer, reader.storage_options) is None
+        except (StoreError, ValueError):
+            missing = False  # unreadable metadata: a finding of _check_index
+        if missing:
+            report.unindexed.append(layer)
+        else:
+            report.findings += _check_index(reader, layer)
     report.checked.append("indexes")
     return report
 
@@ -110,7 +122,7 @@ def _check_index(reader: StoreReader, layer: str) -> list[Finding]:
     except (StoreError, ValueError) as exc:
         return [Finding(where, _text(exc), repairable=True, layer=layer)]
     if meta is None:
-        return [Finding(where, "missing (top-k falls back to an exact scan)", repairable=True, layer=layer)]
+        return []
     out = []
     try:
         index = PatchIndex.load(reader.url, layer, mmap=True, storage_options=reader.storage_options)

@@ -51,7 +51,7 @@ def test_missing_stale_and_unreadable_indexes_are_found_and_repaired(store, caps
         f.truncate(40)
     report = check_store(store)
     found = {(f.where, f.problem.split(":")[0].split(" (")[0]) for f in report.findings}
-    assert ("index a", "missing") in found
+    assert report.unindexed == ["a"]  # no index is no damage (build --no-index), but repairable
     assert ("index b", "the .faiss file does not load") in found
     assert all(f.repairable for f in report.findings)
     assert main(["check", store]) == EXIT_INPUT
@@ -59,6 +59,7 @@ def test_missing_stale_and_unreadable_indexes_are_found_and_repaired(store, caps
     assert main(["check", store, "--repair"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "repaired: rebuilt the index of a" in out and "repaired: rebuilt the index of b" in out
+    assert "no index for a" not in out.split("repaired")[-1]
     assert out.strip().endswith("no problems found")
     assert check_store(store).ok
 
@@ -91,3 +92,11 @@ def test_info_warns_of_missing_shard_files_without_reading_chunks(store, capsys)
     assert missing_shards(open_store(store)) == {"layers/b/norms": [2]}
     assert main(["info", store]) == EXIT_OK
     assert "DAMAGED    layers/b/norms: shard file(s) 2 missing (run `hoverlay check`)" in capsys.readouterr().out
+
+
+def test_a_store_built_without_indexes_is_sound(tmp_path, capsys):
+    url = str(tmp_path / "plain")
+    make_synthetic_store(url, 4, layers=LAYERS, image_size=16, chunk=4)
+    assert main(["check", url]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "no index for a, b (top-k scans exactly; --repair builds one)" in out and "no problems found" in out

@@ -5,9 +5,7 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from conftest import modules_after
-
 
 STORES = os.path.join(os.path.dirname(__file__), "..", "stores")
 #: Every module of stores/, found on disk: a new one is checked without being listed here.
