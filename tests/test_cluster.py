@@ -325,6 +325,9 @@ def test_two_processes_racing_for_the_s3_lock_never_both_hold_it(env):
     held = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     winners = sorted([r for r, _, _ in held[0]] + [r for r, _, _ in held[1]])
-    assert winners == list(range(rounds)), "every round exactly one process holds the lock"
+    assert len(winners) == len(set(winners)), "a round where both processes held the lock"
+    # liveness: a round may go to nobody when the last holder's release (an S3 request) ends after
+    # the next round began, as on a loaded CI machine; most rounds must be won
+    assert len(winners) >= rounds * 3 // 4, winners
     spans = sorted((a, b) for h in held for _, a, b in h)
     assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:], strict=False))  # never overlapping
