@@ -17,9 +17,9 @@ import zarr
 
 from ._zarr import array, open_root, read_attrs
 from .errors import CorruptStoreError, OutOfRangeError, UnknownLayerError
-from .format import INDEX_DIR, PIXELS, TABLE, TABLE_COLUMNS, StoreAttrs, layer_path, metadata_path
+from .format import INDEX_DIR, PIXELS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
-from .table import ImageTable, read_string_column
+from .table import ImageTable, read_column, store_columns
 from .urls import filesystem, is_local, normalize_url
 
 if TYPE_CHECKING:
@@ -240,13 +240,10 @@ class StoreReader:
         """The committed rows of the image table (cached until the next commit)."""
         if self._table is None:
             n, version = self.n_images, self.attrs.format_version
-            cols = {c: (read_string_column(self.group, f"{TABLE}/{c}", n, format_version=version)
-                        if kind == "str" else np.asarray(self._array(f"{TABLE}/{c}")[:n]))
-                    for c, kind in TABLE_COLUMNS.items()}
-            meta = {c: (read_string_column(self.group, metadata_path(c), n, format_version=version)
-                        if kind == "str" else np.asarray(self._array(metadata_path(c))[:n], dtype=np.float64))
-                    for c, kind in self.attrs.metadata.items()}
-            self._table = ImageTable(cols, meta)
+            core, meta = store_columns(self.attrs.metadata)
+            self._table = ImageTable(
+                {c: read_column(self.group, column, n, format_version=version) for c, column in core.items()},
+                {c: read_column(self.group, column, n, format_version=version) for c, column in meta.items()})
         return self._table
 
     def __repr__(self) -> str:

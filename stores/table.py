@@ -26,9 +26,11 @@ from .format import (
     ENDS_SUFFIX,
     STATUS_OK,
     STRING_UTF8_SINCE,
+    TABLE,
     TABLE_COLUMNS,
     TABLE_DIMS,
     UTF8_SUFFIX,
+    metadata_path,
 )
 
 #: Rows per chunk of a table column (and of a string column's ``.ends``).
@@ -42,15 +44,6 @@ _DEFAULTS: dict[str, Any] = {
     "source": "", "label": "", "hash": "", "base_id": -1, "transform": "none",
     "param": 0.0, "status": STATUS_OK, "reason": "",
 }
-
-
-def column_dtype(column: str) -> Any:
-    kind = TABLE_COLUMNS[column]
-    return str if kind == "str" else np.dtype(kind)
-
-
-def fill_value(column: str) -> Any:
-    return _DEFAULTS[column]
 
 
 def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -237,6 +230,49 @@ def read_string_column(group: zarr.Group, path: str, stop: int, *, format_versio
 
 
 # ==================================================================================== table
+# ======================================================================== per-image columns
+@dataclass(frozen=True)
+class Column:
+    """One per-image column of a store: a core table column or a user's metadata column."""
+
+    path: str    # the array's path in the store
+    kind: str    # "str", or a numpy dtype name
+    fill: Any    # what a row without a value holds
+
+
+def store_columns(metadata: Mapping[str, str]) -> tuple[dict[str, Column], dict[str, Column]]:
+    """(core table columns, metadata columns) by name, for a store whose metadata columns are
+    ``metadata`` (``StoreAttrs.metadata``): text metadata misses as "", numbers as NaN."""
+    core = {c: Column(f"{TABLE}/{c}", kind, _DEFAULTS[c]) for c, kind in TABLE_COLUMNS.items()}
+    meta = {c: Column(metadata_path(c), kind, "" if kind == "str" else np.nan) for c, kind in metadata.items()}
+    return core, meta
+
+
+def create_column(group: zarr.Group, column: Column, *, format_version: int) -> None:
+    """An empty column (dimension ``image``) in the form of ``format_version``."""
+    if column.kind == "str":
+        create_string_column(group, column.path, format_version=format_version, fill=column.fill)
+    else:
+        group.create_array(column.path, shape=(0,), dtype=column.kind, chunks=(TABLE_CHUNK,),
+                           fill_value=column.fill, dimension_names=TABLE_DIMS)
+
+
+def write_column(group: zarr.Group, column: Column, start: int, values: Sequence[Any] | np.ndarray,
+                 *, format_version: int) -> None:
+    """Rows ``start .. start+len(values)`` of a column (reserved, in row order for text)."""
+    if column.kind == "str":
+        write_string_column(group, column.path, start, values, format_version=format_version)
+    else:
+        _arr(group, column.path)[start:start + len(values)] = np.asarray(values, dtype=column.kind)
+
+
+def read_column(group: zarr.Group, column: Column, stop: int, *, format_version: int) -> np.ndarray:
+    """Rows ``0 .. stop`` of a column (text as an object array of ``str``)."""
+    if column.kind == "str":
+        return read_string_column(group, column.path, stop, format_version=format_version)
+    return np.asarray(_arr(group, column.path)[:stop], dtype=column.kind)
+
+
 @dataclass
 class ImageTable:
     """Committed rows of ``images/table`` as numpy columns (row index = image id).

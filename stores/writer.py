@@ -31,22 +31,18 @@ from .format import (
     PIXELS,
     PIXELS_DIMS,
     TABLE,
-    TABLE_COLUMNS,
-    TABLE_DIMS,
     VECTORS_DIMS,
     StoreAttrs,
     layer_path,
-    metadata_path,
 )
 from .geometry import LayerGeometry
 from .table import (
-    TABLE_CHUNK,
-    column_dtype,
-    create_string_column,
-    fill_value,
+    Column,
+    create_column,
     reserve_string_column,
     rows_to_columns,
-    write_string_column,
+    store_columns,
+    write_column,
 )
 from .urls import normalize_url
 from .vectors import normalize_patches
@@ -109,14 +105,9 @@ def create_store(
     group.create_array(PIXELS, shape=(0, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
                        shards=(chunk, s, s, 3), compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
                        dimension_names=PIXELS_DIMS)
-    for col, kind in TABLE_COLUMNS.items():
-        if kind == "str":
-            create_string_column(group, f"{TABLE}/{col}", format_version=FORMAT_VERSION,
-                                 fill=fill_value(col), chunk=TABLE_CHUNK)
-        else:
-            group.create_array(f"{TABLE}/{col}", shape=(0,), dtype=column_dtype(col),
-                               chunks=(TABLE_CHUNK,), fill_value=fill_value(col),
-                               dimension_names=TABLE_DIMS)
+    core, meta = store_columns(attrs.metadata)
+    for column in [*core.values(), *meta.values()]:
+        create_column(group, column, format_version=FORMAT_VERSION)
     for name, g in layers.items():  # each layer its own group: y, x are its own (H, W)
         group.create_array(layer_path(name, "vectors"), shape=(0, g.height, g.width, g.dim),
                            dtype="float16", chunks=(1, g.height, g.width, g.dim),
@@ -125,13 +116,6 @@ def create_store(
         group.create_array(layer_path(name, "norms"), shape=(0, g.height, g.width), dtype="float32",
                            chunks=(chunk, g.height, g.width), compressors=_compressor(), fill_value=0,
                            dimension_names=NORMS_DIMS)
-    for col, kind in attrs.metadata.items():
-        if kind == "str":
-            create_string_column(group, metadata_path(col), format_version=FORMAT_VERSION, fill="",
-                                 chunk=TABLE_CHUNK)
-        else:
-            group.create_array(metadata_path(col), shape=(0,), dtype="float64", chunks=(TABLE_CHUNK,),
-                               fill_value=np.nan, dimension_names=TABLE_DIMS)
     group.attrs.update({FORMAT_NAME: attrs.to_json()})
     return StoreWriter(group, url)
 
@@ -178,11 +162,15 @@ class StoreWriter:
         hashes = np.asarray(array(self.group, f"{TABLE}/hash")[:n])
         return {str(h): i for i, h in enumerate(hashes)}
 
+    def _columns(self) -> list[Column]:
+        """Every per-image column: the core table's, then the metadata's."""
+        core, meta = store_columns(self.attrs.metadata)
+        return [*core.values(), *meta.values()]
+
     def _per_image_arrays(self) -> list[zarr.Array]:
         """Every per-image array but the string columns (:func:`reserve_string_column` does those)."""
         arrays = [array(self.group, PIXELS)]
-        arrays += [array(self.group, f"{TABLE}/{c}") for c, kind in TABLE_COLUMNS.items() if kind != "str"]
-        arrays += [array(self.group, metadata_path(c)) for c, kind in self.attrs.metadata.items() if kind != "str"]
+        arrays += [array(self.group, c.path) for c in self._columns() if c.kind != "str"]
         for name in self.layers:
             arrays += [array(self.group, layer_path(name, "vectors")), array(self.group, layer_path(name, "norms"))]
         return arrays
@@ -195,13 +183,9 @@ class StoreWriter:
         start = self.committed
         for arr in self._per_image_arrays():
             arr.resize((start + n, *arr.shape[1:]))
-        for col, kind in TABLE_COLUMNS.items():
-            if kind == "str":
-                reserve_string_column(self.group, f"{TABLE}/{col}", start, n,
-                                      format_version=self.attrs.format_version)
-        for col, kind in self.attrs.metadata.items():
-            if kind == "str":
-                reserve_string_column(self.group, metadata_path(col), start, n,
+        for column in self._columns():
+            if column.kind == "str":
+                reserve_string_column(self.group, column.path, start, n,
                                       format_version=self.attrs.format_version)
         return start
 
@@ -217,12 +201,9 @@ class StoreWriter:
             if start + len(values) > arr.shape[0]:
                 raise StoreError(f"table rows {start}..{start + len(values)} exceed reserved "
                                  f"{arr.shape[0]} rows; call reserve() first")
+        core, _ = store_columns({})
         for col, values in columns.items():
-            if TABLE_COLUMNS[col] == "str":
-                write_string_column(self.group, f"{TABLE}/{col}", start, values,
-                                    format_version=self.attrs.format_version)
-            else:
-                array(self.group, f"{TABLE}/{col}")[start:start + len(values)] = values
+            write_column(self.group, core[col], start, values, format_version=self.attrs.format_version)
 
     def check_metadata(self, kinds: Mapping[str, str] | None) -> None:
         """Refuse metadata columns other than the store's (names and kinds): a store's columns are
@@ -237,13 +218,11 @@ class StoreWriter:
         if set(columns) != set(self.attrs.metadata):
             raise StoreMismatchError(f"metadata columns {sorted(columns)} are not the store's "
                                      f"{sorted(self.attrs.metadata)}")
-        for col, kind in self.attrs.metadata.items():
+        _, meta = store_columns(self.attrs.metadata)
+        for col, column in meta.items():
             values = columns[col]
-            if kind == "str":
-                write_string_column(self.group, metadata_path(col), start, list(values),
-                                    format_version=self.attrs.format_version)
-            else:
-                array(self.group, metadata_path(col))[start:start + len(values)] = np.asarray(values, np.float64)
+            write_column(self.group, column, start, list(values) if column.kind == "str" else values,
+                         format_version=self.attrs.format_version)
 
     def commit(self, committed: int, extra: Mapping[str, Any] | None = None) -> None:
         """Publish the first ``committed`` rows to readers; this write is the last of an append."""
