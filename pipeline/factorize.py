@@ -330,11 +330,11 @@ def _model_nearest_non_negative(reader: StoreReader, layer: str) -> str | None:
     when the model cannot be loaded here (its survey does not depend on the weights, so a
     torchvision or timm model is surveyed as a seeded random network)."""
     from .layer_survey import nearest_non_negative
-    from .models import load_model
+    from .models import RANDOM_INIT_FAMILIES, load_model
 
     model = reader.model
     spec = str(model.get("spec", ""))
-    weights = "none" if spec.startswith(("torchvision:", "timm:")) else model.get("weights")
+    weights = "none" if spec.startswith(RANDOM_INIT_FAMILIES) else model.get("weights")
     try:
         adapter = load_model(spec, None if weights in ("shipped", "factory", "embedded") else weights)
         infos = adapter.survey(reader.image_size)

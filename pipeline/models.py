@@ -22,6 +22,7 @@ with torch.fx, and named submodules (forward hooks) otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -47,6 +48,10 @@ from .options import DEFAULT_MODEL
 #: and torch already spreads one forward over every core, so overlapping two gains nothing.
 #: Decoding (the other half of a task) runs outside it, in parallel.
 _TRACE_LOCK = threading.RLock()
+
+#: Model families whose layer names, shapes and signs are surveyed on a seeded random network
+#: (``weights="none"``): no download, and a ReLU is non-negative whatever its weights.
+RANDOM_INIT_FAMILIES = ("torchvision:", "timm:")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,18 +234,8 @@ class ModelAdapter:
         under its module name."""
         children = [(name, [(c, type(m).__name__) for c, m in mod.named_children()])
                     for name, mod in self.module.named_modules()]
-        by_name = {i.name: i for i in infos}
-        last_node = {module: node for node, module in self.display_names().items()}
-        out = []
-        for block in survey_rules.block_stack(children):
-            info = by_name.get(block) or by_name.get(last_node.get(block, ""))
-            if info is None:  # fx: the block's output is the last node under its name
-                under = [i for i in infos if i.name.startswith(block + ".")]
-                info = under[-1] if under else None
-            if info is not None:
-                out.append(LayerInfo(block, info.shape, info.kind, info.grid, info.prefix_tokens,
-                                     info.non_negative))
-        return out
+        found = ((block, _node_or_last_under(infos, block)) for block in survey_rules.block_stack(children))
+        return [dataclasses.replace(info, name=block) for block, info in found if info is not None]
 
     def choose_default_layers(self) -> list[str]:
         """Default layers by the rule of :func:`pipeline.layer_survey.choose_defaults`, each
@@ -252,17 +247,22 @@ class ModelAdapter:
 
     def layer_info(self, layer: str, size: int | None = None) -> LayerInfo | None:
         """The survey entry of a node, or of the last node of a module name."""
-        infos = self.survey(size)
-        by_name = {i.name: i for i in infos}
-        if layer in by_name:
-            return by_name[layer]
-        under = [i for i in infos if i.name.startswith(layer + ".")]
-        return under[-1] if under else None
+        return _node_or_last_under(self.survey(size), layer)
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of the full model, for sanity checks."""
         with _TRACE_LOCK, torch.inference_mode():
             return self.module(self.normalization.apply(pixels, self.device)).float().cpu().numpy()
+
+
+def _node_or_last_under(infos: Sequence[LayerInfo], layer: str) -> LayerInfo | None:
+    """A node's survey entry, or for a module name its last node's (torchvision's convention:
+    a module stands for its output)."""
+    for info in infos:
+        if info.name == layer:
+            return info
+    under = [i for i in infos if i.name.startswith(layer + ".")]
+    return under[-1] if under else None
 
 
 class _ScriptedOutputs:
@@ -581,18 +581,17 @@ def list_layers(spec: str, weights: str | None = None, show_all: bool = False,
     with a random network unless ``weights`` is given (no download, works offline). Signs are
     measured on that network too: a ReLU is non-negative whatever its weights.
     """
-    if weights is None and spec.startswith(("torchvision:", "timm:")):
+    if weights is None and spec.startswith(RANDOM_INIT_FAMILIES):
         weights = "none"
     adapter = load_model(spec, weights)
     side = int(size or adapter.image_size)
     infos = adapter.survey(side)
-    names = [i.name for i in infos]
     # a default may be a module name: it stands for its last node (torchvision's convention)
-    defaults = {d: d for d in adapter.default_layers if d in names}
+    defaults = {}
     for d in adapter.default_layers:
-        inside = [n for n in names if n.startswith(d + ".")]
-        if d not in names and inside:
-            defaults[inside[-1]] = f"{inside[-1]} ({d})"
+        node = _node_or_last_under(infos, d)
+        if node is not None:
+            defaults[node.name] = d if node.name == d else f"{node.name} ({d})"
     lines = [f"# {adapter.spec}: input {side}px; * = default layers "
              f"({', '.join(adapter.default_layers) or 'none'}); >=0 = non-negative (post-ReLU: "
              f"cosine in [0, 1], NMF loses nothing)"]
