@@ -24,6 +24,7 @@ import numpy as np
 from .errors import CorruptStoreError, StoreError
 from .format import PIXELS, TABLE, layer_path
 from .index import PatchIndex, read_index_meta
+from .index_meta import IndexMeta
 from .reader import StoreReader
 from .rerank import rerank_path
 
@@ -104,25 +105,20 @@ def check_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | N
                                            layer=_layer_of(where, reader.layers)))
     for layer in reader.layers:
         try:
-            missing = read_index_meta(reader.url, layer, reader.storage_options) is None
-        except (StoreError, ValueError):
-            missing = False  # unreadable metadata: a finding of _check_index
-        if missing:
+            meta = read_index_meta(reader.url, layer, reader.storage_options)
+        except (StoreError, ValueError) as exc:
+            report.findings.append(Finding(f"index {layer}", _text(exc), repairable=True, layer=layer))
+            continue
+        if meta is None:
             report.unindexed.append(layer)
         else:
-            report.findings += _check_index(reader, layer)
+            report.findings += _check_index(reader, layer, meta)
     report.checked.append("indexes")
     return report
 
 
-def _check_index(reader: StoreReader, layer: str) -> list[Finding]:
+def _check_index(reader: StoreReader, layer: str, meta: IndexMeta) -> list[Finding]:
     where = f"index {layer}"
-    try:
-        meta = read_index_meta(reader.url, layer, reader.storage_options)
-    except (StoreError, ValueError) as exc:
-        return [Finding(where, _text(exc), repairable=True, layer=layer)]
-    if meta is None:
-        return []
     out = []
     try:
         index = PatchIndex.load(reader.url, layer, mmap=True, storage_options=reader.storage_options)
