@@ -23,6 +23,14 @@ def browser_hover_budget(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes such as 32M, or 0") from None
 
+def upload_bytes(text: str) -> int:
+    """``--upload-max-bytes``: a size such as 32M."""
+    try:
+        return ByteSize().from_value(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes such as 32M") from None
+
+
 #: Seconds between checks for new commits (hoverlay.explorer.reload uses it as its default).
 DEFAULT_RELOAD_INTERVAL = 2.0
 
@@ -70,6 +78,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                      help=f"check for new commits every SECONDS (0: never; default {DEFAULT_RELOAD_INTERVAL:g})")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="server log level (default info)")
+    qry = parser.add_argument_group("queries with any image (a model worker process embeds uploads; "
+                                    "this process never imports torch)")
+    qry.add_argument("--query-worker-start", action="store_true",
+                     help="start the model worker with the server, not on the first upload")
+    qry.add_argument("--query-timeout", type=float, default=None, metavar="SECONDS",
+                     help="seconds an upload may take to be embedded, worker start and model load "
+                          "included (default 30)")
+    qry.add_argument("--query-queue", type=int, default=None, metavar="N",
+                     help="uploads waiting for the worker at most; more are refused as busy (default 8)")
+    qry.add_argument("--query-threads", type=int, default=None, metavar="N",
+                     help="torch threads of the model worker (default: torch's, every core)")
+    qry.add_argument("--upload-max-bytes", type=upload_bytes, default=None, metavar="BYTES",
+                     help="largest upload, e.g. 32M (default 32 MiB)")
+    qry.add_argument("--upload-max-pixels", type=int, default=None, metavar="PX",
+                     help="most pixels an upload may declare (decompression bombs; default 64000000)")
+    qry.add_argument("--query-folder", action="append", default=None, metavar="DIR",
+                     help="a server folder whose images may be given by path as queries (repeatable; "
+                          "none by default: never an arbitrary path)")
     auth = parser.add_argument_group("authentication (Panel's; secrets are best given as environment "
                                      "variables PANEL_COOKIE_SECRET, PANEL_OAUTH_KEY, PANEL_OAUTH_SECRET)")
     auth.add_argument("--basic-auth", metavar="FILE", default=None,

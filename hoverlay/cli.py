@@ -305,6 +305,35 @@ def _export_hits(values: dict[str, Any]) -> int:
     return EXIT_OK
 
 
+# ===================================================================================== query
+def _add_query(p: argparse.ArgumentParser) -> None:
+    from .pipeline.options import QUERY_OPTIONS
+
+    p.add_argument("image", metavar="IMAGE", help="image file to query with (need not be in the store)")
+    QUERY_OPTIONS.add_arguments(p)
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from .pipeline.options import QUERY_OPTIONS
+
+    values = QUERY_OPTIONS.resolve((FLAG, QUERY_OPTIONS.from_args(args)))
+    if not values["store"]:
+        raise UsageError("missing --store")
+    out = values.pop("out")
+    if out is not None:
+        from .stores.exports import check_table_output
+
+        check_table_output(out)  # a bad --out is refused before the model loads
+    from .pipeline.query import query_image
+
+    result = query_image(args.image, values.pop("store"), **values)
+    for line in result.lines():
+        print(line)
+    if out is not None:
+        print(f"wrote {len(result.top.ids)} hits to {result.write(out)}")
+    return EXIT_OK
+
+
 # ================================================================================ the command
 @dataclass(frozen=True)
 class Command:
@@ -324,6 +353,8 @@ COMMANDS: dict[str, Command] = {
                          _add_factorize, _run_factorize),
     "export": Command("write hits, patch vectors or a FiftyOne dataset of a store", _add_export,
                       _run_export),
+    "query": Command("embed any image with a store's model and list its top-k patches of the store",
+                     _add_query, _run_query),
     "demo": Command("build the demo store from scikit-image's images and serve it", _add_demo, _run_demo),
 }
 

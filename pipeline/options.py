@@ -105,3 +105,22 @@ FACTORIZE_OPTIONS = OptionSet((
     STORAGE_OPTIONS,
     Option("quiet", Switch(), "no progress bars (cron)", default=False, short="-q"),
 ))
+
+#: ``hoverlay query IMAGE`` / :func:`~hoverlay.pipeline.query.query_image` (IMAGE is positional).
+QUERY_OPTIONS = OptionSet((
+    Option("store", Path(), "store path or fsspec URL to search", metavar="STORE"),
+    Option("layer", Text(), "layer to query (default: the store's last, deepest)", metavar="L"),
+    Option("y", Integer(minimum=0), "query patch row in the layer's grid (with --x; default: the "
+           "centre cell)", metavar="Y"),
+    Option("x", Integer(minimum=0), "query patch column in the layer's grid (with --y)", metavar="X"),
+    Option("box", Text(pattern=r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", described="x0,y0,x1,y1 "
+           "(four integers)"), "query with the mean vector of a region, x0,y0,x1,y1 in the image "
+           "file's pixels (re-normalised)", metavar="X0,Y0,X1,Y1"),
+    Option("k", Integer(), "hits to return", default=32, short="-k"),
+    Option("out", Path(), "also write the hits to a .parquet or .csv file", metavar="FILE"),
+    Option("device", DEVICE, "cpu, cuda, cuda:N, mps or auto", default="cpu"),
+    Option("max_bytes", ByteSize(), "refuse larger image files", default=32 * 2**20, metavar="BYTES"),
+    Option("max_pixels", Integer(), "refuse images with more pixels (decompression bombs)",
+           default=MAX_PIXELS, metavar="PX"),
+    STORAGE_OPTIONS,
+))
