@@ -275,7 +275,7 @@ def query_image(image: str | os.PathLike[str] | bytes, store: str | os.PathLike[
     chosen = layer or reader.layers[-1]
     g = reader.geometry(chosen)  # an unknown layer names the store's layers
     if y is not None and x is not None and not (0 <= y < g.height and 0 <= x < g.width):
-        raise UsageError(f"patch (y={y}, x={x}) is outside layer {chosen!r}'s {g.height}x{g.width} grid "
+        raise UsageError(f"patch (y={y}, x={x}) is outside the {g.height}x{g.width} grid of layer {chosen!r} "
                          f"(y in 0..{g.height - 1}, x in 0..{g.width - 1})")
     the_box: tuple[int, int, int, int] | None = None
     if isinstance(box, str):
