@@ -1,4 +1,4 @@
-"""The store format, version 2: names, dtypes, dimension names and the root attributes schema.
+"""The store format, version 3: names, dtypes, dimension names and the root attributes schema.
 
 This module is the single source of truth for the layout described in
 ``docs/store-format.md``; writer and reader both import their names from here.
@@ -11,14 +11,20 @@ from typing import Any
 
 from .errors import CorruptStoreError, FormatVersionError, NotAStoreError
 from .geometry import LayerGeometry
+from .pixels import LEGACY_PIXEL_CODEC, PixelCodec
 
 FORMAT_NAME = "hoverlay"
+#: 3: pixels may be stored with an image codec (JPEG, WebP, AVIF: :mod:`stores.pixels`), named
+#: with its quality in the root attributes (``pixels``); a hoverlay that reads 1..2 only would
+#: fail on such a chunk with a Zarr codec error, so it is told to upgrade instead.
 #: 2: string columns also as UTF-8 bytes + end offsets (core Zarr types, which tensorstore and
 #: other Zarr v3 readers read), and every array has Zarr ``dimension_names``. 1: string columns
-#: as zarr-python's ``string`` data type only. Readers read both; a writer keeps a store's own.
-FORMAT_VERSION = 2
+#: as zarr-python's ``string`` data type only. Readers read all three; a writer keeps a store's own.
+FORMAT_VERSION = 3
 #: The first version whose string columns have UTF-8 companions (``<column>.utf8``/``.ends``).
 STRING_UTF8_SINCE = 2
+#: The first version whose root attributes name the pixel codec (older ones: zstd on raw bytes).
+PIXEL_CODEC_SINCE = 3
 
 PIXELS = "images/pixels"
 TABLE = "images/table"
@@ -90,9 +96,11 @@ class StoreAttrs:
     extra: dict[str, Any] = field(default_factory=dict)
     #: metadata column -> kind (:data:`METADATA_KINDS`), in the order the file had them
     metadata: dict[str, str] = field(default_factory=dict)
+    #: how ``images/pixels`` is encoded (format 3); zstd on raw bytes for older stores
+    pixels: PixelCodec = LEGACY_PIXEL_CODEC
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "tool_version": self.tool_version,
@@ -107,6 +115,9 @@ class StoreAttrs:
             "extra": self.extra,
             "metadata": self.metadata,
         }
+        if self.format_version >= PIXEL_CODEC_SINCE:
+            out["pixels"] = self.pixels.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> StoreAttrs:
@@ -135,6 +146,7 @@ class StoreAttrs:
             format_version=version,
             extra=data.get("extra", {}),
             metadata=_metadata_kinds(data.get("metadata", {}), where),
+            pixels=_pixel_codec(data, version, where),
         )
 
 
@@ -144,6 +156,16 @@ def _metadata_kinds(value: Any, where: str) -> dict[str, str]:
         raise CorruptStoreError(f"{where!r} has metadata = {value!r} in its zarr.json; it must map "
                                 f"column names to one of {METADATA_KINDS}: the root document is damaged")
     return dict(value)
+
+
+def _pixel_codec(data: dict[str, Any], version: int, where: str) -> PixelCodec:
+    if version < PIXEL_CODEC_SINCE:
+        return LEGACY_PIXEL_CODEC
+    try:
+        return PixelCodec.from_json(data.get("pixels"))
+    except ValueError as exc:
+        raise CorruptStoreError(f"{where!r} has pixels = {data.get('pixels')!r} in its zarr.json ({exc}): "
+                                f"the root document is damaged") from None
 
 
 def metadata_path(column: str) -> str:
