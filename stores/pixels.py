@@ -148,7 +148,7 @@ class _ImageCodec(ArrayBytesCodec):
     def _encode_image(self, image: np.ndarray) -> bytes:
         raise NotImplementedError
 
-    def _decode_image(self, data: np.ndarray) -> np.ndarray:
+    def _decode_image(self, data: Any) -> np.ndarray:
         raise NotImplementedError
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
@@ -193,7 +193,7 @@ class JpegCodec(_ImageCodec):
             return bytes(imagecodecs.jpeg8_encode(image, lossless=True))
         return bytes(imagecodecs.jpeg8_encode(image, level=self.level))
 
-    def _decode_image(self, data: np.ndarray) -> np.ndarray:
+    def _decode_image(self, data: Any) -> np.ndarray:
         import imagecodecs
 
         return np.asarray(imagecodecs.jpeg8_decode(data))
@@ -221,7 +221,7 @@ class WebpCodec(_ImageCodec):
         return bytes(imagecodecs.webp_encode(image, level=self.level, lossless=self.lossless,
                                              method=self.method))
 
-    def _decode_image(self, data: np.ndarray) -> np.ndarray:
+    def _decode_image(self, data: Any) -> np.ndarray:
         import imagecodecs
 
         return np.asarray(imagecodecs.webp_decode(data, hasalpha=False))
@@ -245,7 +245,7 @@ class AvifCodec(_ImageCodec):
 
         return bytes(imagecodecs.avif_encode(image, level=self.level, speed=self.speed))
 
-    def _decode_image(self, data: np.ndarray) -> np.ndarray:
+    def _decode_image(self, data: Any) -> np.ndarray:
         import imagecodecs
 
         return np.asarray(imagecodecs.avif_decode(data))
