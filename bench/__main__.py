@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-NAMES = ("pipeline", "hover", "intrinsic", "index", "serving")
+NAMES = ("pipeline", "hover", "intrinsic", "index", "serving", "query")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench import serving
 
         serving.main([])
+    if "query" in names:
+        from bench import query
+
+        query.main(where("query"))
 
 
 if __name__ == "__main__":
