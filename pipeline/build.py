@@ -8,13 +8,14 @@ same rows in the same order as an uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,12 @@ from hoverlay.stores.format import StoreAttrs
 from hoverlay.stores.index import read_index_meta
 from hoverlay.stores.info import store_size_bytes
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
+from hoverlay.stores.pixels import (
+    DEFAULT_PIXEL_CODEC,
+    PixelCodec,
+    parse_quality,
+    pixel_codec_problem,
+)
 from hoverlay.stores.writer import metadata_mismatch
 
 from .errors import BuildUsageError, PipelineError, SourceError
@@ -44,9 +51,11 @@ from .metadata import Metadata, read_metadata
 from .models import ModelAdapter, load_model, resolve_device
 from .options import BUILD_OPTIONS, DEFAULT_MODEL
 from .partition import plan_partitions, select_new, waves
+from .phases import add_phases
+from .preprocess import JPEG_DRAFT_GAP, draft_size
 from .progress import Phase, ProgressReporter
 from .sources import Discovery, ImageSource, discover, hash_source
-from .tasks import ModelRef, TaskItem, process_partition
+from .tasks import ModelRef, StoreRef, TaskItem, process_partition
 from .transforms import transform_list
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,9 @@ class BuildSummary:
     committed: int = 0
     store_bytes: int = 0
     indexes: dict[str, IndexUpdate] = field(default_factory=dict)
+    #: seconds per phase (:data:`~hoverlay.pipeline.phases.PHASES`), summed over the tasks'
+    #: threads; ``dask`` is the workers' embedding time no task accounts for (idle, scheduling)
+    phases: dict[str, float] = field(default_factory=dict)
     dashboard: str | None = None
     metadata_missing: int | None = None    # added images without a metadata row (None: no metadata)
     metadata_unmatched: int = 0            # metadata rows that matched no image
@@ -105,6 +117,7 @@ class BuildPlan:
     found: Discovery
     sweep: list[tuple[str, float]]
     geometry: dict[str, LayerGeometry] | None  # for a new store
+    pixels: PixelCodec = field(default_factory=PixelCodec)  # a new store's pixel codec
     metadata: Metadata | None = None
     #: each found image's metadata row (None: none), aligned with ``found.images``
     metadata_rows: list[dict[str, Any] | None] = field(default_factory=list)
@@ -185,10 +198,32 @@ def plan_build(options: dict[str, Any]) -> BuildPlan:
     geometry = None
     if existing is None:
         geometry = adapter.layer_geometry(layers, size)
-    plan = BuildPlan(url, options, adapter, layers, size, chunk, existing, found, sweep, geometry)
+    plan = BuildPlan(url, options, adapter, layers, size, chunk, existing, found, sweep, geometry,
+                     _plan_pixels(url, options, existing))
     if options["metadata"]:
         _plan_metadata(plan, read_metadata(options["metadata"], so))
     return plan
+
+
+def _plan_pixels(url: str, options: dict[str, Any], existing: StoreAttrs | None) -> PixelCodec:
+    """The pixel codec of a new store (``pixel_codec``, ``pixel_quality``), checked before any
+    work; for an existing store its own, and a codec or quality asked for that is not the
+    store's is refused (its pixels are all encoded one way)."""
+    asked_codec, asked_quality = options["pixel_codec"], options["pixel_quality"]
+    codec = asked_codec or (existing.pixels.codec if existing else DEFAULT_PIXEL_CODEC)
+    if asked_quality is None and existing is not None and codec == existing.pixels.codec:
+        quality: int | str = existing.pixels.quality
+    else:
+        quality = parse_quality(asked_quality, codec)
+    problem = pixel_codec_problem(codec, quality)
+    if problem:
+        raise BuildUsageError(f"{problem} (--pixel-codec {codec}, --pixel-quality {quality})")
+    pixels = PixelCodec(codec, quality)
+    if existing is not None and (asked_codec or asked_quality is not None) and pixels != existing.pixels:
+        raise StoreMismatchError(f"store {url!r} keeps its pixels as {existing.pixels.describe()}, not "
+                                 f"{pixels.describe()}: --pixel-codec and --pixel-quality choose a new "
+                                 f"store's (leave them out to append)")
+    return existing.pixels if existing is not None else pixels
 
 
 def _plan_metadata(plan: BuildPlan, metadata: Metadata) -> None:
@@ -206,14 +241,26 @@ def _plan_metadata(plan: BuildPlan, metadata: Metadata) -> None:
         plan.found = dataclasses.replace(plan.found, images=images)
 
 
+#: The threaded scheduler's forwards overlap, each on its share of the cores (``torch.set_num_threads
+#: (cpus // workers)``), instead of one forward at a time on all of them (measured in
+#: docs/performance.md, "Where a build's time goes").
+CONCURRENT_THREAD_FORWARDS = True
+
+
 class _Scheduler:
-    """Where waves run: the local threaded scheduler, a LocalCluster, or a cluster address."""
+    """Where partitions run: local threads, a LocalCluster, or a cluster address.
+
+    :meth:`stream` keeps a window of partitions in flight and hands their results back in order,
+    so a wave's commit never waits for the next wave to start: a worker that finishes its last
+    partition of a wave goes on with the next one (the old wave-by-wave ``dask.compute`` left
+    every worker idle at each wave's end while the last partition was written)."""
 
     def __init__(self, spec: str, workers: int | None, stack: ExitStack):
         self.spec = spec
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.client: Any = None
         self.dashboard: str | None = None
+        self._stack = stack
         if spec in ("threads", "sync"):
             return
         from distributed import Client, LocalCluster
@@ -237,9 +284,18 @@ class _Scheduler:
 
     @property
     def torch_threads(self) -> int | None:
-        if self.client is None:
-            return None  # one process: the forward lock serialises, torch uses every core
-        return max(1, (os.cpu_count() or 1) // self.workers) if self.spec == "processes" else None
+        """``torch.set_num_threads`` for the processes that run forwards (None: leave it)."""
+        cpus = os.cpu_count() or 1
+        if self.spec == "threads":
+            return max(1, cpus // self.workers) if CONCURRENT_THREAD_FORWARDS else None
+        if self.spec == "processes":
+            return max(1, cpus // self.workers)
+        return None  # sync: every core; a cluster's worker: its nanny's OMP_NUM_THREADS (1)
+
+    @property
+    def concurrent_forwards(self) -> bool:
+        """Whether a process's task threads may run forwards at once (each on its share)."""
+        return self.spec != "threads" or CONCURRENT_THREAD_FORWARDS
 
     def compute(self, tasks: list[Any], phase: Phase | None = None,
                 count: Callable[[Any], int] = len) -> list[Any]:
@@ -254,6 +310,38 @@ class _Scheduler:
             if phase is not None:
                 phase.update(count(done.result()))
         return [f.result() for f in futures]
+
+    def stream(self, fn: Callable[..., Any], calls: Iterator[tuple[Any, ...]],
+               window: int) -> Generator[Any, None, None]:
+        """``fn(*call)`` for every call, at most ``window`` in flight, results in call order.
+
+        Leaving the loop early (an error, ``stop_after_waves``) cancels what has not started
+        and waits for what has, so no task writes after the build has moved on."""
+        window = max(1, window)
+        if self.spec == "sync":
+            for call in calls:
+                yield fn(*call)
+            return
+        if self.client is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hoverlay-build")
+            submit: Callable[[tuple[Any, ...]], Any] = lambda call: pool.submit(fn, *call)  # noqa: E731
+        else:
+            submit = lambda call: self.client.submit(fn, *call, pure=False)  # noqa: E731
+        pending: collections.deque[Any] = collections.deque()
+        try:
+            for call in calls:
+                pending.append(submit(call))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if self.client is None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build(images: str | os.PathLike[str] | list[str] | None = None,
@@ -306,30 +394,45 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
             summary.metadata_missing = sum(plan.metadata_rows[p] is None for p in positions)
             summary.metadata_unmatched = plan.metadata_unmatched
         writer.reserve(len(items))
+        reserved = start + len(items)
         parts = plan_partitions(start, len(items), plan.chunk)
-        ref = ModelRef(plan.adapter.spec, plan.adapter.weights, plan.adapter.device, sched.torch_threads)
+        ref = ModelRef(plan.adapter.spec, plan.adapter.weights, plan.adapter.device, sched.torch_threads,
+                       sched.concurrent_forwards)
+        store = StoreRef(url, so, writer.attrs.created, reserved,
+                         draft_size(plan.size, writer.attrs.preprocessing))
+        stop = opts["stop_after_waves"]
+        wave_list = waves(parts, 2 * sched.workers)[:stop] if stop is not None else waves(parts, 2 * sched.workers)
         t = time.perf_counter()
-        with progress.phase("embedding", len(items)) as phase:
+        with progress.phase("embedding", len(items)) as phase, _torch_threads_restored():
             on_batch = phase.update if sched.in_process else None
-            for n_wave, wave in enumerate(waves(parts, 2 * sched.workers)):
-                if opts["stop_after_waves"] is not None and n_wave >= opts["stop_after_waves"]:
-                    break
-                tasks = [dask.delayed(process_partition, pure=False)(
-                    url, lo, items[lo - start:hi - start], ref, plan.layers, plan.size, opts["batch_size"],
-                    so, opts["max_pixels"], on_batch) for lo, hi in wave]
-                results = sched.compute(tasks, phase)
-                rows = [row for part in results for row in part]
+            calls = ((store, lo, items[lo - start:hi - start], ref, plan.layers, plan.size, opts["batch_size"],
+                      opts["max_pixels"], on_batch) for wave in wave_list for lo, hi in wave)
+            results = stack.enter_context(contextlib.closing(
+                sched.stream(process_partition, calls, window=2 * sched.workers)))
+            for wave in wave_list:
+                rows: list[dict[str, Any]] = []
+                for _ in wave:
+                    part = next(results)
+                    if not sched.in_process:
+                        phase.update(len(part))
+                    rows += part.rows
+                    add_phases(summary.phases, part.phases)
+                t_table = time.perf_counter()
                 writer.write_table(wave[0][0], rows)
                 if item_metadata is not None:
                     lo, hi = wave[0][0] - start, wave[-1][1] - start
                     writer.write_metadata(wave[0][0], {c: v[lo:hi] for c, v in item_metadata.items()})
                 writer.commit(wave[-1][1])
+                summary.phases["table"] = summary.phases.get("table", 0.0) + time.perf_counter() - t_table
                 for row in rows:
                     if row["status"] != "ok":
                         summary.failed.append((row["source"], row["reason"]))
                         progress.note(f"failed: {row['source']}: {row['reason']}")
                 summary.added += len(rows)
         summary.embed_seconds = time.perf_counter() - t
+        busy = sum(v for k, v in summary.phases.items() if k != "table")
+        summary.phases["dask"] = max(0.0, summary.embed_seconds * sched.workers - busy)
+        summary.phases["hash"] = summary.hash_seconds * sched.workers
         summary.committed = writer.committed
         t = time.perf_counter()
         if opts["index"]:
@@ -345,14 +448,34 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
     return summary
 
 
+@contextlib.contextmanager
+def _torch_threads_restored() -> Iterator[None]:
+    """The threaded build sets this process's torch threads (its tasks' share of the cores);
+    the caller's setting comes back after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _open_or_create(plan: BuildPlan) -> StoreWriter:
+    """A new store (JPEG draft decoding on, the plan's pixel codec), or the existing one checked
+    against the plan: an existing store decodes as it always did (``jpeg_draft`` only where
+    its preprocessing says so), so appending never mixes two decodes of the same kind of file."""
     adapter = plan.adapter
     preprocessing = adapter.preprocessing() | {"size": plan.size}
     if plan.existing is None:
         assert plan.geometry is not None
-        return create_store(plan.url, model=adapter.describe(), preprocessing=preprocessing,
+        return create_store(plan.url, model=adapter.describe(),
+                            preprocessing=preprocessing | {"jpeg_draft": JPEG_DRAFT_GAP},
                             image_size=plan.size, layers=plan.geometry, chunk=plan.chunk,
-                            storage_options=plan.storage_options, metadata=plan.metadata_kinds)
+                            storage_options=plan.storage_options, metadata=plan.metadata_kinds, pixels=plan.pixels)
+    if "jpeg_draft" in plan.existing.preprocessing:
+        preprocessing["jpeg_draft"] = plan.existing.preprocessing["jpeg_draft"]
     writer = StoreWriter.open(plan.url, storage_options=plan.storage_options)
     writer.check_compatible(model=adapter.describe(), preprocessing=preprocessing, image_size=plan.size,
                             layers=plan.layers)

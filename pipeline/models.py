@@ -22,13 +22,14 @@ with torch.fx, and named submodules (forward hooks) otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +44,73 @@ from .errors import ModelSpecError, WeightsError
 from .layer_survey import LayerInfo
 from .options import DEFAULT_MODEL
 
-#: One lock per process for loading, tracing and forward passes. torch.fx tracing patches
-#: ``nn.Module.__call__`` globally, so a forward in another thread during a trace breaks both;
-#: and torch already spreads one forward over every core, so overlapping two gains nothing.
+
+class _ModelLock:
+    """Exclusive (``with lock:``, re-entrant) or shared (``with lock.shared():``) access.
+
+    Loading, tracing, hooks and gradient work hold it exclusively: torch.fx tracing patches
+    ``nn.Module.__call__`` globally, so a forward in another thread during a trace breaks both,
+    and a hook extractor's hooks are the module's. Forward passes of a traced or scripted
+    module change no state, so several may run at once (shared) — which a build does when it
+    gives each of its threads its own share of the cores (``torch.set_num_threads``) instead
+    of one forward all of them: on 2 cores two 1-thread forwards keep both busy, where one
+    2-thread forward waits at every layer's barrier. A thread that holds it exclusively may
+    take it shared (a no-op). Writers are preferred, so a trace never starves.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._readers = 0
+        self._writers_waiting = 0
+
+    def __enter__(self) -> _ModelLock:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            self._writers_waiting += 1
+            try:
+                while self._owner is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                mine = False
+            else:
+                while self._owner is not None or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+                mine = True
+        try:
+            yield
+        finally:
+            if mine:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+
+#: One lock per process for loading, tracing and forward passes (see :class:`_ModelLock`).
 #: Decoding (the other half of a task) runs outside it, in parallel.
-_TRACE_LOCK = threading.RLock()
+_TRACE_LOCK = _ModelLock()
 
 #: Model families whose layer names, shapes and signs are surveyed on a seeded random network
 #: (``weights="none"``): no download, and a ReLU is non-negative whatever its weights.
@@ -174,11 +237,28 @@ class ModelAdapter:
 
         Forward passes hold the process-wide model lock (see ``_TRACE_LOCK``).
         """
+        out = self.forward(pixels, layers)
+        return {name: to_channels_last(out[name]) for name in layers}
+
+    @property
+    def concurrent_forwards(self) -> bool:
+        """Whether forwards may run in several threads at once (not with hook extractors)."""
+        return self.traceable or isinstance(self.module, torch.jit.ScriptModule)
+
+    def forward(self, pixels: np.ndarray, layers: Sequence[str],
+                concurrent: bool = False) -> dict[str, torch.Tensor]:
+        """uint8 (B, S, S, 3) -> {layer: the layer's output tensor, as the model gives it}.
+
+        ``concurrent`` lets forwards of other threads run beside this one (a caller that has
+        shared the cores out with ``torch.set_num_threads``); otherwise a forward holds the
+        model lock alone, as it uses every core itself.
+        """
         x = self.normalization.apply(pixels, self.device)
         extractor = self._extractor(tuple(layers))
-        with _TRACE_LOCK, torch.inference_mode():
+        lock = _TRACE_LOCK.shared() if concurrent and self.concurrent_forwards else _TRACE_LOCK
+        with lock, torch.inference_mode():
             out = extractor(x)
-        return {name: to_channels_last(out[name]) for name in layers}
+        return {name: out[name] for name in layers}
 
     def layer_geometry(self, layers: Sequence[str], size: int | None = None) -> dict[str, LayerGeometry]:
         """(H, W, D) of each layer at input ``size`` px (default: the model's), from one probe."""

@@ -9,10 +9,13 @@ machine) are checked by the build itself, still before it writes anything.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hoverlay.options import (
     STORAGE_OPTIONS,
     ByteSize,
     Integer,
+    Kind,
     Number,
     Option,
     OptionSet,
@@ -20,6 +23,7 @@ from hoverlay.options import (
     Switch,
     Text,
     TextList,
+    _Invalid,
 )
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -35,6 +39,27 @@ SWEEP = Text(pattern=r"-?[0-9.]+:-?[0-9.]+:[0-9.]*[1-9][0-9.]*",
 MODEL = Text(pattern=r"efficientnet-lite0|(torchvision|timm|torchscript|python):\S+",
              described="efficientnet-lite0, torchvision:<name>, timm:<name>, torchscript:<path> or "
                        "python:<module>:<factory>")
+
+#: ``stores.pixels.PIXEL_CODECS`` (repeated here: this module imports no Zarr; a test keeps them equal)
+PIXEL_CODECS = ("jpeg", "webp", "avif", "zstd")
+
+
+class Quality(Kind):
+    """A pixel quality: an integer 1..100 (flag text or a number) or ``lossless``."""
+
+    expected = "an integer 1..100 or 'lossless'"
+
+    def from_text(self, text: str) -> int | str:
+        text = text.strip().lower()
+        return self.from_value(int(text) if text.isdigit() else text)
+
+    def from_value(self, value: Any) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "lossless":
+            return "lossless"
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+            raise _Invalid
+        return value
+
 
 BUILD_OPTIONS = OptionSet((
     Option("images", Path(many=True), "folder (recursive; the parent folder name becomes the label), "
@@ -57,6 +82,12 @@ BUILD_OPTIONS = OptionSet((
     Option("batch_size", Integer(), "images per forward pass", default=16, metavar="B"),
     Option("chunk", Integer(), "images per partition and Zarr shard (new stores)", default=16,
            metavar="C"),
+    Option("pixel_codec", Text(choices=PIXEL_CODECS), "how a new store keeps its pixels: jpeg "
+           "(default), webp or avif (image codecs; zarr-python readers need hoverlay or imagecodecs-zarr), "
+           "or zstd (lossless raw bytes, any Zarr v3 reader); an existing store keeps its own",
+           metavar="CODEC"),
+    Option("pixel_quality", Quality(), "quality 1..100 of jpeg, webp or avif pixels (default 90), or "
+           "lossless (exact pixels, ~5x the bytes)", metavar="Q"),
     Option("scheduler", SCHEDULER, "threads, sync, processes (a local Dask cluster with a dashboard) "
            "or a scheduler address tcp://host:8786", default="threads"),
     Option("workers", Integer(), "parallel tasks (threads or local processes; default min(4, CPUs))",

@@ -293,7 +293,12 @@ class BlockWriter:
               vectors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Rows ``start .. start+len(pixels)``: uint8 pixels and, per layer, the (float16 unit
         vectors, float32 norms) pair of :func:`~hoverlay.stores.normalize_patches`."""
-        b = len(pixels)
+        self.check(len(pixels), vectors)
+        self.write_pixels(start, pixels)
+        self.write_vectors(start, vectors)
+
+    def check(self, b: int, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Refuse, before writing anything, vectors of unknown layers or of other shapes."""
         unknown = set(vectors) - set(self.layers)
         if unknown:
             raise UnknownLayerError(f"unknown layer(s) {sorted(unknown)}; store has {list(self.layers)}")
@@ -302,11 +307,15 @@ class BlockWriter:
             if unit.dtype != np.float16 or norms.shape != unit.shape[:-1]:
                 raise StoreMismatchError(f"layer {name!r}: vectors must be float16 (b, H, W, D) with "
                                          f"(b, H, W) norms, got {unit.dtype} {unit.shape} / {norms.shape}")
-        self.pixels[start:start + b] = np.asarray(pixels, dtype=np.uint8)
+
+    def write_pixels(self, start: int, pixels: np.ndarray) -> None:
+        self.pixels[start:start + len(pixels)] = np.asarray(pixels, dtype=np.uint8)
+
+    def write_vectors(self, start: int, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for name, (unit, norms) in vectors.items():
             vec, nrm = self.arrays[name]
-            vec[start:start + b] = unit
-            nrm[start:start + b] = np.asarray(norms, dtype=np.float32)
+            vec[start:start + len(unit)] = unit
+            nrm[start:start + len(unit)] = np.asarray(norms, dtype=np.float32)
 
 
 def metadata_mismatch(url: str, own: Mapping[str, str], kinds: Mapping[str, str] | None) -> str | None:
