@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,19 +12,33 @@ from typing import Any
 import faiss
 import numpy as np
 
-from hoverlay.stores import PatchIndex, StoreReader, choose_factory
+from hoverlay.stores import PatchIndex, StoreReader
 from hoverlay.stores.errors import StoreError
 from hoverlay.stores.format import encode_layer
 from hoverlay.stores.index import (
+    EXACT_CODES,
+    MAX_EF_SEARCH,
     MAX_RERANK_FACTOR,
+    RERANK_BYTES_PER_VALUE,
+    IndexChoice,
     StreamingTopK,
+    choose_index,
+    codes_of,
+    estimate_index_bytes,
+    exact_scores,
     exact_topk,
     nlist_for,
     read_index_meta,
     recall_per_query,
     search_reranked,
 )
-from hoverlay.stores.index_meta import IndexMeta, RecallRecord, RerankRecord, TuneRecord
+from hoverlay.stores.index_meta import (
+    ChoiceRecord,
+    IndexMeta,
+    RecallRecord,
+    RerankRecord,
+    TuneRecord,
+)
 from hoverlay.stores.rerank import Fetch, RerankAppender, rerank_path, vector_fetcher
 from hoverlay.stores.search import iter_vector_blocks
 
@@ -94,6 +109,8 @@ class RecallProbe:
     k: int
     last_latency_ms: float = float("nan")  # p50 of the last recall() run's queries (search + re-rank)
     last_per_query: np.ndarray = field(default_factory=lambda: np.empty(0))  # recall of each query, last run
+    _kth: np.ndarray | None = field(default=None, repr=False)  # float64 k-th true score per query
+    _rows: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # stored vectors read so far
 
     @classmethod
     def sample(cls, reader: StoreReader, layer: str, k: int, n_queries: int,
@@ -123,8 +140,43 @@ class RecallProbe:
             took.append(time.perf_counter() - t)
             found[i, : len(ids)] = ids
         self.last_latency_ms = float(np.percentile(took, 50) * 1e3)
-        self.last_per_query = recall_per_query(found, self.truth)
+        self.last_per_query = self.tie_aware_recall(found, fetch)
         return float(self.last_per_query.mean())
+
+    def tie_aware_recall(self, found: np.ndarray, fetch: Fetch) -> np.ndarray:
+        """Per-query recall of ``found`` against the truth, a found id scoring the k-th true
+        score counting as a hit (:func:`stores.index.recall_per_query`). Scores are float64
+        from the stored vectors, read only for found ids outside the true list (the k-th true
+        scores once per probe), so a probe re-ranking from Zarr stays cheap."""
+        cached = self.cached(fetch)
+        if self._kth is None:
+            cached(self.truth[self.truth >= 0])  # one batched read (a chunk per image from Zarr)
+            scores = exact_scores(self.queries, self.truth, cached)
+            self._kth = np.where(np.isinf(scores), np.inf, scores).min(axis=1)
+        others = np.array([[i >= 0 and i not in set(t.tolist()) for i in f.tolist()]
+                           for f, t in zip(found, self.truth, strict=True)]).reshape(found.shape)
+        outside = np.where(others, found, -1)
+        cached(outside[outside >= 0])  # one batched read for every query's outsiders
+        scores = exact_scores(self.queries, outside, cached)
+        return recall_per_query(found, self.truth, scores, self._kth)
+
+    def cached(self, fetch: Fetch) -> Fetch:
+        """``fetch`` through a per-probe cache of rows: tuning re-scores mostly the same ids at
+        each setting, and a read from Zarr costs a chunk per image. Stored vectors never change,
+        so a cached row is always right; only latency is not measured through it."""
+        rows = self._rows
+
+        def cached(ids: np.ndarray) -> np.ndarray:
+            ids = np.asarray(ids, dtype=np.int64)
+            missing = np.unique(ids[[int(i) not in rows for i in ids.tolist()]]) if ids.size else ids
+            if missing.size:
+                for i, v in zip(missing.tolist(), np.asarray(fetch(missing)), strict=True):
+                    rows[i] = v
+            if not ids.size:
+                return np.empty((0, self.queries.shape[1]), np.float16)
+            return np.stack([rows[int(i)] for i in ids.tolist()])
+
+        return cached
 
     def lower_bound(self, z: float = TUNE_Z) -> float:
         """One-sided lower confidence bound on the last run's mean recall (z standard errors)."""
@@ -140,33 +192,33 @@ def measure_recall(reader: StoreReader, layer: str, index: PatchIndex, k: int = 
     return RecallProbe.sample(reader, layer, k, n_queries, exclude, seed).recall(reader, layer, index)
 
 
-def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
-                target_recall: float = 0.95,
-                on_step: Callable[[int], None] | None = None) -> tuple[int, float, float]:
-    """Smallest nprobe whose recall meets the target (its lower confidence bound on the probe,
-    :meth:`RecallProbe.lower_bound`): doubling from 1, then a binary search.
+def tune_param(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe, name: str,
+               maximum: int, target_recall: float = 0.95,
+               on_step: Callable[[int], None] | None = None) -> tuple[int, float, float]:
+    """Smallest value of the search parameter ``name`` (``nprobe``, ``efSearch``) whose recall
+    meets the target (its lower confidence bound on the probe, :meth:`RecallProbe.lower_bound`):
+    doubling from 1, then a binary search.
 
-    Recall grows with nprobe and so does latency, so the smallest sufficient nprobe is also
-    the fastest setting that keeps the promised recall. Doubling first keeps the cost of tuning
-    near that of the answer: a 10M-vector index has ~12k lists, and probing all of them for
-    every held-out query would take minutes. Returns (nprobe, mean recall, its lower bound);
-    nprobe is nlist when the target cannot be met.
+    Recall grows with nprobe (efSearch) and so does latency, so the smallest sufficient value
+    is also the fastest setting that keeps the promised recall. Doubling first keeps the cost
+    of tuning near that of the answer: a 10M-vector index has ~12k lists, and probing all of
+    them for every held-out query would take minutes. Returns (value, mean recall, its lower
+    bound); the value is ``maximum`` when the target cannot be met.
     """
-    nlist = index.nlist or 1
-    fetch = vector_fetcher(reader, layer, index.meta)
+    fetch = probe.cached(vector_fetcher(reader, layer, index.meta))  # recall only: latency is not read here
     means: dict[int, float] = {}
 
-    def recall_at(nprobe: int) -> float:
-        index.set_params(nprobe=nprobe)
-        means[nprobe] = probe.recall(reader, layer, index, fetch)
+    def recall_at(value: int) -> float:
+        index.set_params(**{name: value})
+        means[value] = probe.recall(reader, layer, index, fetch)
         if on_step is not None:
             on_step(1)
         return probe.lower_bound()
 
     lo, hi = 0, 1  # invariant once found: recall(lo) < target <= recall(hi)
     r = recall_at(hi)
-    while r < target_recall and hi < nlist:
-        lo, hi = hi, min(nlist, hi * 2)
+    while r < target_recall and hi < maximum:
+        lo, hi = hi, min(maximum, hi * 2)
         r = recall_at(hi)
     best = (hi, r)
     while hi - lo > 1 and best[1] >= target_recall:
@@ -176,8 +228,23 @@ def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
             best, hi = (mid, r), mid
         else:
             lo = mid
-    index.set_params(nprobe=best[0])
+    index.set_params(**{name: best[0]})
     return best[0], means[best[0]], best[1]
+
+
+def tune_nprobe(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
+                target_recall: float = 0.95,
+                on_step: Callable[[int], None] | None = None) -> tuple[int, float, float]:
+    """Smallest nprobe whose recall's lower bound meets the target (:func:`tune_param`)."""
+    return tune_param(reader, layer, index, probe, "nprobe", index.nlist or 1, target_recall, on_step)
+
+
+def tune_ef_search(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
+                   target_recall: float = 0.95,
+                   on_step: Callable[[int], None] | None = None) -> tuple[int, float, float]:
+    """Smallest HNSW efSearch whose recall's lower bound meets the target (:func:`tune_param`):
+    the graph's beam, which is to HNSW what nprobe is to IVF (wider: slower, better recall)."""
+    return tune_param(reader, layer, index, probe, "efSearch", MAX_EF_SEARCH, target_recall, on_step)
 
 
 #: Without ``--index-memory``, an index may take this share of the machine's RAM. The explorer
@@ -197,20 +264,24 @@ def tune_search(reader: StoreReader, layer: str, index: PatchIndex, probe: Recal
     """nprobe (IVF) and, when even probing every list misses the target, more re-rank candidates
     (compressed codes: ``rerank_factor`` doubled up to MAX_RERANK_FACTOR, nprobe re-tuned each time).
 
-    Returns what was chosen: ``{"nprobe", "rerank_factor", "recall", "lower_bound"}``; the
-    target applies to the lower bound (:meth:`RecallProbe.lower_bound`).
+    HNSW graphs tune ``efSearch`` the same way. Returns what was chosen: ``{"nprobe",
+    "ef_search", "rerank_factor", "recall", "lower_bound"}``; the target applies to the lower
+    bound (:meth:`RecallProbe.lower_bound`).
     """
     while True:
-        nprobe: int | None
-        if index.nlist and index.nlist > 1:
+        nprobe: int | None = None
+        ef_search: int | None = None
+        if index.is_graph:
+            ef_search, recall, bound = tune_ef_search(reader, layer, index, probe, target_recall, on_step)
+        elif index.nlist and index.nlist > 1:
             nprobe, recall, bound = tune_nprobe(reader, layer, index, probe, target_recall, on_step)
         else:
-            nprobe, recall = None, probe.recall(reader, layer, index)
+            recall = probe.recall(reader, layer, index)
             bound = probe.lower_bound()
         done = bound >= target_recall or np.isnan(recall)  # nan: no held-out queries to tune on
         if done or index.stores_exact_vectors or index.rerank_factor >= MAX_RERANK_FACTOR:
-            return {"nprobe": nprobe, "rerank_factor": index.rerank_factor, "recall": recall,
-                    "lower_bound": bound}
+            return {"nprobe": nprobe, "ef_search": ef_search, "rerank_factor": index.rerank_factor,
+                    "recall": recall, "lower_bound": bound}
         index.meta.rerank_factor = index.rerank_factor * 2
 
 
@@ -263,7 +334,7 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     """
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
-    index = None if rebuild else load_extendable_index(reader, layer)
+    index = None if rebuild else load_extendable_index(reader, layer, memory_budget)
     created = index is None
     train_ids: set[int] = set()
     reusable_rerank_rows = _reusable_rerank_rows(reader, layer) if created else 0
@@ -272,9 +343,16 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
                                                 np.random.default_rng(seed), device, phases, progress)
     start = index.meta.images_indexed
     # One read of the store feeds the index, the re-rank file and — when every vector passes
-    # through (a new index) — the recall probe's exact top-k.
-    truth = StreamingTopK(RecallProbe.draw(reader, layer, n_queries, train_ids, seed + 1), k) if start == 0 else None
-    added = add_new_vectors(reader, layer, index, truth, reusable_rerank_rows, phases, progress)
+    # through (a new index) — the recall probe's exact top-k. The probe's queries (stored
+    # patches, never training points) are held out of the index until tuning is done, so
+    # the recall it tunes on is that of a query the index has not seen, as bench.index measures.
+    truth: StreamingTopK | None = None
+    probe_ids = np.empty(0, np.int64)
+    if start == 0:
+        probe_ids, probe_vecs = _sample_patches(reader, layer, n_queries, np.random.default_rng(seed + 1),
+                                                train_ids, per_image=1)
+        truth = StreamingTopK(probe_vecs, k)
+    added = add_new_vectors(reader, layer, index, truth, reusable_rerank_rows, phases, progress, held_out=probe_ids)
     needs_recall = added > 0 or index.meta.recall is None
     if needs_recall:
         if truth is not None:
@@ -283,17 +361,36 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
             t = time.perf_counter()
             probe = RecallProbe.sample(reader, layer, k, n_queries, exclude=train_ids, seed=seed + 1)
             phases["probe_truth_s"] = time.perf_counter() - t
-        measure_and_tune(reader, layer, index, probe, tune, target_recall, phases, progress)
+        measure_and_tune(reader, layer, index, probe, tune, target_recall, phases, progress,
+                         held_out=probe_ids.size > 0)
+    if probe_ids.size:  # the held-out probe queries are stored patches too: now searchable
+        assert truth is not None
+        index.add(truth.queries, probe_ids)
+        added += int(probe_ids.size)
     if created or needs_recall or start != reader.n_images:  # else nothing changed: files untouched
         index.meta.build_seconds = round(time.perf_counter() - t0, 3)
         index.meta.build_phases = {name: round(v, 3) for name, v in phases.items()}
         index.save(reader.url, layer, reader.storage_options)
+        _drop_unused_rerank_file(reader, layer, index.meta)
     return IndexUpdate(index.meta, added)
 
 
-def load_extendable_index(reader: StoreReader, layer: str) -> PatchIndex | None:
+def _drop_unused_rerank_file(reader: StoreReader, layer: str, meta: IndexMeta) -> None:
+    """Delete a re-rank file the saved index no longer uses (a rebuild chose exact codes, or
+    codes whose file does not fit the budget): left behind, it would hold bytes the budget
+    no longer counts. Readers that map it keep their pages (POSIX keeps an unlinked inode)."""
+    path = rerank_path(reader.url, layer)
+    if meta.rerank is None and path is not None and os.path.exists(path):
+        os.unlink(path)
+
+
+def load_extendable_index(reader: StoreReader, layer: str,
+                          memory_budget: int | None = None) -> PatchIndex | None:
     """The saved index, if it can be extended: None when missing, unreadable, or describing a
-    larger (rebuilt) store — then a new one is built rather than garbage extended."""
+    larger (rebuilt) store — then a new one is built rather than garbage extended — and None
+    when extending it would break the memory budget (``memory_budget``, else the one it was
+    built for) or keep an exact scan past the size where the ladder leaves it (a store that
+    grew from 1k to 100k images would otherwise scan 20M values a query forever)."""
     try:
         index = PatchIndex.load(reader.url, layer, storage_options=reader.storage_options)
     except FileNotFoundError:
@@ -303,7 +400,33 @@ def load_extendable_index(reader: StoreReader, layer: str) -> PatchIndex | None:
         return None
     if index.meta.images_indexed > reader.n_images:
         return None  # the store was rebuilt smaller: the index describes other data
+    g = reader.geometry(layer)
+    n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
+    budget = memory_budget if memory_budget is not None else index.meta.memory_budget
+    factory = index.meta.factory
+    grown = _choice_for(factory, n_vectors, g.dim, reader.n_images * g.patches_per_image,
+                        rerank_file=index.meta.choice.rerank_file if index.meta.choice else True)
+    if budget is not None and grown.total_bytes > budget:
+        log.warning("rebuilding index for %s: %s for %d vectors needs %.1f MB, over the %.1f MB budget",
+                    layer, factory, n_vectors, grown.total_bytes / 1e6, budget / 1e6)
+        return None
+    if factory in ("IDMap,Flat", "IDMap,SQfp16") and index.meta.choice is not None:
+        wanted = choose_index(n_vectors, g.dim, budget).factory
+        if wanted != factory:
+            log.warning("rebuilding index for %s: %d vectors have outgrown an exact scan (%s now)",
+                        layer, n_vectors, wanted)
+            return None
     return index
+
+
+def _choice_for(factory: str, n_vectors: int, dim: int, rerank_rows: int, rerank_file: bool = True,
+                reason: str = "given (factory=...)") -> IndexChoice:
+    """What a given factory costs at this size (the budget check for explicit factories and
+    for extending an index): index bytes plus, for compressed codes with a file, the re-rank file."""
+    compressed = codes_of(factory) not in EXACT_CODES or "PQ" in factory
+    with_file = compressed and rerank_file
+    return IndexChoice(factory, reason, estimate_index_bytes(factory, n_vectors, dim),
+                       rerank_rows * dim * RERANK_BYTES_PER_VALUE if with_file else 0, with_file)
 
 
 def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | None,
@@ -313,10 +436,19 @@ def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | N
     returns it with the training points' ids (kept out of the recall probe)."""
     g = reader.geometry(layer)
     n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
+    rerank_rows = reader.n_images * g.patches_per_image  # failed images' zero rows too
     budget = memory_budget if memory_budget is not None else default_index_budget()
-    chosen = factory or choose_factory(n_vectors, g.dim, budget)
-    index = PatchIndex.create(g.dim, chosen)
+    choice = _choice_for(factory, n_vectors, g.dim, rerank_rows) if factory else \
+        choose_index(n_vectors, g.dim, budget, rerank_rows=rerank_rows)
+    chosen = choice.factory
+    index = PatchIndex.create(g.dim, chosen, ef_construction=choice.ef_construction)
     index.meta.memory_budget = budget
+    index.meta.choice = ChoiceRecord(factory=chosen, reason=choice.reason, index_bytes=choice.index_bytes,
+                                     rerank_bytes=choice.rerank_bytes, budget=budget,
+                                     rerank_file=choice.rerank_file, ef_construction=choice.ef_construction)
+    log.info("%s: index %s for %d x %d vectors: %s; counts %.1f MB (index %.1f + re-rank file %.1f) "
+             "of the %.1f MB budget", layer, chosen, n_vectors, g.dim, choice.reason, choice.total_bytes / 1e6,
+             choice.index_bytes / 1e6, choice.rerank_bytes / 1e6, budget / 1e6)
     train_ids: set[int] = set()
     if not index.is_trained:
         nlist = nlist_for(n_vectors)
@@ -343,13 +475,18 @@ def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | N
 
 def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: StreamingTopK | None,
                     reusable_rerank_rows: int, phases: dict[str, float],
-                    progress: ProgressReporter) -> int:
+                    progress: ProgressReporter, held_out: np.ndarray | None = None) -> int:
     """Add the vectors of images committed since ``images_indexed`` (and, for compressed codes,
-    their fp16 re-rank rows; ``truth`` accumulates the probe's exact top-k); returns how many."""
+    their fp16 re-rank rows; ``truth`` accumulates the probe's exact top-k); returns how many.
+
+    Patch ids in ``held_out`` (the probe's queries) go neither into the index nor into the
+    truth (a held-out query's neighbours are the other vectors); the caller adds them later."""
+    held = np.asarray(held_out if held_out is not None else [], dtype=np.int64)
     g = reader.geometry(layer)
     start = index.meta.images_indexed
     rerank: RerankAppender | None = None
-    if not index.stores_exact_vectors and rerank_path(reader.url, layer) is not None:
+    file_fits = index.meta.choice is None or index.meta.choice.rerank_file  # v1 metadata: as before
+    if not index.stores_exact_vectors and file_fits and rerank_path(reader.url, layer) is not None:
         # compressed codes: keep the exact fp16 vectors beside them for a fast re-rank
         valid = index.meta.rerank_rows if start else reusable_rerank_rows
         rerank = RerankAppender(reader, layer, valid)
@@ -364,6 +501,8 @@ def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: S
                 rerank.feed(int(ids[0]) // hw, vecs)  # every image's rows, failed images' zeros too
             images_in_block = -(-len(ids) // hw)
             keep = ok[ids // hw]
+            if held.size:
+                keep &= ~np.isin(ids, held)
             ids, vecs = ids[keep], vecs[keep]
             index.add(vecs, ids)
             if truth is not None:
@@ -388,13 +527,14 @@ def add_new_vectors(reader: StoreReader, layer: str, index: PatchIndex, truth: S
 
 def measure_and_tune(reader: StoreReader, layer: str, index: PatchIndex, probe: RecallProbe,
                      tune: bool, target_recall: float, phases: dict[str, float],
-                     progress: ProgressReporter) -> None:
+                     progress: ProgressReporter, held_out: bool = False) -> None:
     """Tune the search parameters on ``probe`` (IVF, compressed codes), then record recall@k and
     the single-thread p50 latency of search + re-rank in the index's metadata."""
-    exact = index.meta.factory == "IDMap,Flat"
+    exact = index.meta.factory in ("IDMap,Flat", "IDMap,SQfp16")
     t = time.perf_counter()
-    if tune and not (index.stores_exact_vectors and not index.nlist):
-        with progress.phase(f"{layer}: tuning nprobe", None, unit="settings") as phase:
+    if tune and not (index.stores_exact_vectors and not index.nlist and not index.is_graph):
+        what = "efSearch" if index.is_graph else "nprobe"
+        with progress.phase(f"{layer}: tuning {what}", None, unit="settings") as phase:
             index.meta.tuned = TuneRecord(
                 **tune_search(reader, layer, index, probe, target_recall, phase.update),
                 target_recall=target_recall,
@@ -408,5 +548,7 @@ def measure_and_tune(reader: StoreReader, layer: str, index: PatchIndex, probe: 
         faiss.omp_set_num_threads(threads)
     index.meta.recall = RecallRecord(k=probe.k, value=recall, queries=len(probe.queries), exact_index=exact,
                                      p50_ms=round(probe.last_latency_ms, 3),
-                                     measured="index search + exact re-rank vs exact scan; p50_ms: one "
-                                              "query at a time on one thread, at this build")
+                                     measured="index search + exact re-rank vs exact scan, tie-aware"
+                                              + ("; queries held out of the index until measured" if held_out else
+                                                 "; queries are indexed patches")
+                                              + "; p50_ms: one query at a time on one thread, at this build")

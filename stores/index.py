@@ -21,17 +21,30 @@ import numpy as np
 
 from .errors import StoreError
 from .format import INDEX_DIR, encode_layer
-from .index_meta import IndexMeta
+from .index_meta import INDEX_META_VERSION, IndexMeta
 from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
 from .localfiles import temp_file_in
 from .urls import filesystem, is_local, normalize_url
 
-#: Exact search while the index holds at most this many vectors at D=112 (≈ 4 ms per top-32 on
-#: one core); the bound is on vectors × D, the float32 values one query scans (≈ 22M).
-FLAT_MAX_VECTORS = 200_000
-FLAT_MAX_VALUES = FLAT_MAX_VECTORS * 112
+#: Exact flat scan while a query scans at most this many float32 values (vectors × D): 2^20,
+#: i.e. ~9k vectors at D=112 or 2k at D=512, ≈ 0.1 ms on one core — what an HNSW search costs
+#: at those sizes, so exactness is free there. (It was 22M values, 100k x 112 at 1.7-4.4 ms a
+#: query, where HNSW32 answers at recall 0.95 in 0.06-0.1 ms: issue #16.)
+FLAT_MAX_VALUES = 1 << 20
 #: Below this many vectors per centroid FAISS warns and clusters poorly.
 MIN_POINTS_PER_CENTROID = 39
+#: HNSW graphs up to this many vectors. Past it the graph's build (≈ 0.3 ms per vector on this
+#: 2-core machine at D=112, several times that at D=512: hours at 10M) outweighs its search
+#: speed, and IVF lists (minutes at 10M, docs/performance.md) take over.
+HNSW_MAX_VECTORS = 2_000_000
+#: Graph degree and construction beam of the HNSW indexes the ladder builds. efConstruction 80
+#: (FAISS's default is 40) lifts the recall a given efSearch reaches — at 100k x 512 an M=32
+#: graph built at 40 plateaus at recall@32 0.974 — for about twice the build time.
+HNSW_M = 32
+HNSW_SMALL_M = 16
+HNSW_EF_CONSTRUCTION = 80
+#: efSearch tuning stops here (a search of this beam costs milliseconds at 1M vectors).
+MAX_EF_SEARCH = 4096
 
 
 #: Past this many centroids the coarse quantizer is an HNSW graph: assigning 10M vectors to 12k
@@ -47,42 +60,187 @@ ADD_QUANTIZER_EF = 16
 #: MAX_RERANK_FACTOR) when probing every list still misses the recall target (coarse PQ codes).
 DEFAULT_RERANK_FACTOR = 4
 MAX_RERANK_FACTOR = 64
-#: Bytes FAISS keeps per vector besides its code (the int64 id in the inverted list).
+#: Bytes FAISS keeps per vector besides its code (the int64 id in the inverted list or IDMap).
 ID_BYTES = 8
 #: Codes whose scores equal the exact inner product of the stored fp16 vectors: float32 copies
 #: and fp16 copies (the stored vectors *are* fp16, so SQfp16 loses nothing).
 EXACT_CODES = ("Flat", "SQfp16")
+#: Bytes of the re-rank file per row (fp16 copies of the vectors, stores.rerank).
+RERANK_BYTES_PER_VALUE = 2
+#: Headers, the serialized FAISS structures' fixed parts, and rounding: added to every estimate
+#: so a file never exceeds what the choice counted.
+ESTIMATE_SLACK_BYTES = 16 << 10
+ESTIMATE_SLACK_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """One rung of the ladder: a factory, what it costs, and why it would be taken.
+
+    ``index_bytes`` estimates the .faiss file (what a loaded index holds in memory),
+    ``rerank_bytes`` the fp16 re-rank file beside it (0 for exact codes, and for compressed
+    codes whose file does not fit: their candidates are then re-scored from the Zarr store).
+    The memory budget covers both.
+    """
+
+    factory: str
+    reason: str
+    index_bytes: int
+    rerank_bytes: int = 0
+    rerank_file: bool = False
+    ef_construction: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.index_bytes + self.rerank_bytes
+
+
+def codes_of(factory: str) -> str:
+    """The vector codes a factory stores: ``IVF…,SQ8`` → SQ8, ``IDMap,HNSW32`` → Flat,
+    ``IDMap,HNSW32_SQfp16`` → SQfp16 (an HNSW graph keeps its vectors in a flat storage)."""
+    last = factory.split(",")[-1]
+    if last.startswith("HNSW"):
+        _, _, storage = last.partition("_")
+        return storage or "Flat"
+    return last
+
+
+def code_bytes(code: str, dim: int) -> float:
+    """Bytes of one vector's code: Flat 4·D, SQfp16 2·D, SQ8 D, SQ4 D/2, PQm m (8-bit)."""
+    if code == "Flat":
+        return 4.0 * dim
+    if code == "SQfp16":
+        return 2.0 * dim
+    if code == "SQ8":
+        return float(dim)
+    if code == "SQ4":
+        return dim / 2
+    if code.startswith("PQ"):
+        return float(code.removeprefix("PQ").split("x")[0])
+    raise ValueError(f"no size known for codes {code!r}")
+
+
+def hnsw_graph_bytes(n_vectors: int, m: int) -> float:
+    """Bytes of an HNSW graph's links: 2·M int32 neighbours on level 0, M on each upper level
+    (a vector reaches level l with probability M^-l, so M/(M-1) upper links on average), an
+    8-byte offset and a 4-byte level per vector: ≈ 8·M + 16 bytes (272 at M=32; measured
+    720 B per vector for HNSW32 at D=112 = 448 + 272)."""
+    return n_vectors * (4.0 * (2 * m + m / (m - 1)) + 12)
+
+
+def _slack(nbytes: float) -> int:
+    return int(math.ceil(nbytes * (1 + ESTIMATE_SLACK_SHARE) + ESTIMATE_SLACK_BYTES))
+
+
+def estimate_index_bytes(factory: str, n_vectors: int, dim: int) -> int:
+    """Bytes of the .faiss file ``factory`` makes for ``n_vectors`` × ``dim`` (with slack).
+
+    Counts per vector the codes and the id (IVF lists and IDMap store int64 ids) and, for HNSW,
+    the graph's links; fixed: IVF centroids (4·D each, plus their graph for an HNSW coarse
+    quantizer), OPQ's D×D rotation, PQ's 256 centroids per sub-quantizer, SQ8/SQ4's per-dimension
+    ranges. A pure function, so tests hold the built files to it.
+    """
+    parts = factory.split(",")
+    code = codes_of(factory)
+    total = n_vectors * (code_bytes(code, dim) + ID_BYTES)
+    if code in ("SQ8", "SQ4"):
+        total += 2 * 4 * dim
+    if code.startswith("PQ"):
+        total += 256 * dim * 4  # 2^8 centroids of D/m values for each of m sub-quantizers
+    for part in parts:
+        if part.startswith("OPQ"):
+            total += 4 * dim * dim + 4 * dim
+        elif part.startswith("HNSW"):
+            total += hnsw_graph_bytes(n_vectors, int(part[4:].partition("_")[0]))
+        elif part.startswith("IVF"):
+            head, _, quantizer = part[3:].partition("_")
+            nlist = int(head)
+            total += nlist * (4 * dim + 3 * ID_BYTES)  # centroids + one list header each
+            if quantizer.startswith("HNSW"):
+                total += hnsw_graph_bytes(nlist, int(quantizer[4:]))
+    return _slack(total)
+
+
+def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> list[IndexChoice]:
+    """Every index the build may choose for ``n_vectors`` × ``dim``, fastest first at the same
+    recall; :func:`choose_index` takes the first that fits the budget.
+
+    - up to FLAT_MAX_VALUES: an exact scan (``IDMap,Flat``, then ``IDMap,SQfp16``);
+    - up to HNSW_MAX_VECTORS: an HNSW graph over fp16 copies of the stored vectors
+      (``IDMap,HNSW32_SQfp16``, efConstruction 80). Its scores are exact (the stored vectors
+      are fp16) and it beats FAISS's HNSW32 over float32 at every recall (bench.index): the
+      same graph, half the bytes read per distance. Then the smaller M=16 graph;
+    - IVF with K ≈ 4·√n lists (an HNSW coarse quantizer past 4096): ``Flat``, ``SQ8`` with the
+      fp16 re-rank file, ``SQfp16`` (exact, no file);
+    - then compressed codes whose re-rank file no longer fits: ``SQ8``, ``SQ4``, OPQ+PQ (m
+      the divisors of D ≤ 64, largest first, each with K, K/4, … lists: at small n the
+      centroids and PQ tables are a large share of a small budget) — their candidates are
+      re-scored from the Zarr store, slower but exact.
+
+    ``rerank_rows`` (default ``n_vectors``) is the re-rank file's rows: every image's patches,
+    failed images' zero rows included.
+    """
+    n = n_vectors
+    rerank = (n_vectors if rerank_rows is None else rerank_rows) * dim * RERANK_BYTES_PER_VALUE
+    out: list[IndexChoice] = []
+
+    def add(factory: str, reason: str, compressed: bool = False, file: bool = True,
+            ef: int | None = None) -> None:
+        with_file = compressed and file
+        out.append(IndexChoice(factory, reason, estimate_index_bytes(factory, n, dim),
+                               rerank if with_file else 0, with_file, ef))
+
+    small = n * dim <= FLAT_MAX_VALUES
+    if small:
+        add("IDMap,Flat", f"exact scan: {n:,} x {dim} values is as fast as a graph search")
+        add("IDMap,SQfp16", "exact scan of fp16 copies (the float32 scan does not fit)")
+    if n <= HNSW_MAX_VECTORS and n > 1:
+        add(f"IDMap,HNSW{HNSW_M}_SQfp16", f"HNSW graph over fp16 codes (exact scores, no re-rank file): "
+            f"fastest at matched recall up to {HNSW_MAX_VECTORS:,} vectors", ef=HNSW_EF_CONSTRUCTION)
+        add(f"IDMap,HNSW{HNSW_SMALL_M}_SQfp16", f"HNSW graph of degree {HNSW_SMALL_M} over fp16 codes "
+            f"(the degree-{HNSW_M} graph does not fit)", ef=HNSW_EF_CONSTRUCTION)
+    k = nlist_for(n)
+    coarse = f"IVF{k}_HNSW32" if k > HNSW_QUANTIZER_FROM else f"IVF{k}"
+    big = "" if n <= HNSW_MAX_VECTORS else f" (past {HNSW_MAX_VECTORS:,} vectors a graph takes hours to build)"
+    add(f"{coarse},Flat", f"IVF lists of float32 vectors, exact{big}")
+    add(f"{coarse},SQ8", f"IVF lists of 8-bit codes + fp16 re-rank file{big}", compressed=True)
+    add(f"{coarse},SQfp16", f"IVF lists of fp16 codes, exact, no re-rank file{big}")
+    why = "the fp16 re-rank file does not fit: candidates are re-scored from the Zarr store (slower)"
+    add(f"{coarse},SQ8", f"IVF lists of 8-bit codes; {why}", compressed=True, file=False)
+    add(f"{coarse},SQ4", f"IVF lists of 4-bit codes; {why}", compressed=True, file=False)
+    divisors = sorted((m for m in range(1, min(dim, 64) + 1) if dim % m == 0), reverse=True)
+    for m in divisors:  # the code size decides the ranking quality, so the largest m first,
+        for lists in sorted({max(1, k // 4 ** i) for i in range(6)}, reverse=True):  # then fewer lists
+            quantizer = f"IVF{lists}_HNSW32" if lists > HNSW_QUANTIZER_FROM else f"IVF{lists}"
+            add(f"OPQ{m},{quantizer},PQ{m}", f"OPQ+PQ{m} codes, {lists} lists; {why}", compressed=True, file=False)
+    if not small:
+        add("IDMap,SQfp16", "exact scan of fp16 copies: nothing smaller fits")
+    return out
+
+
+def choose_index(n_vectors: int, dim: int, memory_budget: int | None = None,
+                 rerank_rows: int | None = None) -> IndexChoice:
+    """The first rung of :func:`index_ladder` whose index + re-rank file fit ``memory_budget``
+    bytes (None: no limit). Raises StoreError when not even the smallest does: a budget is a
+    promise, and an index bigger than asked is worse than none (the explorer then scans)."""
+    ladder = index_ladder(n_vectors, dim, rerank_rows)
+    for choice in ladder:
+        if memory_budget is None or choice.total_bytes <= memory_budget:
+            return choice
+    smallest = min(ladder, key=lambda c: c.total_bytes)
+    raise StoreError(f"index memory budget {memory_budget:,} B is below the smallest index for "
+                     f"{n_vectors:,} x {dim} vectors ({smallest.factory}, {smallest.total_bytes:,} B): "
+                     f"raise --index-memory, or build with --no-index (the explorer then scans exactly)")
 
 
 def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -> str:
-    """Pick a FAISS factory string by size and memory budget, the way autofaiss does.
-
-    - exact ``IDMap,Flat`` while a query's scan is small (vectors × D ≤ FLAT_MAX_VALUES);
-    - IVF with K ≈ 4·√n lists (an HNSW coarse quantizer past 4096 lists) and the best codes
-      that fit ``memory_budget`` bytes (None: no limit): ``Flat`` (4·D bytes per vector), then
-      ``SQfp16`` (2·D, still exact because stored vectors are fp16), ``SQ8`` (D), ``SQ4`` (D/2);
-    - ``OPQ{m},IVF{K}_HNSW32,PQ{m}`` past all of those, with m the largest divisor of ``dim``
-      whose codes fit.
+    """The FAISS factory string :func:`choose_index` picks (see :func:`index_ladder`).
 
     SQ8/SQ4/PQ scores are approximate; :func:`search_reranked` re-scores their candidates from
-    the stored fp16 vectors (the re-rank file, :mod:`stores.rerank`), so users only see exact
-    cosines.
+    the stored fp16 vectors (the re-rank file, :mod:`stores.rerank`, or the store), so users
+    only see exact cosines.
     """
-    if n_vectors * dim <= FLAT_MAX_VALUES:  # 100k x 512 is already 20 ms a query: IVF
-        return "IDMap,Flat"
-    k = nlist_for(n_vectors)
-    coarse = f"IVF{k}_HNSW32" if k > HNSW_QUANTIZER_FROM else f"IVF{k}"
-
-    def fits(code_bytes: float) -> bool:
-        return memory_budget is None or n_vectors * (code_bytes + ID_BYTES) <= memory_budget
-
-    for code, code_bytes in (("Flat", 4 * dim), ("SQfp16", 2 * dim), ("SQ8", dim), ("SQ4", dim / 2)):
-        if fits(code_bytes):
-            return f"{coarse},{code}"
-    per_vector = max(1, (memory_budget or 0) // max(1, n_vectors) - ID_BYTES)
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= per_vector and m <= 64]
-    m = max(divisors) if divisors else 1
-    return f"OPQ{m},IVF{k}_HNSW32,PQ{m}"
+    return choose_index(n_vectors, dim, memory_budget).factory
 
 
 def gpu_count() -> int:
@@ -111,13 +269,18 @@ class PatchIndex:
     _groups: CentroidGroups | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def create(cls, dim: int, factory: str) -> PatchIndex:
+    def create(cls, dim: int, factory: str, ef_construction: int | None = None) -> PatchIndex:
+        """An empty index of ``factory`` (inner product); ``ef_construction`` sets an HNSW
+        graph's construction beam (FAISS's default 40 when None)."""
         index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
         if factory.split(",")[-1] == "SQfp16":
             # FAISS encodes IVF residuals (vector - centroid) by default; fp16 copies of the
             # vectors themselves are what make SQfp16 scores exact.
             with contextlib.suppress(RuntimeError):  # not IVF (IDMap,SQfp16): no residuals anyway
                 faiss.extract_index_ivf(index).by_residual = False
+        graph = hnsw_graph(index)
+        if graph is not None and ef_construction:
+            graph.hnsw.efConstruction = int(ef_construction)
         return cls(index, IndexMeta(factory=factory, dim=int(dim)))
 
     @property
@@ -156,7 +319,12 @@ class PatchIndex:
     def stores_exact_vectors(self) -> bool:
         """True when the index's codes reproduce the stored fp16 vectors (its scores are exact)."""
         factory = self.meta.factory
-        return factory.split(",")[-1] in EXACT_CODES and "PQ" not in factory
+        return codes_of(factory) in EXACT_CODES and "PQ" not in factory
+
+    @property
+    def is_graph(self) -> bool:
+        """True for an HNSW graph index (searched with ``efSearch``, not IVF's ``nprobe``)."""
+        return hnsw_graph(self.index) is not None
 
     @property
     def nlist(self) -> int | None:
@@ -235,6 +403,7 @@ class PatchIndex:
         and treats a mismatch as stale, so a crash between the two is detected, never misread.
         """
         self.meta.ntotal = self.ntotal
+        self.meta.schema_version = INDEX_META_VERSION  # an index read from a v1 file is written as v2
         data = faiss.serialize_index(self.index).tobytes()
         base = index_path(store_url, layer)
         _atomic_write(base + ".faiss", data, storage_options)
@@ -263,6 +432,14 @@ class PatchIndex:
         if out.meta.params:
             out.set_params(**out.meta.params)
         return out
+
+
+def hnsw_graph(index: faiss.Index) -> Any:
+    """The HNSW graph index at the top of ``index`` (behind an IDMap), or None (IVF, flat)."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
 def _hnsw_quantizer(index: faiss.Index) -> Any:
@@ -418,7 +595,43 @@ def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, id
     return scores[order], ids[order]
 
 
-def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Fraction of each query's true top-k ids present in its found top-k (-1 ids ignored)."""
-    return np.array([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, int((t >= 0).sum()))
-                     for f, t in zip(found, truth, strict=True)], dtype=np.float64)
+#: Scores within this of the k-th true score are ties. Both sides are float64 inner products of
+#: the stored fp16 values (exact to ~1e-15), so only genuinely equal scores fall inside.
+TIE_ATOL = 1e-9
+
+
+def recall_per_query(found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None,
+                     kth_scores: np.ndarray | None = None, atol: float = TIE_ATOL) -> np.ndarray:
+    """Fraction of each query's true top-k found in its top-k (-1 ids ignored), counting ties.
+
+    Without scores: the share of the true ids found. With ``found_scores`` (the exact score of
+    each found id) and ``kth_scores`` (each query's k-th true score), a found id outside the
+    true list that scores at least the k-th true score (within ``atol``) counts as a hit too:
+    when several vectors share the k-th score, any of them is a correct k-th neighbour, and an
+    exact index must report 1.0 whichever it returned (it reported 0.998 on real layers whose
+    uniform patches repeat the same vector, issue #16). Hits are capped at the true count.
+    """
+    out = np.empty(len(found), dtype=np.float64)
+    for r, (f, t) in enumerate(zip(found, truth, strict=True)):
+        valid_f, valid_t = f >= 0, t >= 0
+        wanted = max(1, int(valid_t.sum()))
+        true_ids = set(t[valid_t].tolist())
+        hits = sum(1 for i in f[valid_f].tolist() if i in true_ids)
+        if found_scores is not None and kth_scores is not None and hits < wanted:
+            others = np.array([i not in true_ids for i in f.tolist()]) & valid_f
+            hits += int((np.asarray(found_scores[r])[others] >= float(kth_scores[r]) - atol).sum())
+        out[r] = min(hits, wanted) / wanted
+    return out
+
+
+def exact_scores(queries: np.ndarray, ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """float64 inner products of each query with the stored vectors of its ids ((q, k), -inf for
+    -1 ids): the tie test's scores, the same whatever computed the ranking (FAISS's SIMD float32
+    sums and numpy's BLAS round differently)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.full(ids.shape, -np.inf, dtype=np.float64)
+    for r, q in enumerate(np.atleast_2d(queries)):
+        keep = ids[r] >= 0
+        if keep.any():
+            out[r, keep] = np.asarray(fetch(ids[r][keep]), dtype=np.float64) @ np.asarray(q, dtype=np.float64)
+    return out

@@ -8,6 +8,11 @@ field, so a damaged or hand-edited file is a :class:`~hoverlay.stores.errors.Sto
 naming the file and the field, never a KeyError later). Fields are documented in
 docs/store-format.md. ``schema_version`` 1 is also what files without the field (written
 before the schema existed) hold.
+
+Version 2 added ``choice`` (which codes the build chose, the bytes it counted against the
+budget, and why) and ``tuned.ef_search`` (HNSW graphs). Every version-1 field kept its meaning,
+so version-1 files are read as they are (the new fields absent); a hoverlay that reads only
+version 1 refuses version-2 files with "upgrade hoverlay" instead of failing on an unknown field.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from .errors import FormatVersionError, StoreError
 
-INDEX_META_VERSION = 1
+INDEX_META_VERSION = 2
 
 
 @dataclass
@@ -44,6 +49,7 @@ class TuneRecord:
     lower_bound: float
     target_recall: float
     rule: str = ""
+    ef_search: int | None = None  # HNSW graphs: efSearch (version 2)
 
 
 @dataclass
@@ -54,6 +60,24 @@ class RerankRecord:
     dtype: str = "float16"
     file: str = ""
     store_created: str = ""  # the store instance the rows were read from (StoreAttrs.created)
+
+
+@dataclass
+class ChoiceRecord:
+    """Why the build chose these codes (version 2): the bytes it counted against the budget —
+    the index *and* the fp16 re-rank file — and the reason in words."""
+
+    factory: str
+    reason: str
+    index_bytes: int             # estimated size of the .faiss file (what a loaded index holds)
+    rerank_bytes: int            # the re-rank file (0: exact codes, or re-rank reads the store)
+    budget: int | None           # --index-memory (or the default share of RAM); None: no limit
+    rerank_file: bool = True     # False: the file did not fit, re-rank reads the Zarr store
+    ef_construction: int | None = None  # HNSW graphs
+
+    @property
+    def total_bytes(self) -> int:
+        return self.index_bytes + self.rerank_bytes
 
 
 @dataclass
@@ -76,6 +100,7 @@ class IndexMeta:
     recall: RecallRecord | None = None
     tuned: TuneRecord | None = None
     rerank: RerankRecord | None = None
+    choice: ChoiceRecord | None = None
     schema_version: int = INDEX_META_VERSION
 
     @property
@@ -97,7 +122,7 @@ class IndexMeta:
         return _build(cls, data, where)
 
 
-_NESTED = {"recall": RecallRecord, "tuned": TuneRecord, "rerank": RerankRecord}
+_NESTED = {"recall": RecallRecord, "tuned": TuneRecord, "rerank": RerankRecord, "choice": ChoiceRecord}
 _NUMBER = (int, float)
 
 

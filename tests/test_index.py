@@ -8,7 +8,8 @@ import pytest
 
 from hoverlay.pipeline.indexing import update_index
 from hoverlay.stores import LayerGeometry, PatchIndex, choose_factory, open_store
-from hoverlay.stores.index import FLAT_MAX_VALUES, nlist_for
+from hoverlay.stores.errors import StoreError
+from hoverlay.stores.index import FLAT_MAX_VALUES, choose_index, nlist_for
 from hoverlay.stores.rerank import rerank_path
 from hoverlay.stores.search import LayerSearch
 from hoverlay.stores.synthetic import append_synthetic_images, make_synthetic_store
@@ -22,31 +23,67 @@ def indexed_store(tmp_path, factory: str, n_queries: int = 30, **options):
 
 
 def test_choose_factory_by_size_and_budget():
-    assert choose_factory(10_000, 112) == "IDMap,Flat"
-    assert choose_factory(200_000, 112) == "IDMap,Flat"
-    assert choose_factory(100_000, 512).startswith("IVF")  # 51M values a query: too slow flat
+    assert choose_factory(5_000, 112) == "IDMap,Flat"  # 0.56M values: a scan is as fast as a graph
+    # up to HNSW_MAX_VECTORS: an HNSW graph over fp16 codes (exact scores, no re-rank file)
+    for n, d in ((200_000, 112), (100_000, 512), (1_000_000, 112), (1_000_000, 512)):
+        assert choose_factory(n, d) == "IDMap,HNSW32_SQfp16", (n, d)
     k = nlist_for(4_000_000)
-    assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k}_HNSW32,Flat"
-    assert choose_factory(1_000_000, 112) == f"IVF{nlist_for(1_000_000)},Flat"  # flat quantizer
-    # the best codes that fit the budget (bytes per vector: code + 8 for the id)
+    assert k == 8000 and choose_factory(4_000_000, 112) == f"IVF{k}_HNSW32,Flat"  # past HNSW_MAX_VECTORS
+    # the best codes that fit the budget, counting the re-rank file (2·D bytes a vector) too
     k10m = nlist_for(10_000_000)
     assert k10m > 4096  # so many lists that the coarse quantizer is an HNSW graph
-    ladder = {25e9: "Flat", 12e9: "SQfp16", 8e9: "SQ8", 3e9: "SQ4"}
-    for budget, code in ladder.items():
-        assert choose_factory(10_000_000, 512, memory_budget=int(budget)) == f"IVF{k10m}_HNSW32,{code}"
-    # 10M x 512 in 1 GB: only product quantization fits
-    f = choose_factory(10_000_000, 512, memory_budget=10**9)
-    assert f.startswith("OPQ") and "_HNSW32,PQ" in f
+    ladder = {25e9: ("Flat", False), 16e9: ("SQ8", True), 12e9: ("SQfp16", False), 8e9: ("SQ8", False),
+              3e9: ("SQ4", False)}
+    for budget, (code, file) in ladder.items():
+        choice = choose_index(10_000_000, 512, memory_budget=int(budget))
+        assert choice.factory == f"IVF{k10m}_HNSW32,{code}" and choice.rerank_file is file, (budget, choice)
+        assert choice.total_bytes <= budget
+    # 10M x 512 in 1 GB: only product quantization fits, and no re-rank file
+    choice = choose_index(10_000_000, 512, memory_budget=10**9)
+    f = choice.factory
+    assert f.startswith("OPQ") and "_HNSW32,PQ" in f and not choice.rerank_file
     m = int(f.split(",")[-1].removeprefix("PQ"))
-    assert 512 % m == 0 and 10_000_000 * (m + 8) <= 10**9
+    assert 512 % m == 0 and 10_000_000 * (m + 8) <= choice.total_bytes <= 10**9
+
+
+def test_the_ladder_takes_a_graph_where_memory_allows_and_says_why():
+    from hoverlay.stores.index import HNSW_MAX_VECTORS, estimate_index_bytes
+
+    graph = choose_index(1_000_000, 112)
+    assert graph.factory == "IDMap,HNSW32_SQfp16" and graph.ef_construction and "HNSW" in graph.reason
+    assert graph.rerank_bytes == 0 and not graph.rerank_file  # exact fp16 codes: nothing to re-rank
+    # ~2·D + 8·M + 24 bytes a vector: 1M x 112 in ~0.5 GB
+    assert 1_000_000 * (2 * 112 + 8 * 32 + 24) <= graph.index_bytes <= 1.03 * 1_000_000 * (2 * 112 + 8 * 32 + 24)
+    # a budget below the degree-32 graph: the degree-16 one, then IVF lists of fp16 codes
+    smaller = choose_index(1_000_000, 112, graph.total_bytes - 1)
+    assert smaller.factory == "IDMap,HNSW16_SQfp16" and smaller.total_bytes < graph.total_bytes
+    ivf = choose_index(1_000_000, 112, smaller.total_bytes - 1)
+    assert ivf.factory == f"IVF{nlist_for(1_000_000)},SQ8" and ivf.rerank_file  # 3·D + 8: fits, fast scan
+    assert choose_index(1_000_000, 112, ivf.total_bytes - 1).factory.endswith(",SQfp16")
+    assert choose_index(HNSW_MAX_VECTORS + 1, 112).factory.startswith("IVF")  # graph builds take hours there
+    assert estimate_index_bytes("IDMap,Flat", 1000, 16) >= 1000 * (4 * 16 + 8)
+
+
+def test_the_budget_covers_the_rerank_file_below_the_old_flat_threshold():
+    """#16: 1 MB asked, 13.4 MB flat index built (the budget was ignored below the flat
+    threshold); 3 MB on 98k x 256 gave 4.5 MB (PQ codes, the re-rank file not counted)."""
+    n = 30_000  # 13.4 MB as IDMap,Flat at D=112
+    choice = choose_index(n, 112, 10**6)
+    assert choice.total_bytes <= 10**6 and not choice.rerank_file and choice.factory.startswith(("IVF", "OPQ"))
+    assert "Zarr" in choice.reason  # says why there is no re-rank file
+    pq = choose_index(98_000, 256, 3 * 10**6)
+    assert pq.total_bytes <= 3 * 10**6 and not pq.rerank_file
+    with pytest.raises(StoreError, match="below the smallest index"):
+        choose_index(98_000, 256, 10**5)
 
 
 def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     layers = {"l": LayerGeometry(8, 8, 128)}
-    n_images = FLAT_MAX_VALUES // (64 * 128) + 100  # just large enough for IVF to be chosen
+    n_images = FLAT_MAX_VALUES // (64 * 128) + 100  # past an exact scan
     make_synthetic_store(tmp_path / "s", n_images, layers=layers, image_size=8, chunk=64, block=1024)
     reader = open_store(tmp_path / "s")
-    meta = update_index(reader, "l", n_queries=60).meta
+    factory = f"IVF{nlist_for(n_images * 64)},Flat"  # the ladder would take a graph here
+    meta = update_index(reader, "l", n_queries=60, factory=factory).meta
     assert meta.factory.startswith("IVF") and meta.factory.endswith(",Flat")
     assert meta.ntotal == n_images * 64
     assert meta.recall.value >= 0.95, meta.recall
