@@ -148,7 +148,7 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
     app = layout.app
     # In a server session the layer view and top-k wait for the pointer to rest (a timer); here
     # there is no server loop, so keep them out of the hover measurement and time them apart.
-    app._after_rest = lambda: None
+    app.grid._after_rest = lambda: None
     doc = Document()
     doc.add_root(layout.get_root(doc))
     protocol = Protocol()
@@ -157,7 +157,7 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
         tile = i % PAGE
         doc.hold("combine")
         t = time.perf_counter()
-        app._on_pointer("data", None, {"tile": [tile], "y": [q.y], "x": [q.x], "click": [0]})
+        app.grid._on_pointer("data", None, {"tile": [tile], "y": [q.y], "x": [q.x], "click": [0]})
         t1 = time.perf_counter()
         events = list(doc.callbacks._held_events)
         msg = protocol.create("PATCH-DOC", events)
@@ -169,15 +169,15 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
         nbytes.append(len(msg.content_json) + sum(len(b.to_bytes()) for b in msg._buffers))
     rest = []
     for q in queries[:50]:  # the layer view update once the pointer rests on a new image
-        app._current = q
-        app._query_image = -1
+        app.state.current = q
+        app.query_view._image = -1
         t = time.perf_counter()
-        app._on_rest()
+        app.grid._on_rest()
         rest.append(time.perf_counter() - t)
     hit = []
     for _ in range(50):  # hovering back over the last patch: memo hit
         t = time.perf_counter()
-        app._on_pointer("data", None, {"tile": [tile], "y": [q.y], "x": [q.x + 0], "click": [0]})
+        app.grid._on_pointer("data", None, {"tile": [tile], "y": [q.y], "x": [q.x + 0], "click": [0]})
         hit.append(time.perf_counter() - t)
     c50, c99 = _pct(compute)
     h50, h99 = _pct([a + b for a, b in zip(handler, serialise, strict=True)])

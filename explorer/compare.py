@@ -18,13 +18,12 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import panel as pn
 import param
 from bokeh.models import ColumnDataSource, CustomJS
-from holoviews.plotting.util import process_cmap
 
 from hoverlay.stores import ImageTable, StoreReader
 
@@ -36,13 +35,12 @@ from .figures import (
     SharedSources,
     empty_columns,
     grid_specs,
+    palette,
 )
 from .kernels import color_range
 from .resources import get_layer_stats, refresh_reader
+from .state import ExplorerState
 from .widgets import button, labelled
-
-if TYPE_CHECKING:
-    from .app import ExplorerApp
 
 #: Columns of the compare pointer source: an outline row per figure plus the relative location.
 POINTER_COLUMNS = (*OUTLINE_COLUMNS, "u", "v")
@@ -185,11 +183,14 @@ class Side:
                 + (f" (weights {html.escape(str(weights))})" if weights else ""))
 
 
-class CompareView:
+class CompareView(pn.viewable.Viewer):
     """Paired images of two stores, one figure each, overlays of both following one hover."""
 
-    def __init__(self, app: ExplorerApp, url_a: str, url_b: str):
-        self.app = app
+    state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+
+    def __init__(self, url_a: str, url_b: str, **params: Any):
+        super().__init__(**params)
+        state = self.state
         self._doc = pn.state.curdoc
         readers = [refresh_reader(url_a), refresh_reader(url_b)]
         ids_a, ids_b = store_pairs(readers)
@@ -198,7 +199,7 @@ class CompareView:
         self.location: tuple[int, float, float] | None = None  # (tile, v, u) last hovered
         self.layer_selects = []
         for side in self.sides:  # start where the explorer's pointer snaps, if that store is A or B
-            side.layer = app.active_layer if side.url == app.store else side.reader.layers[0]
+            side.layer = state.active_layer if side.url == state.store else side.reader.layers[0]
             sel = pn.widgets.Select(**labelled(pn.widgets.Select, f"Layer of {side.key}"),
                                     options=side.reader.layers, value=side.layer, width=180)
             sel.param.watch(lambda e, side=side: self._set_layer(side, e.new), "value")
@@ -215,8 +216,14 @@ class CompareView:
             pn.Row(*self.layer_selects, pn.Column(pn.Row(prev_b, next_b, self.page_info), margin=(18, 0, 0, 0))),
             self.status, self._figure_row, margin=(0, 0, 0, 16), name="Compare models")
         self.built = False
-        app.param.watch(lambda *e: self.built and self._build(), ["page_size", "ncols", "tile_px"])
-        app.param.watch(self._on_colors, ["cmap", "alpha"])
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.layout
+
+    @param.depends("state.page_size", "state.ncols", "state.tile_px", watch=True)
+    def _on_grid(self) -> None:
+        if self.built:
+            self._build()
 
     def activate(self) -> None:
         """Build the figures the first time the tab is shown (session start stays as fast as before)."""
@@ -228,7 +235,7 @@ class CompareView:
         return len(self.sides[0].ids)
 
     def _page_size(self) -> int:
-        return max(1, self.app.page_size)
+        return max(1, self.state.page_size)
 
     def go(self, delta: int) -> None:
         last = max(0, math.ceil(self.n_pairs / self._page_size()) - 1)
@@ -243,23 +250,23 @@ class CompareView:
 
     def _build(self) -> None:
         """Figures for the current page of pairs (two stores, one layer each)."""
-        app = self.app
+        state = self.state
         self.built = True
         size = self._page_size()
         self.page = min(self.page, max(0, math.ceil(self.n_pairs / size) - 1))  # the page size may have grown
         lo = self.page * size
         slots = max(1, min(size, self.n_pairs))  # a page never has more tiles than there are pairs
-        ncols = min(app.ncols, slots)
+        ncols = min(state.ncols, slots)
         self.pointer = ColumnDataSource(empty_columns(POINTER_COLUMNS), name="compare-pointer")
         self.pointer.on_change("data", self._on_pointer)
         config = ColumnDataSource(empty_columns(CONFIG_COLUMNS), name="compare-config")
         pin = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="compare-pin")
         specs, shareds = {}, []
-        pal = list(process_cmap(app.cmap, 256))
+        pal = palette(state.cmap)
         for i, side in enumerate(self.sides):
             side.page_ids = side.ids[lo:lo + size]
             s = side.reader.image_size
-            spec = grid_specs({side.key: side.hw}, slots, ncols, s, app.tile_px, label_band=0.16)[side.key]
+            spec = grid_specs({side.key: side.hw}, slots, ncols, s, state.tile_px, label_band=0.16)[side.key]
             specs[side.key] = spec
             own = SharedSources.create(f"compare-{side.key}")
             shared = SharedSources(rgb=own.rgb, labels=own.labels, pointer=self.pointer, pin=pin, config=config)
@@ -267,7 +274,7 @@ class CompareView:
             side.engine = OverlayEngine(side.reader, [side.layer])
             side.engine.set_page(side.page_ids)
             clim = color_range("cosine", nonnegative=get_layer_stats(side.url, side.layer).nonnegative)
-            side.figure = LayerFigure(side.key, spec, shared, index=i, palette=pal, clim=clim, alpha=app.alpha,
+            side.figure = LayerFigure(side.key, spec, shared, index=i, palette=pal, clim=clim, alpha=state.alpha,
                                       title=self._title(side), prefix="compare", hover=False,
                                       outline_source=self.pointer)
             side.figure.colorbar.title = "cosine"
@@ -294,13 +301,14 @@ class CompareView:
         g = side.reader.geometry(side.layer)
         return f"{side.key} · {side.layer}  {g.height}×{g.width}×{g.dim}"
 
-    def _on_colors(self, *events: param.parameterized.Event) -> None:
-        pal = list(process_cmap(self.app.cmap, 256))
+    @param.depends("state.cmap", "state.alpha", watch=True)
+    def _on_colors(self) -> None:
+        pal = palette(self.state.cmap)
         with pn.io.hold(self._doc):
             for side in self.sides:
                 if side.figure is not None:
                     side.figure.set_colors(pal)
-                    side.figure.set_alpha(self.app.alpha)
+                    side.figure.set_alpha(self.state.alpha)
 
     # -------------------------------------------------------------------------------- hover
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:

@@ -46,6 +46,7 @@ from bokeh.models import (
     Text,
     Title,
 )
+from holoviews.plotting.util import process_cmap
 
 from .js import OVERLAY_CHANGED_JS, POINTER_JS
 
@@ -193,6 +194,11 @@ def rgba_image(pixels: np.ndarray) -> np.ndarray:
     rgba[..., :3] = px[::-1]
     rgba[..., 3] = 255
     return rgba.view(np.uint32).reshape(px.shape[:2])
+
+
+def palette(name: str) -> list[str]:
+    """A colour map's 256 colours (names HoloViews resolves without matplotlib)."""
+    return list(process_cmap(name, 256))
 
 
 def empty_columns(columns: Sequence[str]) -> dict[str, list]:

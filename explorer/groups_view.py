@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import panel as pn
+import param
 from bokeh.models import ColumnDataSource, GlyphRenderer, ImageRGBA
 from bokeh.palettes import Category10_10, Category20_20
 
@@ -31,11 +32,11 @@ from hoverlay.stores import StoreReader
 from hoverlay.stores.groups import NO_GROUP, read_group_meta, read_group_weights, read_groups
 
 from .resources import get_reader, sample_ids
+from .state import ExplorerState
 from .topk import Hit, crop_png
 from .widgets import labelled
 
 if TYPE_CHECKING:
-    from .app import ExplorerApp
     from .figures import LayerFigure
 
 #: Fixed categorical palette: group g gets ``GROUP_PALETTE[g % 20]`` in every view and session.
@@ -172,15 +173,18 @@ def _legend_cards(url: str, layer: str, n_images: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- view
-class GroupsOverlay:
+class GroupsOverlay(pn.viewable.Viewer):
     """The overlay-mode switch, the group mosaics of the main grid's figures, and the legend.
 
-    The app calls :meth:`attach` after (re)building its figures and :meth:`show_page` when the
-    page's images change; everything else follows the mode widget.
+    The grid calls :meth:`attach` after (re)building its figures and :meth:`show_page` when the
+    page's images change; everything else follows the mode widget and the state's opacity.
+    The view itself is the mode switch; :attr:`legend` goes below the grid.
     """
 
-    def __init__(self, app: ExplorerApp):
-        self.app = app
+    state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
         self._doc = pn.state.curdoc
         self.mode = pn.widgets.RadioButtonGroup(**labelled(pn.widgets.RadioButtonGroup, "Overlay"),
                                                 options=list(MODES), value=MODES[0], margin=(6, 10))
@@ -194,11 +198,17 @@ class GroupsOverlay:
         self._renderers: dict[str, tuple[GlyphRenderer, GlyphRenderer]] = {}
         self._page_groups: dict[str, np.ndarray] = {}
         self.mode.param.watch(lambda e: self._apply_mode(), "value")
-        app.param.watch(lambda *e: self._apply_mode(), ["alpha"])
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.panel
+
+    @param.depends("state.alpha", watch=True)
+    def _on_alpha(self) -> None:
+        self._apply_mode()
 
     def attach(self, figures: Sequence[LayerFigure]) -> None:
         """Add a group-image glyph to every figure whose layer has groups (just above the similarity)."""
-        reader = self.app.reader
+        reader = self.state.reader
         self.layers = {}
         for fig in figures:
             meta = read_group_meta(reader, fig.layer)
@@ -227,7 +237,7 @@ class GroupsOverlay:
         """Read the page's groups (cheap: int16 per patch) and redraw the group mosaics."""
         self._page_groups = {}
         for fig in self._figures:
-            got = read_groups(self.app.reader, fig.layer, np.asarray(ids, dtype=np.int64))
+            got = read_groups(self.state.reader, fig.layer, np.asarray(ids, dtype=np.int64))
             if got is not None:
                 self._page_groups[fig.layer] = fig.spec.mosaic(got[0].astype(np.float32), len(ids))
         self._apply_mode(legend=False)
@@ -239,7 +249,7 @@ class GroupsOverlay:
                 similarity_r, groups_r = self._renderers[fig.layer]
                 similarity_r.visible = mode != "groups"
                 groups_r.visible = mode != "similarity"
-                groups_r.glyph.global_alpha = 1.0 if mode == "groups + similarity" else max(0.5, self.app.alpha)
+                groups_r.glyph.global_alpha = 1.0 if mode == "groups + similarity" else max(0.5, self.state.alpha)
                 mosaic = self._page_groups.get(fig.layer)
                 if mosaic is not None and mode != "similarity":
                     self._sources[fig.layer].data.update(image=[self._group_image(fig, mosaic, mode)])
@@ -253,7 +263,7 @@ class GroupsOverlay:
             return {}, []
         out, legend = {}, []
         for fig in self._figures:
-            got = read_groups(self.app.reader, fig.layer, np.asarray(ids, dtype=np.int64))
+            got = read_groups(self.state.reader, fig.layer, np.asarray(ids, dtype=np.int64))
             if got is not None:
                 out[fig.layer] = got[0]
             k = int(self.layers.get(fig.layer, {}).get("k", 0))
@@ -272,7 +282,7 @@ class GroupsOverlay:
         self.legend.visible = visible and bool(self.layers)
         if not self.legend.visible or self.legend.objects:
             return
-        url, n = self.app.store, self.app.reader.n_images
+        url, n = str(self.state.store), self.state.reader.n_images
         items: list[Any] = []
         for layer, meta in self.layers.items():
             items.append(pn.pane.Markdown(

@@ -32,12 +32,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import panel as pn
-
 from hoverlay.stores.reader import Signature
 
 from .options import DEFAULT_RELOAD_INTERVAL
-from .resources import get_reader, get_search
+from .resources import SEARCH_CACHE_KEY, evict, get_reader, get_search
 from .session import in_document, sessions
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,6 @@ log = logging.getLogger(__name__)
 #: Seconds between two looks at a store (a few ``stat`` calls per store and process); declared
 #: with the serve flags, which need no Panel.
 DEFAULT_INTERVAL = DEFAULT_RELOAD_INTERVAL
-#: Name of the ``pn.state.as_cached`` entries :func:`explorer.resources.get_search` creates.
-SEARCH_CACHE_KEY = "hoverlay-search"
 
 
 
@@ -55,12 +51,7 @@ def forget_searches(url: str) -> int:
 
     A search already running keeps its object (and its memory-mapped index) until it ends.
     """
-    url = str(url)
-    stale = [key for key in list(pn.state.cache) if isinstance(key, tuple) and key
-             and key[0] == SEARCH_CACHE_KEY and ("url", url) in key[1:]]
-    for key in stale:
-        pn.state.cache.pop(key, None)
-    return len(stale)
+    return evict(SEARCH_CACHE_KEY, url=str(url))
 
 
 # ================================================================= one store, one process
@@ -122,7 +113,7 @@ def _apply_safely(app: Any) -> None:
 
 
 def notify_sessions(url: str, items: Iterable[tuple[Any, Any]] | None = None) -> int:
-    """Schedule ``app.on_commit()`` (:meth:`ExplorerApp.on_commit`) on every live session showing ``url``; returns how many."""
+    """Schedule ``app.on_commit()`` (:meth:`ExplorerState.on_commit`) on every live session showing ``url``; returns how many."""
     n = 0
     for doc, app in items if items is not None else sessions():
         if str(getattr(app, "store", "")) != str(url):

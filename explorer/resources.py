@@ -2,17 +2,20 @@
 
 Opening a store, memory-mapping a FAISS index or sampling a layer's norms costs far more than a
 hover, so each is done once per server process and shared by every browser session through
-``pn.state.as_cached`` (which also serialises the first construction under a lock).
+:func:`cached` (which serialises the first construction of each entry under its own lock). The
+cache is this module's, not Panel's: the session state (:mod:`explorer.state`) uses these
+resources and imports neither Panel nor Bokeh.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-import panel as pn
 
 from hoverlay.stores import StoreReader, open_store
 from hoverlay.stores.search import LayerSearch
@@ -54,6 +57,38 @@ def compute_layer_stats(reader: StoreReader, layer: str) -> LayerStats:
                       norm_hi=float(np.percentile(nonzero, 99)))
 
 
+T = TypeVar("T")
+_CACHE: dict[tuple[Hashable, ...], Any] = {}
+_KEY_LOCKS: dict[tuple[Hashable, ...], threading.Lock] = {}
+_LOCK = threading.Lock()
+
+
+def cached(name: str, make: Callable[..., T], **key: Hashable) -> T:
+    """The process-wide ``make(**key)``, built once per (name, key) even when sessions ask at once."""
+    k = (name, *sorted(key.items()))
+    try:
+        return _CACHE[k]
+    except KeyError:
+        pass
+    with _LOCK:
+        lock = _KEY_LOCKS.setdefault(k, threading.Lock())
+    with lock:
+        if k not in _CACHE:
+            _CACHE[k] = make(**key)
+        return _CACHE[k]
+
+
+def evict(name: str, **match: Hashable) -> int:
+    """Forget the cached entries of ``name`` whose key includes ``match``; returns how many."""
+    want = set(match.items())
+    with _LOCK:
+        stale = [k for k in _CACHE if k[0] == name and want <= set(k[1:])]
+        for k in stale:
+            _CACHE.pop(k, None)
+            _KEY_LOCKS.pop(k, None)
+    return len(stale)
+
+
 #: fsspec options per store URL, set once by :func:`set_storage_options` before serving.
 _STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
 
@@ -66,11 +101,15 @@ def set_storage_options(url: str, options: dict[str, Any] | None) -> None:
 
 def get_reader(url: str) -> StoreReader:
     """The process-wide reader of a store."""
-    return pn.state.as_cached("hoverlay-reader", _open_reader, url=str(url))
+    return cached("hoverlay-reader", _open_reader, url=str(url))
 
 
 def _open_reader(url: str) -> StoreReader:
     return open_store(url, storage_options=_STORAGE_OPTIONS.get(url))
+
+
+#: Name of the cache entries :func:`get_search` creates (:func:`evict` them to reopen an index).
+SEARCH_CACHE_KEY = "hoverlay-search"
 
 
 def get_search(url: str, layer: str) -> LayerSearch:
@@ -80,7 +119,7 @@ def get_search(url: str, layer: str) -> LayerSearch:
     next search re-checks whether the index still covers the store instead of using it stale.
     """
     n = get_reader(url).n_images
-    return pn.state.as_cached("hoverlay-search", _make_search, url=str(url), layer=layer, n_images=n)
+    return cached(SEARCH_CACHE_KEY, _make_search, url=str(url), layer=layer, n_images=n)
 
 
 def refresh_reader(url: str) -> StoreReader:
@@ -95,7 +134,7 @@ def refresh_reader(url: str) -> StoreReader:
 
 def get_layer_stats(url: str, layer: str) -> LayerStats:
     """The process-wide :class:`LayerStats` of one layer."""
-    return pn.state.as_cached("hoverlay-stats", _make_stats, url=str(url), layer=layer)
+    return cached("hoverlay-stats", _make_stats, url=str(url), layer=layer)
 
 
 def _make_search(url: str, layer: str, n_images: int) -> LayerSearch:

@@ -31,19 +31,20 @@ import panel as pn
 from hoverlay.errors import HoverlayError, UsageError
 from hoverlay.options import FLAG, STORAGE_OPTIONS
 
-from .app import ExplorerApp, create_app
+from .app import create_app
 from .guards import LoginPolicy
 from .guards import install as install_guards
 from .options import SERVER_ARGUMENTS, add_serve_arguments
 from .reload import DEFAULT_INTERVAL, watch_session
 from .resources import get_reader, set_storage_options
 from .session import register_session, show_session_error
+from .state import OUTPUTS, ExplorerState
 from .text import as_plain_markdown, client_message
 
 log = logging.getLogger(__name__)
 
 #: Keyword arguments of :func:`serve` that configure the app rather than the server.
-APP_OPTIONS = frozenset(name for name in ExplorerApp.param if name not in ("name", "message"))
+APP_OPTIONS = frozenset(name for name in ExplorerState.param if name not in ("name", "message", *OUTPUTS))
 #: Environment variables Panel reads a cookie secret from (kept out of ``ps`` output).
 COOKIE_SECRET_ENV = ("PANEL_COOKIE_SECRET", "BOKEH_COOKIE_SECRET")
 
@@ -72,8 +73,9 @@ def attach_session(layout: pn.viewable.Viewable,
                    reload_interval: float = DEFAULT_INTERVAL) -> pn.viewable.Viewable:
     """Register a served session (messages, new commits); returns ``layout`` for chaining."""
     app = getattr(layout, "app", None)
-    if app is not None and register_session(app, pn.state.curdoc) and reload_interval > 0:
-        watch_session(app, reload_interval)
+    state = getattr(app, "state", None)
+    if state is not None and register_session(state, pn.state.curdoc) and reload_interval > 0:
+        watch_session(state, reload_interval)
     return layout
 
 
@@ -184,7 +186,7 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
           **kw: Any) -> Any:
     """Serve the explorer on ``address:port`` (0: any free port) with ``pn.serve``.
 
-    Keyword arguments naming :class:`~explorer.app.ExplorerApp` parameters (``layer``,
+    Keyword arguments naming :class:`~explorer.state.ExplorerState` parameters (``layer``,
     ``page_size``, ``k``, ``cmap``, ...) configure every session; the rest go to ``pn.serve``
     (``threaded``, ``start``, ``websocket_origin``, ``num_procs``, ``prefix``, ``basic_auth``,
     ``oauth_provider``, ``cookie_secret``, ``admin``, ``liveness``, ...). ``reload_interval``:

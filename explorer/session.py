@@ -29,7 +29,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Served sessions of this process: Bokeh document -> the session's app (an ``ExplorerApp``).
+#: Served sessions of this process: Bokeh document -> the session's state (an ``ExplorerState``).
 _SESSIONS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -191,7 +191,7 @@ def set_nodelay(doc: Any) -> None:
 
 # ================================================================== sessions of this process
 def register_session(app: Any, doc: Any) -> bool:
-    """Remember a served session's app until Bokeh destroys its document.
+    """Remember a served session's state until Bokeh destroys its document.
 
     Returns False (and remembers nothing) outside a server session: a notebook's app has no
     document lock to take and no server loop to be called back on.

@@ -12,7 +12,7 @@ shown layer. The view holds no numbers of its own; it copies what the pure funct
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import panel as pn
@@ -20,32 +20,31 @@ import param
 from bokeh.models import ColumnDataSource, FixedTicker, Legend
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
-from holoviews.plotting.util import process_cmap
 
 from .engine import OverlayEngine, Query
-from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs
+from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
 from .kernels import color_range
 from .resources import get_layer_stats
+from .state import ExplorerState
 from .sweep import AXIS_LABELS, SweepSet, bases_with_copies, copy_cells, sweep_chart, sweep_set
 from .widgets import labelled
-
-if TYPE_CHECKING:
-    from .app import ExplorerApp
 
 #: Most bases listed in the base selector (a store may hold many swept images).
 MAX_BASES_LISTED = 500
 
 
-def has_sweeps(app: ExplorerApp) -> bool:
-    """Whether the app's store holds transformed copies (the tab is offered only then)."""
-    return bases_with_copies(app.reader.table()).size > 0
+def has_sweeps(state: ExplorerState) -> bool:
+    """Whether the state's store holds transformed copies (the tab is offered only then)."""
+    return bases_with_copies(state.reader.table()).size > 0
 
 
-class SweepView:
+class SweepView(pn.viewable.Viewer):
     """Base + copies per shown layer, corresponding patches outlined, similarity-vs-parameter charts."""
 
-    def __init__(self, app: ExplorerApp):
-        self.app = app
+    state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
         self._doc = pn.state.curdoc
         self.sweep: SweepSet | None = None
         self.figures: list[LayerFigure] = []
@@ -61,10 +60,22 @@ class SweepView:
             pn.Row(self._figure_col, self._chart_col),
             margin=(0, 0, 0, 16), name="Transform sweep")
         self.built = self._refreshing = False
+        self._built_for: tuple[Any, ...] | None = None
         self.base_select.param.watch(lambda e: self._refreshing or self._build(), "value")
-        app.param.watch(lambda *e: self.built and self.refresh(), ["store"])
-        app.param.watch(lambda *e: self.built and self._build(), ["layers_shown", "layer", "tile_px"])
-        app.param.watch(self._on_colors, ["cmap", "alpha"])
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.layout
+
+    @param.depends("state.view", watch=True)
+    def _on_view(self) -> None:
+        """Another store: its swept images; other layers, snapping layer or tile size: rebuilt."""
+        view = self.state.view
+        if not self.built or view is None or self._built_for is None:
+            return
+        if view.store != self._built_for[0]:
+            self.refresh()
+        elif (view.layers, view.active_layer, view.tile_px) != self._built_for[1:]:
+            self._build()
 
     # -------------------------------------------------------------------------- state
     def activate(self) -> None:
@@ -74,7 +85,7 @@ class SweepView:
 
     def refresh(self) -> None:
         """(Re)read the store's swept images; keeps the chosen base when it still exists."""
-        table = self.app.reader.table()
+        table = self.state.reader.table()
         bases = bases_with_copies(table)
         labels = table["label"]
         options = {f"#{b} {labels[b]} ({len(sweep_set(table, b).copies)} copies)": int(b)
@@ -90,30 +101,32 @@ class SweepView:
 
     def _build(self) -> None:
         """Figures and charts for the chosen base and the app's shown layers."""
-        app, base = self.app, self.base_select.value
+        state, base = self.state, self.base_select.value
         self.cell = None
         self.built = True
+        view = state.view
+        self._built_for = (view.store, view.layers, view.active_layer, view.tile_px) if view is not None else None
         if base is None:
             self.sweep, self.figures, self.curves = None, [], {}
             self.info.object = "This store has no transformed copies (build it with `--rotate` / `--scale`)."
             self._figure_col.objects, self._chart_col.objects = [], []
             return
-        reader = app.reader
+        reader = state.reader
         self.sweep = sweep = sweep_set(reader.table(), int(base))
-        self.layers, self.snap = app.shown_layers(), app.active_layer
+        self.layers, self.snap = state.shown_layers(), state.active_layer
         ids = sweep.ids
         self.engine = OverlayEngine(reader, self.layers)
         self.engine.set_page(ids)
         hws = {name: (reader.geometry(name).height, reader.geometry(name).width) for name in self.layers}
         ncols = min(len(ids), max(4, math.ceil(math.sqrt(1.5 * len(ids)))))
-        self.specs = grid_specs(hws, len(ids), ncols, reader.image_size, app.tile_px, label_band=0.16)
+        self.specs = grid_specs(hws, len(ids), ncols, reader.image_size, state.tile_px, label_band=0.16)
         self.shared = SharedSources.create("sweep")
         self.shared.pointer.on_change("data", self._on_pointer)
         self.mapped = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="sweep-mapped")
-        pal = app_palette(app)
+        pal = palette(state.cmap)
         self.figures = [
             LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal, clim=self._clim(name),
-                        alpha=app.alpha, title=self._title(name), prefix="sweep", outline_source=self.mapped)
+                        alpha=state.alpha, title=self._title(name), prefix="sweep", outline_source=self.mapped)
             for i, name in enumerate(self.layers)]
         for fig in self.figures:
             fig.colorbar.title = "cosine"
@@ -151,19 +164,20 @@ class SweepView:
         return pn.pane.Bokeh(fig)
 
     def _clim(self, layer: str) -> tuple[float, float]:
-        return color_range("cosine", nonnegative=get_layer_stats(self.app.store, layer).nonnegative)
+        return color_range("cosine", nonnegative=get_layer_stats(str(self.state.store), layer).nonnegative)
 
     def _title(self, layer: str) -> str:
-        g = self.app.reader.geometry(layer)
+        g = self.state.reader.geometry(layer)
         mark = "  ◆ pointer snaps here" if layer == self.snap else ""
         return f"{layer}  {g.height}×{g.width}×{g.dim}{mark}"
 
-    def _on_colors(self, *events: param.parameterized.Event) -> None:
-        pal = app_palette(self.app)
+    @param.depends("state.cmap", "state.alpha", watch=True)
+    def _on_colors(self) -> None:
+        pal = palette(self.state.cmap)
         with pn.io.hold(self._doc):
             for fig in self.figures:
                 fig.set_colors(pal)
-                fig.set_alpha(self.app.alpha)
+                fig.set_alpha(self.state.alpha)
 
     # -------------------------------------------------------------------------- hover
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:
@@ -175,7 +189,7 @@ class SweepView:
             tile, y, x = (int(new[c][0]) for c in ("tile", "y", "x"))
         except (KeyError, IndexError, TypeError, ValueError):
             return
-        g = self.app.reader.geometry(self.snap)
+        g = self.state.reader.geometry(self.snap)
         if tile == 0 and 0 <= y < g.height and 0 <= x < g.width:
             self.show(y, x)
 
@@ -209,7 +223,3 @@ class SweepView:
             for kind, src in self.curves.items():
                 src.data = {k: np.asarray(v, dtype=np.float64) for k, v in chart[kind].items()}
 
-
-def app_palette(app: ExplorerApp) -> list[str]:
-    """The app's overlay colour map as a palette (the same one the main grid uses)."""
-    return list(process_cmap(app.cmap, 256))

@@ -180,21 +180,21 @@ def test_groups_overlay_colours_the_page_from_stored_groups(tmp_path):
     make_synthetic_store(url, 6, layers=LAYERS, image_size=S, chunk=4)
     factorize(url, "coarse", k=3, images=[0, 1, 2, 3], quiet=True)
     app = create_app(url, page_size=6, ncols=3, browser_hover_budget=0).app  # the server draws: readable here
-    g = app.groups
+    g = app.grid.groups
     assert list(g.layers) == ["coarse"] and g.panel.visible
     g.mode.value = "groups"
-    fig = next(f for f in app._figures if f.layer == "coarse")
+    fig = next(f for f in app.grid.figures if f.layer == "coarse")
     image = g._sources["coarse"].data["image"][0]
-    want = group_colors(fig.spec.mosaic(read_groups(app.reader, "coarse", np.arange(6))[0].astype(np.float32), 6))
+    want = group_colors(fig.spec.mosaic(read_groups(app.state.reader, "coarse", np.arange(6))[0].astype(np.float32), 6))
     np.testing.assert_array_equal(image, want)
-    stored = read_groups(app.reader, "coarse", np.arange(6))[0]
+    stored = read_groups(app.state.reader, "coarse", np.arange(6))[0]
     assert (stored[4:] == -1).all()  # images 4, 5 not factorised: transparent on the page
     assert g._renderers["coarse"][1].visible and not g._renderers["coarse"][0].visible
     cards = [o.object for o in g.legend.objects if "group-legend-item" in str(getattr(o, "object", ""))]
     assert len(cards) == 3 and 'data-group="0"' in cards[0] and cards[0].count("group-patch") == 4
     g.mode.value = "groups + similarity"  # similarity still follows the pointer under group outlines
     assert all(r.visible for r in g._renderers["coarse"])
-    app._on_pointer("data", None, {"tile": [1], "y": [2], "x": [3], "click": [0]})
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [2], "x": [3], "click": [0]})
     assert np.nanmax(fig.source.data["image"][0]) == pytest.approx(1.0, abs=2e-3)
     # the exported PNG shows the groups' colours and their legend under the grids
     from PIL import Image
@@ -202,12 +202,12 @@ def test_groups_overlay_colours_the_page_from_stored_groups(tmp_path):
     from hoverlay.explorer.export import palette_rgb
     from hoverlay.explorer.groups_view import GROUP_PALETTE
 
-    png = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    png = np.asarray(Image.open(io.BytesIO(app.grid.export_png().getvalue())).convert("RGB"))
     legend_row = png[-12]  # through one row of 12 px swatches (18 px from the bottom): x = 0, 120, 240
     for g_i in range(3):
         assert legend_row[120 * g_i + 5].tolist() == palette_rgb([GROUP_PALETTE[g_i]])[0].tolist()
     g.mode.value = "similarity"
-    plain = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    plain = np.asarray(Image.open(io.BytesIO(app.grid.export_png().getvalue())).convert("RGB"))
     assert plain.shape[0] < png.shape[0]  # no legend without the groups overlay
 
 
@@ -262,5 +262,5 @@ def test_compare_view_shows_both_stores_for_one_location(tmp_path):
     other = str(tmp_path / "other")
     make_synthetic_store(other, 3, layers={"m": LayerGeometry(4, 4, 8)}, image_size=S, chunk=4, seed=1)
     lonely = create_app([a, other], compare=True).app
-    assert lonely.compare_view is None and "share images" in lonely.message
-    assert "two stores" in create_app(a, compare=True).app.message
+    assert lonely.compare_view is None and "share images" in lonely.state.message
+    assert "two stores" in create_app(a, compare=True).app.state.message

@@ -128,8 +128,8 @@ def test_the_explorer_says_a_store_is_damaged_without_traceback_or_paths(tmp_pat
     page = session_factory([url], {"browser_hover_budget": 0}, 0)()
     assert not isinstance(page, pn.pane.Alert)  # the page opens: the damage is per image
     app = page.app
-    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})  # reads the layer
-    captions = app.shared.labels.data["text"]
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})  # reads the layer
+    captions = app.grid.shared.labels.data["text"]
     assert captions[4:8] == [f"#{i} unreadable" for i in range(4, 8)] and "unreadable" not in captions[3]
-    shown = " ".join(captions) + app.message
+    shown = " ".join(captions) + app.state.message
     assert str(tmp_path) not in shown and "Traceback" not in shown

@@ -108,3 +108,49 @@ def test_a_serve_only_install_has_everything_serve_and_info_import():
     needed = {re.sub(r"[-_.]+", "-", d).lower() for m in mods - optional if "." not in m and m in owners
               for d in owners[m]}
     assert needed - provided == set()
+
+
+def _explorer_imports() -> dict[str, set[str]]:
+    """Each explorer module's imports of other explorer modules (``TYPE_CHECKING`` ones included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "explorer"
+    names = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1:
+                    found |= {module.split(".")[0]} if module else {a.name for a in node.names}
+                elif module.startswith("hoverlay.explorer."):
+                    found.add(module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("hoverlay.explorer.")}
+        graph[path.stem] = found & names
+    return graph
+
+
+def test_explorer_modules_form_no_import_circle_and_only_entry_points_import_the_app():
+    graph = _explorer_imports()
+    # the state and views never import the app that composes them; only the server entry points do
+    assert {m for m, deps in graph.items() if "app" in deps} <= {"serve", "app_module"}
+    assert not graph["state"] & {"app", "controls", "grid_view", "query_view", "topk_panel", "compare",
+                                 "sweep_view", "groups_view", "figures", "browser_hover"}
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> None:
+        if module in done:
+            return
+        assert module not in visiting, f"import circle: {' -> '.join([*visiting[visiting.index(module):], module])}"
+        visiting.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)

@@ -91,11 +91,11 @@ def _overlay(fig) -> np.ndarray:
 
 
 def test_pointer_event_updates_overlays_in_place(app):
-    reader = app.reader
-    fine = next(f for f in app._figures if f.layer == "fine")
+    reader = app.state.reader
+    fine = next(f for f in app.grid.figures if f.layer == "fine")
     source_before = fine.source
-    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
-    ids = app.page_ids()
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
+    ids = app.state.page_ids()
     assert ids.tolist() == [0, 1, 2, 3, 4, 5]
     np.testing.assert_allclose(_overlay(fine), _cosines(reader, "fine", 4, 2, 5, ids), atol=1e-5)
     assert fine.source is source_before  # same model, new data: no plot rebuild
@@ -103,12 +103,12 @@ def test_pointer_event_updates_overlays_in_place(app):
     assert len(mosaic) == 1 and mosaic[0].dtype == np.float32 and mosaic[0].flags.c_contiguous
     assert np.isnan(mosaic[0]).sum() == mosaic[0].size - 6 * 8 * 8  # gaps are transparent
     # the layer view shows the query image with the mapped patch outlined
-    mapped = dict(zip(app.mapped_source.data["fig"], zip(app.mapped_source.data["y"],
-                                                          app.mapped_source.data["x"], strict=True),
+    mapped = dict(zip(app.query_view.mapped_source.data["fig"], zip(app.query_view.mapped_source.data["y"],
+                                                          app.query_view.mapped_source.data["x"], strict=True),
                       strict=True))
     assert mapped == {"fine": (2, 5), "coarse": (0, 1)}
     # top-k (synchronous without a server): k hits, the hovered patch first
-    cards = app.topk_cards.cards
+    cards = app.topk.cards.cards
     assert len(cards) == 4
     assert (cards[0]["image"], cards[0]["y"], cards[0]["x"]) == (4, 2, 5)
     assert cards[0]["score"] == pytest.approx(1.0, abs=2e-3)
@@ -118,62 +118,62 @@ def test_pointer_event_updates_overlays_in_place(app):
 
 def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes(browser_app):
     app = browser_app
-    reader = app.reader
-    assert app.path.browser and "computed in this browser" in app.controls.page_info.object
-    ids = app.page_ids()
+    reader = app.state.reader
+    assert app.grid.path.browser and "computed in this browser" in app.grid.page_info.object
+    ids = app.state.page_ids()
     for layer in ("fine", "coarse"):  # float16 bits and float32 norms of the page, flat
-        data = app.browser.vectors[layer].data
+        data = app.grid.browser.vectors[layer].data
         np.testing.assert_array_equal(data["v"][0].view(np.float16), reader.vectors(layer, ids).reshape(-1))
         np.testing.assert_allclose(data["norm"][0], reader.norms(layer, ids).reshape(-1))
-    cfg = app.shared.config.data
+    cfg = app.grid.shared.config.data
     assert cfg["mode"] == [1, 1] and cfg["fn"] == ["cosine", "cosine"] and cfg["D"] == [16, 8]
-    assert app.browser.hover.syncable is False and all(not f.source.syncable for f in app._figures)
-    before = [np.array(f.source.data["image"][0]) for f in app._figures]
-    vectors_model = app.browser.vectors["fine"].data["v"][0]
+    assert app.grid.browser.hover.syncable is False and all(not f.source.syncable for f in app.grid.figures)
+    before = [np.array(f.source.data["image"][0]) for f in app.grid.figures]
+    vectors_model = app.grid.browser.vectors["fine"].data["v"][0]
     # a pointer rest: the server learns the query (layer view, top-k) but draws no map
-    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
-    assert app._current == Query(4, 2, 5, "fine")
-    for fig, old in zip(app._figures, before, strict=True):
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
+    assert app.state.current == Query(4, 2, 5, "fine")
+    for fig, old in zip(app.grid.figures, before, strict=True):
         np.testing.assert_array_equal(fig.source.data["image"][0], old)  # still all transparent
-    q = dict(zip(app.browser.query.data["fig"], app.browser.query.data["q"], strict=True))
+    q = dict(zip(app.grid.browser.query.data["fig"], app.grid.browser.query.data["q"], strict=True))
     np.testing.assert_allclose(q["fine"], reader.vectors("fine", 4)[2, 5].astype(np.float32))
     np.testing.assert_allclose(q["coarse"], reader.vectors("coarse", 4)[0, 1].astype(np.float32))
-    assert app.browser.query.data["pinned"] == [0, 0]
-    assert app.topk_cards.cards[0]["image"] == 4  # the rest ran the top-k search
+    assert app.grid.browser.query.data["pinned"] == [0, 0]
+    assert app.topk.cards.cards[0]["image"] == 4  # the rest ran the top-k search
     # a pin flags the query; the page's vectors are not sent again
-    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [1]})
-    assert app.browser.query.data["pinned"] == [1, 1]
-    assert app.browser.vectors["fine"].data["v"][0] is vectors_model
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [1]})
+    assert app.grid.browser.query.data["pinned"] == [1, 1]
+    assert app.grid.browser.vectors["fine"].data["v"][0] is vectors_model
     # function and sigma reach the browser through the config; a new page sends new vectors
-    app.function = "rbf"
-    assert app.shared.config.data["fn"] == ["rbf", "rbf"]
-    app.page = 2
-    assert app.browser.vectors["fine"].data["v"][0] is not vectors_model
+    app.state.function = "rbf"
+    assert app.grid.shared.config.data["fn"] == ["rbf", "rbf"]
+    app.state.page = 2
+    assert app.grid.browser.vectors["fine"].data["v"][0] is not vectors_model
 
 
 def test_a_page_over_the_byte_budget_takes_the_server_path_and_says_so(store):
     from hoverlay.explorer.app import create_app
 
     app = create_app(store, page_size=6, ncols=3, browser_hover_budget=1000).app
-    assert not app.path.browser
-    assert "exceed the browser budget of 1 kB" in app.controls.page_info.object
-    assert app.shared.config.data["mode"] == [0, 0]
-    assert app.browser.vectors["fine"].data["v"][0].size == 0
-    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
-    assert np.isfinite(app._figures[0].source.data["image"][0]).sum() == 6 * 8 * 8  # the server drew
+    assert not app.grid.path.browser
+    assert "exceed the browser budget of 1 kB" in app.grid.page_info.object
+    assert app.grid.shared.config.data["mode"] == [0, 0]
+    assert app.grid.browser.vectors["fine"].data["v"][0].size == 0
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
+    assert np.isfinite(app.grid.figures[0].source.data["image"][0]).sum() == 6 * 8 * 8  # the server drew
 
 
 def test_click_pins_then_unpins(app):
-    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
-    app._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [1]})
-    assert app.query == "1,0,0"
-    pinned = _overlay(app._figures[0]).copy()
-    app._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [1]})  # move only
-    np.testing.assert_array_equal(_overlay(app._figures[0]), pinned)
-    assert app.shared.pin.data["fig"] == ["fine", "coarse"]
-    app._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [2]})
-    assert app.query == "" and app._current == Query(3, 7, 7, "fine")
-    assert app.shared.pin.data["fig"] == []
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [0]})
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [0], "x": [0], "click": [1]})
+    assert app.state.query == "1,0,0"
+    pinned = _overlay(app.grid.figures[0]).copy()
+    app.grid._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [1]})  # move only
+    np.testing.assert_array_equal(_overlay(app.grid.figures[0]), pinned)
+    assert app.grid.shared.pin.data["fig"] == ["fine", "coarse"]
+    app.grid._on_pointer("data", None, {"tile": [3], "y": [7], "x": [7], "click": [2]})
+    assert app.state.query == "" and app.state.current == Query(3, 7, 7, "fine")
+    assert app.grid.shared.pin.data["fig"] == []
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -185,66 +185,66 @@ def test_click_pins_then_unpins(app):
     ("page", 99, "page 99 does not exist"),
 ])
 def test_bad_state_gives_a_message_and_keeps_a_valid_state(app, name, value, message):
-    setattr(app, name, value)
-    assert message in app.message
-    assert app.layer in app.reader.layers and app.function == "cosine"
-    assert 1 <= app.page <= 4
-    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
-    assert app._current is not None  # still hovering fine
+    setattr(app.state, name, value)
+    assert message in app.state.message
+    assert app.state.layer in app.state.reader.layers and app.state.function == "cosine"
+    assert 1 <= app.state.page <= 4
+    app.grid._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
+    assert app.state.current is not None  # still hovering fine
 
 
 def test_a_pinned_query_keeps_its_cell_when_the_pointer_snaps_to_another_layer(app):
     """Today's main re-expressed the pin in the coarser layer: fine (6,1) -> coarse (1,0) -> fine (4,2)."""
-    app.query = "2,6,1"
-    app.layer = "coarse"
-    assert (app.query, app.query_layer, app.message) == ("2,6,1", "fine", "")
-    assert app._current == Query(2, 6, 1, "fine")
-    pin = dict(zip(app.shared.pin.data["fig"], zip(app.shared.pin.data["y"], app.shared.pin.data["x"],
+    app.state.query = "2,6,1"
+    app.state.layer = "coarse"
+    assert (app.state.query, app.state.query_layer, app.state.message) == ("2,6,1", "fine", "")
+    assert app.state.current == Query(2, 6, 1, "fine")
+    pin = dict(zip(app.grid.shared.pin.data["fig"], zip(app.grid.shared.pin.data["y"], app.grid.shared.pin.data["x"],
                                                    strict=True), strict=True))
     assert pin == {"fine": (6, 1), "coarse": (1, 0)}  # the coarse outline is the mapped cell
-    app.layer = "fine"
-    assert app._current == Query(2, 6, 1, "fine") and app.query == "2,6,1"
+    app.state.layer = "fine"
+    assert app.state.current == Query(2, 6, 1, "fine") and app.state.query == "2,6,1"
     # a hovered (unpinned) query follows the new layer's cells
-    app.unpin()
-    app._on_pointer("data", None, {"tile": [2], "y": [6], "x": [1], "click": [0]})
-    app.layer = "coarse"
-    assert app._current == Query(2, 1, 0, "coarse") and app.query_layer == ""
+    app.state.unpin()
+    app.grid._on_pointer("data", None, {"tile": [2], "y": [6], "x": [1], "click": [0]})
+    app.state.layer = "coarse"
+    assert app.state.current == Query(2, 1, 0, "coarse") and app.state.query_layer == ""
 
 
 def test_a_pin_names_its_layer_in_the_url_state(app):
-    app.layer = "coarse"
-    app._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [0]})
-    app._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [1]})
-    assert (app.query, app.query_layer) == ("3,1,1", "coarse")
-    app.param.update(query="4,7,7", query_layer="fine")  # a URL naming a fine cell while snapping to coarse
-    assert app._current == Query(4, 7, 7, "fine") and app.message == ""
-    app.query_layer = "bogus"
-    assert "unknown query layer 'bogus'" in app.message and app.query == ""
+    app.state.layer = "coarse"
+    app.grid._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [0]})
+    app.grid._on_pointer("data", None, {"tile": [3], "y": [1], "x": [1], "click": [1]})
+    assert (app.state.query, app.state.query_layer) == ("3,1,1", "coarse")
+    app.state.param.update(query="4,7,7", query_layer="fine")  # a URL naming a fine cell while snapping to coarse
+    assert app.state.current == Query(4, 7, 7, "fine") and app.state.message == ""
+    app.state.query_layer = "bogus"
+    assert "unknown query layer 'bogus'" in app.state.message and app.state.query == ""
 
 
 def test_function_changes_colour_range(app):
-    coarse = next(f for f in app._figures if f.layer == "coarse")
-    app.function = "dot"
+    coarse = next(f for f in app.grid.figures if f.layer == "coarse")
+    app.state.function = "dot"
     from hoverlay.explorer.resources import get_layer_stats
 
-    hi = get_layer_stats(app.store, "coarse").norm_hi
+    hi = get_layer_stats(app.state.store, "coarse").norm_hi
     assert (coarse.mapper.low, coarse.mapper.high) == pytest.approx((0.0, hi * hi))
 
 
 def test_paging_and_similarity_order(app):
-    app.page = 2
-    assert app.page_ids().tolist() == [6, 7, 8, 9, 10, 11]
-    app.label = "y"
-    assert app.page == 1 and all(app.reader.table()["label"][i] == "y" for i in app.page_ids())
-    app.label = "(all)"
-    app._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
-    app.sort_by_similarity()
-    assert app.order == "similar" and app.page_ids()[0] == 0  # the query image is most similar
+    app.state.page = 2
+    assert app.state.page_ids().tolist() == [6, 7, 8, 9, 10, 11]
+    app.state.label = "y"
+    assert app.state.page == 1 and all(app.state.reader.table()["label"][i] == "y" for i in app.state.page_ids())
+    app.state.label = "(all)"
+    app.grid._on_pointer("data", None, {"tile": [0], "y": [3], "x": [3], "click": [0]})
+    app.state.sort_by_similarity()
+    assert app.state.order == "similar" and app.state.page_ids()[0] == 0  # the query image is most similar
     # every image stays reachable, those the search found first (today's main dropped the others)
-    assert sorted(app._order_ids.tolist()) == list(range(24))
-    ranked = int(np.isin(app._order_ids, app._ranked).sum())
-    assert app._order_ids[:ranked].tolist() == [i for i in app._ranked.tolist()]
-    info = app.controls.page_info.object
+    assert sorted(app.state.order_ids.tolist()) == list(range(24))
+    ranked = int(np.isin(app.state.order_ids, app.state._ranked).sum())
+    assert app.state.order_ids[:ranked].tolist() == [i for i in app.state._ranked.tolist()]
+    info = app.grid.page_info.object
     assert f"{ranked} ranked by their best patch among the 400 nearest patches" in info
     assert (ranked == 24) or f"{24 - ranked} more follow in store order" in info
 
@@ -260,21 +260,21 @@ def test_similarity_order_keeps_unranked_candidates_after_the_ranked_ones():
 def test_export_png_is_the_page_as_shown_with_colour_bars_and_the_query_outlined(app):
     from PIL import Image
 
-    from hoverlay.explorer.app import palette
     from hoverlay.explorer.export import colorize
+    from hoverlay.explorer.figures import palette
 
-    app._on_pointer("data", None, {"tile": [1], "y": [3], "x": [5], "click": [0]})
-    img = np.asarray(Image.open(io.BytesIO(app.export_png().getvalue())).convert("RGB"))
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [3], "x": [5], "click": [0]})
+    img = np.asarray(Image.open(io.BytesIO(app.grid.export_png().getvalue())).convert("RGB"))
     ncols, gap, band, title, bar_w, bar_text = 3, 6, 14, 16, 10, 44
     grid_w = ncols * (S + gap) - gap
     grid_h = 2 * (S + gap + band) - gap
     block_w = grid_w + gap + bar_w + bar_text
     assert img.shape[:2] == (title + grid_h, 2 * block_w + 2 * gap)
-    pal = palette(app.cmap)
+    pal = palette(app.state.cmap)
     for li, layer in enumerate(("fine", "coarse")):
         ox = li * (block_w + 2 * gap)
         bar = img[title:title + grid_h, ox + grid_w + gap + bar_w // 2]  # the colour bar column
-        clim = app._clim(layer)
+        clim = app.state.clim(layer)
         top, _ = colorize(np.array([clim[1]]), clim, pal)
         bottom, _ = colorize(np.array([clim[0]]), clim, pal)
         assert bar[0].tolist() == top[0].tolist() and bar[-1].tolist() == bottom[0].tolist()
@@ -284,11 +284,11 @@ def test_export_png_is_the_page_as_shown_with_colour_bars_and_the_query_outlined
     edge = img[y0 + 3 * cell + cell // 2, x0 + 5 * cell - 1: x0 + 5 * cell + 3]
     assert any(p.tolist() == [255, 59, 48] for p in edge) and any(p.tolist() == [0, 0, 0] for p in edge)
     # the similarity itself: a pixel inside another tile's cell is the image blended with the map colour
-    maps = app.engine.page_maps(app._current, "cosine")["fine"]
-    px = app.reader.pixels(np.array([0]))[0].astype(np.float32)
+    maps = app.grid.engine.page_maps(app.state.current, "cosine")["fine"]
+    px = app.state.reader.pixels(np.array([0]))[0].astype(np.float32)
     y, x = 2 * cell + 1, 6 * cell + 1  # cell (2, 6) of tile 0, off the outline
-    rgb, _ = colorize(np.array([maps[0, 2, 6]]), app._clim("fine"), pal)
-    want = (px[y, x] * (1 - app.alpha) + rgb[0] * app.alpha).round()
+    rgb, _ = colorize(np.array([maps[0, 2, 6]]), app.state.clim("fine"), pal)
+    want = (px[y, x] * (1 - app.state.alpha) + rgb[0] * app.state.alpha).round()
     np.testing.assert_allclose(img[title + band + y, x], want, atol=1)
 
 
@@ -333,10 +333,10 @@ def test_numeric_inputs_pin_an_exact_query(app):
     qimage, qy, qx = app.controls.query_inputs
     qimage.value, qy.value, qx.value = 5, 7, 2
     app.controls.pin_button.clicks += 1  # what a click in the browser does
-    assert app.query == "5,7,2" and app._current == Query(5, 7, 2, "fine")
+    assert app.state.query == "5,7,2" and app.state.current == Query(5, 7, 2, "fine")
     assert "pinned" in app.controls.pin_state.object
-    np.testing.assert_allclose(_overlay(app._figures[0]),
-                               _cosines(app.reader, "fine", 5, 7, 2, app.page_ids()), atol=1e-5)
+    np.testing.assert_allclose(_overlay(app.grid.figures[0]),
+                               _cosines(app.state.reader, "fine", 5, 7, 2, app.state.page_ids()), atol=1e-5)
 
 
 def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
@@ -346,13 +346,13 @@ def test_a_new_session_sees_images_committed_meanwhile(tmp_path):
     url = str(tmp_path / "growing")
     make_synthetic_store(url, 8, layers=LAYERS, image_size=S, chunk=8)
     first = create_app(url).app
-    assert first.reader.n_images == 8
+    assert first.state.reader.n_images == 8
     append_synthetic_images(url, 8, seed=5, label="new")  # a scheduled pipeline run appends 8 images
     second = create_app(url, page_size=16).app
-    assert second.reader.n_images == 16 and second.page_ids().tolist() == list(range(16))
-    assert "new" in second.param.label.objects
-    second._on_pointer("data", None, {"tile": [12], "y": [0], "x": [0], "click": [0]})
-    assert second.topk_cards.cards  # the exact search covers the new images too
+    assert second.state.reader.n_images == 16 and second.state.page_ids().tolist() == list(range(16))
+    assert "new" in second.state.param.label.objects
+    second.grid._on_pointer("data", None, {"tile": [12], "y": [0], "x": [0], "click": [0]})
+    assert second.topk.cards.cards  # the exact search covers the new images too
 
 
 def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, tmp_path):
@@ -364,7 +364,7 @@ def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, 
     make_synthetic_store(small, 5, layers=LAYERS, image_size=S, chunk=8, seed=3)
     app = create_app([store, small], page_size=6, k=4).app
     held: list = []  # our own scheduler holds searches until the test releases them (the race)
-    app._scheduler.in_thread = lambda executor, fn, *args, done: held.append((fn, args, done))
+    app.topk._scheduler.in_thread = lambda executor, fn, *args, done: held.append((fn, args, done))
 
     def release() -> tuple:
         fn, args, done = held.pop(0)
@@ -372,39 +372,39 @@ def test_switching_store_while_a_topk_search_runs_never_mixes_the_stores(store, 
         done(result, None)
         return result
 
-    app._on_pointer("data", None, {"tile": [5], "y": [6], "x": [6], "click": [0]})  # image 5 of 24
+    app.grid._on_pointer("data", None, {"tile": [5], "y": [6], "x": [6], "click": [0]})  # image 5 of 24
     assert len(held) == 1 and held[0][1][0] == store
-    app.store = small  # switch while the search for image 5 is in flight
-    app._on_pointer("data", None, {"tile": [2], "y": [1], "x": [3], "click": [0]})
+    app.state.store = small  # switch while the search for image 5 is in flight
+    app.grid._on_pointer("data", None, {"tile": [2], "y": [1], "x": [3], "click": [0]})
     first = release()
     assert first[0] == store and first[1].image == 5  # searched the store it was asked for
-    assert "failed" not in app.message and app.topk_cards.cards == []  # old hits not shown
+    assert "failed" not in app.state.message and app.topk.cards.cards == []  # old hits not shown
     assert len(held) == 1 and held[0][1][0] == small  # the new store's patch is searched next
     release()
-    cards = app.topk_cards.cards
+    cards = app.topk.cards.cards
     assert (cards[0]["image"], cards[0]["y"], cards[0]["x"]) == (2, 1, 3)
     assert all(c["image"] < 5 for c in cards)
 
 
 def test_a_url_with_several_bad_values_reports_all_of_them(app):
     # what a URL with several bad values (Panel's location sync through UrlState) applies
-    app.apply_url({"layer": "bogus", "page": "abc", "function": "manhattan", "query": "99,0,0"})
+    app.state.apply_url({"layer": "bogus", "page": "abc", "function": "manhattan", "query": "99,0,0"})
     for says in ("unknown layer 'bogus'", "bad URL value page='abc'", "unknown similarity function 'manhattan'",
                  "image 99 is outside"):
-        assert says in app.message
-    assert (app.layer, app.function, app.query, app.page) == ("fine", "cosine", "", 1)
-    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})  # still works
-    np.testing.assert_allclose(_overlay(app._figures[0]), _cosines(app.reader, "fine", 0, 1, 1, app.page_ids()),
+        assert says in app.state.message
+    assert (app.state.layer, app.state.function, app.state.query, app.state.page) == ("fine", "cosine", "", 1)
+    app.grid._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})  # still works
+    np.testing.assert_allclose(_overlay(app.grid.figures[0]), _cosines(app.state.reader, "fine", 0, 1, 1, app.state.page_ids()),
                                atol=1e-5)
 
 
 def test_opening_a_topk_card_brings_its_image_onto_the_page_and_bad_messages_are_ignored(app):
     # what a click on a card's "open #20" button sends back from the browser
-    app.topk_cards._handle_msg({"open": 20})
-    assert 20 in app.page_ids().tolist() and app.page == 4
+    app.topk.cards._handle_msg({"open": 20})
+    assert 20 in app.state.page_ids().tolist() and app.state.page == 4
     for junk in ({"open": "../etc"}, {"open": None}, "open", {"open": 10**30}, {"open": -5}):
-        app.topk_cards._handle_msg(junk)
-        assert 1 <= app.page <= 4 and len(app.page_ids()) > 0
+        app.topk.cards._handle_msg(junk)
+        assert 1 <= app.state.page <= 4 and len(app.state.page_ids()) > 0
 
 
 def test_switching_to_a_store_with_other_layers_shows_its_own_layers_with_a_message(store, tmp_path):
@@ -418,17 +418,17 @@ def test_switching_to_a_store_with_other_layers_shows_its_own_layers_with_a_mess
     app = create_app([store, other], page_size=6).app
     layers_widget = next(w for w in app.controls.sidebar if getattr(w, "name", "") == "Layers shown")
     layer_select = app.controls.layer_select
-    app.store = other
-    assert app.layers_shown == ["b1", "b2"] and app.layer == "b1"
+    app.state.store = other
+    assert app.state.layers_shown == ["b1", "b2"] and app.state.layer == "b1"
     assert layers_widget.value == ["b1", "b2"] and list(layers_widget.options) == ["b1", "b2"]
     assert layer_select.value == "b1" and list(layer_select.options) == ["b1", "b2"]
-    assert "other layers: showing b1, b2" in app.message
-    assert [f.layer for f in app._figures] == ["b1", "b2"]
-    app._on_pointer("data", None, {"tile": [2], "y": [3], "x": [1], "click": [0]})
-    assert app._current == Query(2, 3, 1, "b1")
-    assert app.browser.query.data["fig"] == ["b1", "b2"]
-    app.store = store  # and back
-    assert app.layers_shown == ["fine", "coarse"] and layers_widget.value == ["fine", "coarse"]
+    assert "other layers: showing b1, b2" in app.state.message
+    assert [f.layer for f in app.grid.figures] == ["b1", "b2"]
+    app.grid._on_pointer("data", None, {"tile": [2], "y": [3], "x": [1], "click": [0]})
+    assert app.state.current == Query(2, 3, 1, "b1")
+    assert app.grid.browser.query.data["fig"] == ["b1", "b2"]
+    app.state.store = store  # and back
+    assert app.state.layers_shown == ["fine", "coarse"] and layers_widget.value == ["fine", "coarse"]
 
 
 def test_a_url_restores_the_whole_view(store, tmp_path):
@@ -440,18 +440,18 @@ def test_a_url_restores_the_whole_view(store, tmp_path):
            "query_layer": "fine", "page": 2, "page_size": 3, "ncols": 2, "function": "dot",
            "value_range": "symmetric", "label": "y", "order": "random", "seed": 4}
     app = ExplorerApp([other, store], url=url)
-    assert app.store == store and app.message == ""
+    assert app.state.store == store and app.state.message == ""
     for name, value in url.items():
-        assert getattr(app, name) == value, name
-    assert [f.layer for f in app._figures] == ["coarse"]
-    assert app._current == Query(7, 6, 1, "fine")
-    labels = app.reader.table()["label"]
-    ids = app.page_ids()
+        assert getattr(app.state, name) == value, name
+    assert [f.layer for f in app.grid.figures] == ["coarse"]
+    assert app.state.current == Query(7, 6, 1, "fine")
+    labels = app.state.reader.table()["label"]
+    ids = app.state.page_ids()
     assert len(ids) == 3 and all(labels[i] == "y" for i in ids)
-    assert app.specs["coarse"].ncols == 2
+    assert app.grid.specs["coarse"].ncols == 2
     # applying a URL in one step: the label filter does not reset the page the same URL names
-    app.apply_url({"label": "x", "page": 2, "seed": 4})
-    assert (app.label, app.page) == ("x", 2) and all(labels[i] == "x" for i in app.page_ids())
+    app.state.apply_url({"label": "x", "page": 2, "seed": 4})
+    assert (app.state.label, app.state.page) == ("x", 2) and all(labels[i] == "x" for i in app.state.page_ids())
 
 
 def test_bad_url_values_of_the_new_keys_give_one_message_and_a_valid_view(store):
@@ -462,10 +462,10 @@ def test_bad_url_values_of_the_new_keys_give_one_message_and_a_valid_view(store)
     for says in ("unknown store 'nope'", "bad URL value page_size='many'", "bad URL value ncols=99",
                  "bad URL value label='<b>zz</b>'", "bad URL value layers=['bogus']", "tab 5 does not exist",
                  "bad URL value range=3"):
-        assert says in app.message, says
-    assert (app.page_size, app.ncols, app.label, app.layers_shown, app.tab) == (16, 4, "(all)", ["fine", "coarse"], 0)
-    app._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
-    assert app._current == Query(0, 1, 1, "fine")
+        assert says in app.state.message, says
+    assert (app.state.page_size, app.state.ncols, app.state.label, app.state.layers_shown, app.state.tab) == (16, 4, "(all)", ["fine", "coarse"], 0)
+    app.grid._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})
+    assert app.state.current == Query(0, 1, 1, "fine")
 
 
 def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(browser_app, store):
@@ -474,24 +474,24 @@ def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(brows
     from hoverlay.explorer.prefetch import PagePrefetch
 
     app = browser_app
-    layers = list(app.browser.vectors)
-    assert app._prefetch._futures == {}  # a session that never pages reads nothing ahead
-    app.page = 2
+    layers = list(app.grid.browser.vectors)
+    assert app.grid._prefetch._futures == {}  # a session that never pages reads nothing ahead
+    app.state.page = 2
     nxt = np.arange(12, 18)
-    ahead = app._prefetch._futures.get(app._prefetch._key(app.reader, nxt, layers))
+    ahead = app.grid._prefetch._futures.get(app.grid._prefetch._key(app.state.reader, nxt, layers))
     assert ahead is not None  # once it pages, the page after the shown one is read ahead
     data = ahead.result()
-    np.testing.assert_array_equal(data.pixels, app.reader.pixels(nxt))
-    np.testing.assert_array_equal(data.vectors["fine"][0], app.reader.vectors("fine", nxt))
-    app.page = 3  # takes it: the request is consumed, page 4 is requested
-    assert app._prefetch._key(app.reader, nxt, layers) not in app._prefetch._futures
-    assert app._prefetch._key(app.reader, np.arange(18, 24), layers) in app._prefetch._futures
-    np.testing.assert_array_equal(app.browser.vectors["fine"].data["v"][0].view(np.float16),
-                                  app.reader.vectors("fine", nxt).reshape(-1))
+    np.testing.assert_array_equal(data.pixels, app.state.reader.pixels(nxt))
+    np.testing.assert_array_equal(data.vectors["fine"][0], app.state.reader.vectors("fine", nxt))
+    app.state.page = 3  # takes it: the request is consumed, page 4 is requested
+    assert app.grid._prefetch._key(app.state.reader, nxt, layers) not in app.grid._prefetch._futures
+    assert app.grid._prefetch._key(app.state.reader, np.arange(18, 24), layers) in app.grid._prefetch._futures
+    np.testing.assert_array_equal(app.grid.browser.vectors["fine"].data["v"][0].view(np.float16),
+                                  app.state.reader.vectors("fine", nxt).reshape(-1))
     # a read that fails (here: images past the store's end) is not an empty page, it is read again
     pool = ThreadPoolExecutor(1)
     prefetch = PagePrefetch(lambda: pool)
     bad = np.array([22, 23, 24])
-    prefetch.request(app.reader, bad, layers)
-    assert prefetch.take(app.reader, bad, layers) is None
+    prefetch.request(app.state.reader, bad, layers)
+    assert prefetch.take(app.state.reader, bad, layers) is None
     pool.shutdown()

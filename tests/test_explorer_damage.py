@@ -39,16 +39,16 @@ def test_a_page_with_damaged_images_shows_them_unreadable_and_hovering_works(dam
     from hoverlay.explorer.app import create_app
 
     app = create_app(damaged, page_size=12, ncols=4, browser_hover_budget=0).app
-    app._on_pointer("data", None, {"tile": [1], "y": [1], "x": [1], "click": [0]})  # reads "fine"
-    captions = app.shared.labels.data["text"]
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [1], "x": [1], "click": [0]})  # reads "fine"
+    captions = app.grid.shared.labels.data["text"]
     assert [captions[i] for i in (4, 5, 6, 7)] == [f"#{i} unreadable" for i in (4, 5, 6, 7)]
     assert captions[3].startswith("#3 ") and "unreadable" not in captions[3]
-    fine = next(f for f in app._figures if f.layer == "fine")
+    fine = next(f for f in app.grid.figures if f.layer == "fine")
     maps = fine.source.data["image"][0]
     assert np.isfinite(maps).any()  # the good tiles have their overlays
     # the exact scan meets the damage: one line without server paths (the log has them)
-    assert "top-k search failed: some images of this store are damaged" in app.message
-    assert damaged not in app.message and "/" not in app.message.split("damaged")[-1]
+    assert "top-k search failed: some images of this store are damaged" in app.state.message
+    assert damaged not in app.state.message and "/" not in app.state.message.split("damaged")[-1]
 
 
 def test_unreadable_pixels_are_grey(tmp_path):

@@ -420,9 +420,9 @@ def test_the_topk_panel_downloads_its_hits_as_csv(store):
     from hoverlay.explorer.app import create_app
 
     app = create_app(store, page_size=6, ncols=3, k=5, browser_hover_budget=0).app
-    cards_view = app.topk_cards
+    cards_view = app.topk.cards
     assert cards_view.download.disabled and cards_view.download.filename == "hoverlay-topk.csv"
-    app._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})  # a rest on image 4
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})  # a rest on image 4
     cards = cards_view.cards
     assert len(cards) == 5 and not any("row" in c for c in cards)  # the browser gets only the cards
     assert not cards_view.download.disabled

@@ -165,26 +165,26 @@ def test_explorer_filters_on_any_column_and_captions_show_chosen_columns(meta_st
     from hoverlay.explorer.paging import MISSING
 
     app = create_app(meta_store, page_size=12, ncols=4).app
-    assert app.has_metadata and app.param.filter_by.objects == ["label", "site", "depth"]
-    app.filter_by = "site"
-    assert app.param.label.objects[1:] == ["<script>x</script>", "north", "south"]
-    app.label = "south"
-    assert list(app.page_ids()) == [1, 4, 7, 10]
-    app.filter_by = "depth"  # a number column: its distinct values (few), then ranges (many)
-    assert app.label == "(all)" and len(app.page_ids()) == 12
-    app.label = "3"
-    assert list(app.page_ids()) == [3]
-    assert MISSING not in app.param.label.objects
-    app.label = "(all)"
-    app.captions = ["site", "depth"]
-    captions = app.shared.labels.data["text"]
+    assert app.state.has_metadata and app.state.param.filter_by.objects == ["label", "site", "depth"]
+    app.state.filter_by = "site"
+    assert app.state.param.label.objects[1:] == ["<script>x</script>", "north", "south"]
+    app.state.label = "south"
+    assert list(app.state.page_ids()) == [1, 4, 7, 10]
+    app.state.filter_by = "depth"  # a number column: its distinct values (few), then ranges (many)
+    assert app.state.label == "(all)" and len(app.state.page_ids()) == 12
+    app.state.label = "3"
+    assert list(app.state.page_ids()) == [3]
+    assert MISSING not in app.state.param.label.objects
+    app.state.label = "(all)"
+    app.state.captions = ["site", "depth"]
+    captions = app.grid.shared.labels.data["text"]
     assert captions[3] == "#3 a · north · 3"  # the tiles' text, redrawn without a page change
     assert captions[2] == "#2 c · <script>x<…" and len(captions[2]) == 110 // 6  # one tile wide
-    app.tile_px = 300
-    assert app.tile_captions(np.array([2]))[0] == "#2 c · <script>x</script> · 2"  # canvas text: no HTML
+    app.state.tile_px = 300
+    assert app.state.tile_captions(np.array([2]))[0] == "#2 c · <script>x</script> · 2"  # canvas text: no HTML
     # hostile URL values: an unknown column or value is a message, not an error
-    app.apply_url({"filter_by": "nope", "label": "also nope"})
-    assert "filter=" in app.message or "label=" in app.message
+    app.state.apply_url({"filter_by": "nope", "label": "also nope"})
+    assert "filter=" in app.state.message or "label=" in app.state.message
 
 
 def test_filter_choices_bin_many_numbers_and_offer_missing():
@@ -216,9 +216,9 @@ def test_top_k_cards_show_the_chosen_columns(meta_store):
     from hoverlay.explorer.app import create_app
 
     app = create_app(meta_store, page_size=12, ncols=4, k=3).app
-    app.captions = ["site"]
-    app._on_pointer("data", None, {"tile": [2], "y": [1], "x": [1], "click": [0]})  # synchronous here
-    cards = app.topk_cards.cards
+    app.state.captions = ["site"]
+    app.grid._on_pointer("data", None, {"tile": [2], "y": [1], "x": [1], "click": [0]})  # synchronous here
+    cards = app.topk.cards.cards
     assert cards and cards[0]["image"] == 2 and cards[0]["extra"] == ["site: <script>x</script>"]
-    app.captions = ["site", "depth"]
-    assert app.topk_cards.cards[0]["extra"] == ["site: <script>x</script>", "depth: 2"]
+    app.state.captions = ["site", "depth"]
+    assert app.topk.cards.cards[0]["extra"] == ["site: <script>x</script>", "depth: 2"]

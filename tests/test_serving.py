@@ -414,7 +414,7 @@ def test_malformed_client_updates_are_refused_with_a_message(main, stores):
                 assert not any(u.models & ids for u in s.updates[seen:]), f"{junk} moved the overlays"
             for title, value, says in [("Page size", 10**9, "page_size' must be at most 64"),
                                        ("Page size", -5, "page_size' must be at least 1"),
-                                       ("k", 10**9, "ExplorerApp.k' must be at most 64"),
+                                       ("k", 10**9, "ExplorerState.k' must be at most 64"),
                                        ("Columns", 0, "ncols' must be at least 1"),
                                        ("Store", "/etc/passwd", "/etc/passwd not in list"),
                                        ("Store", "../../etc/passwd", "../../etc/passwd not in list"),

@@ -1,0 +1,127 @@
+"""The query-patch view: the settled query's image in every shown layer, the mapped cell outlined.
+
+It follows :attr:`ExplorerState.settled` (the pointer rested, or a pin), not every move, and is
+built with the first query: a session that never hovers pays nothing for it, and no empty
+colour bars stand on the page before there is anything to show.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import panel as pn
+import param
+from bokeh.models import ColumnDataSource
+
+from .engine import OverlayEngine, Query
+from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .state import ExplorerState
+from .text import as_plain_markdown
+
+#: The view's tiles are at least this many pixels wide (one tile per layer).
+MIN_TILE_PX = 150
+HINT = "**Query patch in every shown layer**: hover a patch"
+
+
+class QueryPatchView(pn.viewable.Viewer):
+    """One figure per shown layer holding the settled query's image and its self-similarity."""
+
+    state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._doc = pn.state.curdoc
+        self.figures: list[LayerFigure] = []
+        self._built_for: tuple[Any, ...] | None = None
+        self._image = -1
+        self.mapped_source = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="query-mapped")
+        self.head = pn.pane.Markdown(HINT, margin=(10, 10, 0, 10))
+        self._row = pn.Row(styles={"flex-wrap": "wrap", "gap": "4px 12px"}, sizing_mode="stretch_width",
+                           visible=False)
+        self._layout = pn.Column(self.head, self._row, margin=0, sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+    @param.depends("state.settled", "state.view", watch=True)
+    def _refresh(self) -> None:
+        view, query = self.state.view, self.state.settled
+        if view is None:
+            return
+        key = (view.grid, self.state.reader)
+        if key != self._built_for and self.figures:  # other layers or tiles: built again when needed
+            self._drop()
+        if query is None:
+            if self._built_for is None:
+                self.head.object = HINT
+            return
+        self.show(query)
+
+    def _drop(self) -> None:
+        self.figures, self._built_for, self._image = [], None, -1
+        self._row.objects, self._row.visible = [], False
+        self.head.object = HINT
+
+    def _build(self) -> None:
+        state, view = self.state, self.state.view
+        assert view is not None
+        hws = {name: state.hw(name) for name in view.layers}
+        self.specs = grid_specs(hws, 1, 1, state.reader.image_size, max(view.tile_px, MIN_TILE_PX))
+        self.shared = SharedSources.create("query")
+        pal = palette(state.cmap)
+        self.figures = [
+            LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal, clim=state.clim(name),
+                        alpha=state.alpha, title=name, prefix="query", hover=False,
+                        outline_source=self.mapped_source)
+            for i, name in enumerate(view.layers)]
+        self.engine = OverlayEngine(state.reader, list(view.layers))
+        self._row.objects = [pn.pane.Bokeh(f.plot) for f in self.figures]
+        self._built_for = (view.grid, state.reader)
+        self._image = -1
+
+    def show(self, query: Query) -> None:
+        """The query image in every shown layer, its self-similarity, the mapped patch outlined."""
+        state = self.state
+        view = state.view
+        assert view is not None
+        with pn.io.hold(self._doc):
+            if not self.figures:
+                self._build()
+            if query.image != self._image:
+                self.shared.set_images(self.specs, state.reader.pixels(np.array([query.image])))
+                self._image = query.image
+            maps = self.engine.image_maps(query.image, query, view.function, state.sigmas(list(view.layers)))
+            rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
+            for fig in self.figures:
+                fig.set_colors(clim=state.clim(fig.layer))
+                fig.colorbar.title = view.function
+                fig.set_maps(maps[fig.layer], 1)
+                y, x = state.mapped(query, fig.layer)
+                for col, v in (("fig", fig.layer), ("tile", 0), ("y", y), ("x", x),
+                               *fig.spec.outline(0, y, x).items()):
+                    rows[col].append(v)
+                fig.title.text = f"{fig.layer} ({y},{x})"  # short: the figure is one tile wide
+            self.mapped_source.data = rows
+            label = state.labels[query.image]
+            self.head.object = (f"**Query patch in every shown layer**: #{query.image} "
+                                f"{as_plain_markdown(str(label))} "
+                                f"(outline: the cell it maps to in each layer)")
+            self._row.visible = True
+
+    @param.depends("state.cmap", "state.value_range", "state.sigma_scale", watch=True)
+    def _on_colors(self) -> None:
+        if not self.figures:
+            return
+        pal = palette(self.state.cmap)
+        with pn.io.hold(self._doc):
+            for fig in self.figures:
+                fig.set_colors(pal, self.state.clim(fig.layer))
+            if self.state.settled is not None:
+                self.show(self.state.settled)
+
+    @param.depends("state.alpha", watch=True)
+    def _on_alpha(self) -> None:
+        with pn.io.hold(self._doc):
+            for fig in self.figures:
+                fig.set_alpha(self.state.alpha)
