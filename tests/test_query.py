@@ -47,6 +47,30 @@ def tiny_model():
     return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 2, stride=2), nn.ReLU())
 
 
+class _Sleepy:
+    """python:test_query:sleepy_model: a conv whose forward on one real image (a query; builds and
+    layer surveys run batches, the geometry probe is all black) takes 60 s: a worker stuck on it."""
+
+    def __new__(cls):  # type: ignore[misc]
+        import torch
+        import torch.nn as nn
+
+        class Sleepy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 4, stride=4)
+
+            def forward(self, x):
+                if x.shape[0] == 1 and float(x[0, 0].std()) > 1e-3:  # not the all-black geometry probe
+                    time.sleep(60)
+                return torch.relu(self.conv(x))
+
+        return Sleepy()
+
+
+sleepy_model = _Sleepy
+
+
 # ================================================================================== fixtures
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory) -> dict[str, str]:
@@ -304,7 +328,55 @@ def test_a_full_queue_refuses_at_once(r18, worker):
     with pytest.raises(QueryBusyError, match="busy"):
         worker.submit(good, r18["store"]).result(1)
     assert all(f.result(120).layers["layer3"].vectors.shape == (4, 4, 256) for f in futures)
-    assert worker.embed(good, r18["store"], ["layer3"]) is not None  # room again
+    # sessions share it: threads submitting at once each get their own image's vectors back
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [Path(r18["images"], f"img_11_000{i}.png").read_bytes() for i in range(4)]
+    reader = open_store(r18["store"])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: worker.embed(files[i % 4], r18["store"], ["layer2"]), range(8)))
+    for i, emb in enumerate(got):
+        stored = reader.vectors("layer2", [i % 4])[0].astype(np.float32)
+        assert np.abs(emb.layers["layer2"].vectors.astype(np.float32) - stored).max() <= 2e-3
+
+
+def test_a_worker_stuck_past_the_timeout_is_killed_and_the_next_request_restarts_it(r18, tmp_path):
+    """The stuck request times out at its deadline; ``kill_grace`` later the worker is killed,
+    failing the request queued behind it; the next request starts a new worker."""
+    write_generated_images(str(tmp_path / "images"), 2, seed=9)
+    slow = str(tmp_path / "slow.zarr")
+    build(str(tmp_path / "images"), slow, model="python:test_query:sleepy_model", layers=["conv"], size=32,
+          quiet=True, index=False, batch_size=2)
+    w = QueryWorker(QueryWorkerConfig(threads=1, timeout=120.0, kill_grace=1.0, env={"PYTHONPATH": TESTS}))
+    try:
+        assert w.warm(slow).result(180)["layers"] == ["conv"]
+        first_pid = w.pid
+        good = Path(r18["images"], "img_11_0001.png").read_bytes()
+        t = time.perf_counter()
+        stuck = w.submit(good, slow, timeout=0.5)
+        black = png_bytes(np.zeros((32, 32, 3), np.uint8))  # a forward without the sleep
+        behind = w.submit(black, slow)  # queued behind the stuck one: fails with the worker
+        with pytest.raises(QueryTimeoutError, match="while computing"):
+            stuck.result(30)
+        from hoverlay.explorer.query_worker import WorkerFailedError
+
+        with pytest.raises(WorkerFailedError, match="stopped"):
+            behind.result(30)
+        assert time.perf_counter() - t < 20 and w.stats["kills"] == 1
+        again = w.embed(black, slow)  # a new worker
+        assert again.layers["conv"].vectors.shape == (8, 8, 8) and w.pid != first_pid
+    finally:
+        w.close()
+
+
+def test_serve_flags_make_the_worker_config():
+    from hoverlay.cli import command_parser
+
+    args = command_parser("serve").parse_args(["s.zarr", "--query-timeout", "5", "--upload-max-bytes", "8M",
+                                               "--query-queue", "3", "--query-worker-start"])
+    config = QueryWorkerConfig.from_args(args)
+    assert (config.timeout, config.max_bytes, config.queue) == (5.0, 8 * 10**6, 3) and args.query_worker_start
+    assert QueryWorkerConfig.from_args(command_parser("serve").parse_args(["s.zarr"])) == QueryWorkerConfig()
 
 
 # ============================================================ a trained net, a new picture
