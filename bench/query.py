@@ -75,6 +75,7 @@ def run(work: str, repeats: int, threads: int | None) -> tuple[list[dict[str, An
     reader = open_store(store)
     data = _upload_png()
     worker = QueryWorker(QueryWorkerConfig(threads=threads, timeout=300.0))
+    load_before = os.getloadavg()[0]
     try:
         t = time.perf_counter()
         hello = worker.start().result(300)
@@ -130,7 +131,9 @@ def run(work: str, repeats: int, threads: int | None) -> tuple[list[dict[str, An
                  "upload_bytes": len(data), "worker_threads": hello.get("threads"),
                  "worker_import_s": hello.get("import_seconds"), "model_load_s": loaded.get("load_seconds"),
                  "upload_to_vectors_p50_ms": _p(ready, 50), "first_overlays_p50_ms": _p(overlays, 50),
-                 "worker_start_s": start_s, "mean_ready_ms": statistics.mean(ready) * 1000}
+                 "worker_start_s": start_s, "mean_ready_ms": statistics.mean(ready) * 1000,
+                 # a shared machine's other work shows here: quote numbers with it
+                 "load_average_1m_before_after": [load_before, os.getloadavg()[0]]}
         return rows, extra
     finally:
         worker.close()
