@@ -39,6 +39,8 @@ from .geometry import LayerGeometry
 from .pixels import LEGACY_PIXEL_CODEC, PixelCodec
 from .table import (
     Column,
+    cache_arrays,
+    column_array,
     create_column,
     reserve_string_column,
     rows_to_columns,
@@ -137,6 +139,7 @@ class StoreWriter:
         self.group = group
         self.url = url
         self.attrs = read_attrs(group, url)
+        cache_arrays(group)  # the table's arrays stay open between commits (see there)
 
     @classmethod
     def open(cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> StoreWriter:
@@ -180,7 +183,7 @@ class StoreWriter:
     def _per_image_arrays(self) -> list[zarr.Array]:
         """Every per-image array but the string columns (:func:`reserve_string_column` does those)."""
         arrays = [array(self.group, PIXELS)]
-        arrays += [array(self.group, c.path) for c in self._columns() if c.kind != "str"]
+        arrays += [column_array(self.group, c.path) for c in self._columns() if c.kind != "str"]
         for name in self.layers:
             arrays += [array(self.group, layer_path(name, "vectors")), array(self.group, layer_path(name, "norms"))]
         return arrays
@@ -211,7 +214,7 @@ class StoreWriter:
         columns store each row's bytes after the previous row's)."""
         columns = rows_to_columns(rows)
         for col, values in columns.items():
-            arr = array(self.group, f"{TABLE}/{col}")
+            arr = column_array(self.group, f"{TABLE}/{col}")
             if start + len(values) > arr.shape[0]:
                 raise StoreError(f"table rows {start}..{start + len(values)} exceed reserved "
                                  f"{arr.shape[0]} rows; call reserve() first")
