@@ -332,7 +332,7 @@ class QueryWorker:
                 req.sent = True
             try:
                 with proc.write_lock:
-                    write_message(proc.stdin, {**req.header, "deadline": req.deadline},
+                    write_message(proc.stdin, {**req.header, "deadline": req.deadline, "validated": req.validate},
                                   [req.data] if req.data is not None else [])
             except (OSError, ValueError):  # the worker died under us: the reader fails what it held
                 self._process_died(proc)

@@ -1,9 +1,10 @@
 """``hoverlay query``: embed any image with a store's own model and search the whole store with it.
 
 The image goes through exactly what a build does to a stored image — the build's decode
-(:func:`~hoverlay.pipeline.preprocess.decode_image`: EXIF rotation, every mode to RGB), resize of
-the shorter side and centre crop to the store's size, the store's model, weights and
-normalisation, and the writer's float16 L2 normalisation (:func:`~hoverlay.stores.normalize_patches`)
+(:func:`~hoverlay.pipeline.preprocess.decode_image`: EXIF rotation, every mode to RGB, JPEG draft
+decoding where the store's preprocessing says ``jpeg_draft``), resize of the shorter side and
+centre crop to the store's size, the store's model, weights and normalisation, and the build's
+float16 L2 normalisation (:func:`~hoverlay.pipeline.tasks.unit_vectors`)
 — so the vectors of an image that is in the store equal its stored vectors (to float16 rounding)
 and its own patch comes back first with a score of ~1.
 
@@ -22,6 +23,7 @@ Nothing is ever written to the store. The model worker of the explorer
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hoverlay.errors import UsageError
-from hoverlay.stores import StoreReader, normalize_patches, open_store
+from hoverlay.stores import StoreReader, open_store
 from hoverlay.stores.errors import StoreMismatchError
 from hoverlay.stores.exports import (
     HIT_COLUMNS,
@@ -43,11 +45,12 @@ from hoverlay.stores.exports import (
 )
 from hoverlay.stores.query_wire import EmbeddedImage, EmbeddedLayer
 from hoverlay.stores.search import LayerSearch, TopK
-from hoverlay.stores.uploads import DEFAULT_MAX_BYTES, read_upload, validate_upload
+from hoverlay.stores.uploads import DEFAULT_MAX_BYTES, UploadError, read_upload, validate_upload
 
 from .models import ModelAdapter, load_model
 from .options import MAX_PIXELS
-from .preprocess import decode_image, resize_center_crop
+from .preprocess import ImageDecodeError, decode_image, draft_size, resize_center_crop
+from .tasks import unit_vectors
 
 #: Columns of an exported query, before :data:`~hoverlay.stores.exports.HIT_COLUMNS` and the
 #: store's metadata columns: the query image's file, its patch (-1, -1 for a box), the box
@@ -66,6 +69,8 @@ class StoreModel:
     geometry: dict[str, Any]          # layer -> stores.LayerGeometry
     model: dict[str, Any]             # the store's model record
     load_seconds: float = 0.0
+    #: JPEG draft decoding of the store's builds (``preprocess.draft_size``; None: full decode)
+    draft_to: int | None = None
 
 
 def load_store_model(store: str | os.PathLike[str] | StoreReader, *,
@@ -89,14 +94,15 @@ def load_store_model(store: str | os.PathLike[str] | StoreReader, *,
                                  f"{spec!r} here as {adapter.normalization.to_json()}: its vectors "
                                  f"would not compare; query with the hoverlay that built the store")
     adapter.check_layers(reader.layers)
-    return StoreModel(reader.url, adapter, int(attrs.image_size), list(reader.layers), dict(attrs.layers),
-                      dict(attrs.model), time.perf_counter() - t)
+    size = int(attrs.image_size)
+    return StoreModel(reader.url, adapter, size, list(reader.layers), dict(attrs.layers),
+                      dict(attrs.model), time.perf_counter() - t, draft_size(size, attrs.preprocessing))
 
 
 def embed_pixels(model: StoreModel, pixels: np.ndarray,
                  layers: Sequence[str] | None = None) -> dict[str, EmbeddedLayer]:
     """uint8 (S, S, 3) model input -> each layer's float16 unit vectors and float32 norms,
-    exactly as :func:`hoverlay.stores.writer.write_image_block` stores them."""
+    exactly as a build stores them (:func:`~hoverlay.pipeline.tasks.unit_vectors`)."""
     names = list(layers) if layers is not None else list(model.layers)
     unknown = [n for n in names if n not in model.geometry]
     if unknown:
@@ -105,43 +111,73 @@ def embed_pixels(model: StoreModel, pixels: np.ndarray,
         raise UnknownLayerError(f"unknown layer {unknown[0]!r}; store {model.url!r} has {model.layers}")
     # every stored layer, whichever are asked for: one extractor per store (torch.fx traces once
     # per layer set, ~0.1 s), and the forward to the deepest layer computes the others anyway
-    acts = model.adapter.extract(np.asarray(pixels, dtype=np.uint8)[None], model.layers)
-    out = {}
+    out = model.adapter.forward(np.asarray(pixels, dtype=np.uint8)[None], model.layers)
+    embedded = {}
     for name in names:
-        unit, norms = normalize_patches(acts[name][0])
+        unit, norms = unit_vectors(out[name])
         g = model.geometry[name]
-        if unit.shape != (g.height, g.width, g.dim):
-            raise StoreMismatchError(f"layer {name!r} of model {model.adapter.spec!r} gives {unit.shape} "
+        if unit.shape[1:] != (g.height, g.width, g.dim):
+            raise StoreMismatchError(f"layer {name!r} of model {model.adapter.spec!r} gives {unit.shape[1:]} "
                                      f"here, but the store holds {(g.height, g.width, g.dim)}")
-        out[name] = EmbeddedLayer(unit, norms)
-    return out
+        embedded[name] = EmbeddedLayer(unit[0], norms[0])
+    return embedded
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """An image decoded as a build decodes it: the model input and the original's size."""
+    """An image decoded as a build decodes it: the model input and the sizes a box maps through."""
 
     pixels: np.ndarray          # uint8 (S, S, 3)
-    width: int                  # the decoded (EXIF-rotated) image's size
+    width: int                  # the image file's size after EXIF rotation (box coordinates)
     height: int
+    decoded_width: int          # the decoded size (smaller where a JPEG was draft-decoded)
+    decoded_height: int
 
 
-def decode_for_store(data: bytes, size: int, *, name: str = "the image", max_bytes: int = DEFAULT_MAX_BYTES,
-                     max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Validate (the explorer's validator, :func:`hoverlay.stores.uploads.validate_upload`), then
-    decode, resize and crop with the build's own code."""
-    validate_upload(data, name=name, max_bytes=max_bytes, max_pixels=max_pixels)
-    img = decode_image(data, max_pixels)
-    return Decoded(resize_center_crop(img, size), int(img.size[0]), int(img.size[1]))
+def _problem(reason: str) -> str:
+    """The :class:`~hoverlay.stores.uploads.UploadError` case of a build's decode failure."""
+    low = reason.lower()
+    for words, problem in ((("empty",), "empty"), (("bomb", "too large"), "bomb"),
+                           (("not an image", "unrecognised"), "not-an-image")):
+        if any(w in low for w in words):
+            return problem
+    return "truncated"
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image file after its EXIF orientation, from the header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def decode_for_store(data: bytes, model: StoreModel, *, name: str = "the image",
+                     max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                     validated: bool = False) -> Decoded:
+    """Validate (:func:`hoverlay.stores.uploads.validate_upload`, unless the caller just did),
+    then decode, resize and crop with the build's own code and the store's draft setting."""
+    if not validated:
+        validate_upload(data, name=name, max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        img = decode_image(data, max_pixels, model.draft_to)
+        w, h = oriented_size(data)
+    except ImageDecodeError as exc:
+        label = " ".join(str(name).split())[:80]
+        raise UploadError(_problem(str(exc)), f"{label!r}: {exc}") from None
+    return Decoded(resize_center_crop(img, model.size), w, h, int(img.size[0]), int(img.size[1]))
 
 
 def embed_image(data: bytes, model: StoreModel, layers: Sequence[str] | None = None, *,
                 name: str = "the image", max_bytes: int = DEFAULT_MAX_BYTES,
-                max_pixels: int = MAX_PIXELS) -> EmbeddedImage:
+                max_pixels: int = MAX_PIXELS, validated: bool = False) -> EmbeddedImage:
     """An image file's bytes -> its vectors in each layer (default: all of the store's), with
     the model input pixels and timings; a bad file is an :class:`~hoverlay.stores.uploads.UploadError`."""
     t0 = time.perf_counter()
-    decoded = decode_for_store(data, model.size, name=name, max_bytes=max_bytes, max_pixels=max_pixels)
+    decoded = decode_for_store(data, model, name=name, max_bytes=max_bytes, max_pixels=max_pixels,
+                               validated=validated)
     t1 = time.perf_counter()
     layers_out = embed_pixels(model, decoded.pixels, layers)
     t2 = time.perf_counter()
@@ -221,14 +257,17 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
 
 
 def box_cells(box: tuple[int, int, int, int], image_wh: tuple[int, int], size: int,
-              grid: tuple[int, int]) -> list[tuple[int, int]]:
-    """Cells (y, x) of a layer's grid that a box in the original image's pixels overlaps, once
-    the image is resized (shorter side to ``size``) and centre-cropped as a build does it
+              grid: tuple[int, int], decoded_wh: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Cells (y, x) of a layer's grid that a box in the image file's pixels (``image_wh``, after
+    EXIF rotation) overlaps, once the image is decoded (``decoded_wh``: smaller for a JPEG
+    draft decode), resized (shorter side to ``size``) and centre-cropped as a build does it
     (:func:`~hoverlay.pipeline.preprocess.resize_center_crop`'s arithmetic)."""
-    w, h = image_wh
-    x0, y0, x1, y1 = box
-    if x1 > w or y1 > h:
-        raise UsageError(f"--box {','.join(map(str, box))} reaches beyond the image ({w}x{h} pixels)")
+    fw, fh = image_wh
+    bx0, by0, bx1, by1 = box
+    if bx1 > fw or by1 > fh:
+        raise UsageError(f"--box {','.join(map(str, box))} reaches beyond the image ({fw}x{fh} pixels)")
+    w, h = decoded_wh or image_wh
+    x0, x1, y0, y1 = bx0 * w / fw, bx1 * w / fw, by0 * h / fh, by1 * h / fh
     scale = size / min(w, h)
     nw, nh = max(size, math.ceil(w * scale - 1e-6)), max(size, math.ceil(h * scale - 1e-6))
     left, top = (nw - size) // 2, (nh - size) // 2
@@ -236,10 +275,10 @@ def box_cells(box: tuple[int, int, int, int], image_wh: tuple[int, int], size: i
     ax0, ax1 = max(0.0, x0 * nw / w - left), min(float(size), x1 * nw / w - left)
     ay0, ay1 = max(0.0, y0 * nh / h - top), min(float(size), y1 * nh / h - top)
     if ax1 <= ax0 or ay1 <= ay0:
-        sx0, sx1 = left * w / nw, (left + size) * w / nw
-        sy0, sy1 = top * h / nh, (top + size) * h / nh
+        sx0, sx1 = left * fw / nw, (left + size) * fw / nw
+        sy0, sy1 = top * fh / nh, (top + size) * fh / nh
         raise UsageError(f"--box {','.join(map(str, box))} lies outside the centre crop the model sees "
-                         f"(x {sx0:.0f}..{sx1:.0f}, y {sy0:.0f}..{sy1:.0f} of the {w}x{h} image)")
+                         f"(x {sx0:.0f}..{sx1:.0f}, y {sy0:.0f}..{sy1:.0f} of the {fw}x{fh} image)")
     gh, gw = grid
 
     def span(lo: float, hi: float, n: int) -> range:
@@ -291,15 +330,15 @@ def query_image(image: str | os.PathLike[str] | bytes, store: str | os.PathLike[
     t1 = time.perf_counter()
     sm = model if model is not None and model.url == reader.url else load_store_model(reader, device=device)
     t2 = time.perf_counter()
-    img = decode_image(data, max_pixels)
-    pixels = resize_center_crop(img, sm.size)
+    decoded = decode_for_store(data, sm, name=source, max_pixels=max_pixels, validated=True)
     t3 = time.perf_counter()
-    layers = embed_pixels(sm, pixels, [chosen])
+    layers = embed_pixels(sm, decoded.pixels, [chosen])
     t4 = time.perf_counter()
-    embedded = EmbeddedImage(pixels, layers, dict(sm.model), {"decode": t3 - t2, "forward": t4 - t3})
+    embedded = EmbeddedImage(decoded.pixels, layers, dict(sm.model), {"decode": t3 - t2, "forward": t4 - t3})
     unit = layers[chosen].vectors
     if the_box is not None:
-        cells = box_cells(the_box, (int(img.size[0]), int(img.size[1])), sm.size, (g.height, g.width))
+        cells = box_cells(the_box, (decoded.width, decoded.height), sm.size, (g.height, g.width),
+                          (decoded.decoded_width, decoded.decoded_height))
         mean = np.mean([unit[cy, cx].astype(np.float32) for cy, cx in cells], axis=0)
         norm = float(np.linalg.norm(mean))
         if norm <= 1e-12:

@@ -16,7 +16,9 @@ of uploads does not retry a slow failure — and the worker keeps serving other 
 Requests (header fields; the image file is blob 0 of an ``embed``):
 
 ``{"op": "embed", "id": n, "store": url, "layers": [..] | null, "name": text, "deadline": t,
-"storage_options": {..} | null, "max_bytes": n, "max_pixels": n}``
+"storage_options": {..} | null, "max_bytes": n, "max_pixels": n, "validated": bool}``
+    (``validated``: the client ran :func:`~hoverlay.stores.uploads.validate_upload` on these
+    bytes, so the worker decodes once, as the build does, instead of twice)
     answered ``{"id": n, "ok": true, pixels/layers/model/timings}`` + the arrays of
     :func:`~hoverlay.stores.query_wire.encode_embedding`, or ``{"id": n, "ok": false, "kind": …,
     "message": …}`` with kind ``upload`` (and ``problem``), ``model``, ``store``, ``expired``
@@ -121,7 +123,8 @@ class Worker:
             layers = header.get("layers")
             image = embed_image(blobs[0], model, layers, name=str(header.get("name") or "the upload"),
                                 max_bytes=int(header.get("max_bytes") or DEFAULT_MAX_BYTES),
-                                max_pixels=int(header.get("max_pixels") or DEFAULT_MAX_PIXELS))
+                                max_pixels=int(header.get("max_pixels") or DEFAULT_MAX_PIXELS),
+                                validated=bool(header.get("validated")))
             if fresh:
                 image.timings["load"] = loaded
             fields, arrays = encode_embedding(image)

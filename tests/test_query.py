@@ -74,9 +74,14 @@ sleepy_model = _Sleepy
 # ================================================================================== fixtures
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory) -> dict[str, str]:
-    """A store of 8 generated images, resnet18 (seeded random weights), layers layer2/layer3."""
+    """A store of 8 generated images and a 512-px JPEG (draft-decoded by the build: the query
+    must decode it the same way), resnet18 (seeded random weights), layers layer2/layer3."""
+    from hoverlay.pipeline.demo import skimage_data_dir
+
     root = tmp_path_factory.mktemp("r18")
     write_generated_images(str(root / "images"), 8, seed=11)
+    Image.open(os.path.join(skimage_data_dir(), "astronaut.png")).convert("RGB").save(
+        root / "images" / "gen" / "zz_astronaut.jpg", quality=90)
     store = str(root / "store.zarr")
     build(str(root / "images"), store, **R18)
     return {"store": store, "images": str(root / "images" / "gen"), "root": str(root)}
@@ -168,6 +173,10 @@ def test_cli_query_of_a_stored_images_own_file_finds_that_patch_first(r18, tmp_p
     assert len(hits["rank"]) == 6 and hits["query_source"][0] == image
     assert [int(hits[c][0]) for c in ("image", "y", "x")] == [5, 3, 5] and float(hits["score"][0]) > 0.999
     assert store_files(r18["store"]) == before  # nothing written to the store
+    jpeg = os.path.join(r18["images"], "zz_astronaut.jpg")
+    assert main(["query", jpeg, "--store", r18["store"], "--layer", "layer2", "--y", "2", "--x", "6"]) == EXIT_OK
+    first = capsys.readouterr().out.splitlines()[2].split()
+    assert first[2:5] == ["8", "2", "6"] and float(first[1]) > 0.999
 
     # the Python API: the default patch is the centre of the deepest layer; a box averages cells
     from hoverlay.pipeline.query import query_image
@@ -260,6 +269,11 @@ def test_worker_vectors_equal_a_direct_forward_pass_and_the_store(r18, worker):
         stored = reader.vectors(layer, [2])[0].astype(np.float32)  # the build padded its batch
         assert np.abs(vec.astype(np.float32) - stored).max() <= 2e-3
     assert set(got.timings) >= {"decode", "forward"}
+    # a JPEG the build decoded at a reduced DCT scale (the store's jpeg_draft): the same vectors
+    assert model.draft_to is not None
+    jpeg = worker.embed(Path(r18["images"], "zz_astronaut.jpg").read_bytes(), r18["store"], ["layer3"])
+    stored = reader.vectors("layer3", [8])[0].astype(np.float32)
+    assert np.abs(jpeg.layers["layer3"].vectors.astype(np.float32) - stored).max() <= 2e-3
     # only the layers asked for come back
     assert list(worker.embed(data, r18["store"], ["layer3"]).layers) == ["layer3"]
 
