@@ -18,7 +18,7 @@ from .format import (
     StoreAttrs,
     layer_path,
 )
-from .urls import ensure_filesystem, is_local
+from .urls import ensure_filesystem, is_local, storage_options_for
 
 
 def array(group: zarr.Group, path: str) -> zarr.Array:
@@ -33,8 +33,9 @@ def open_root(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r", storage_
     """Open the root group of an existing store; :class:`NotAStoreError` names the path otherwise."""
     ensure_filesystem(url)
     kwargs: dict[str, Any] = {}
-    if storage_options and not is_local(url):
-        kwargs["storage_options"] = storage_options
+    options = None if is_local(url) else storage_options_for(url, storage_options, small_objects=True)
+    if options:
+        kwargs["storage_options"] = options
     try:
         group = zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
