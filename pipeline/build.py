@@ -43,6 +43,7 @@ from hoverlay.stores.pixels import (
     parse_quality,
     pixel_codec_problem,
 )
+from hoverlay.stores.urls import storage_options_for
 from hoverlay.stores.writer import metadata_mismatch
 
 from .errors import BuildUsageError, PipelineError, SourceError
@@ -375,7 +376,7 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
     opts, url, so = plan.options, plan.url, plan.storage_options
     summary = BuildSummary(store=url, ignored=len(plan.found.ignored))
     with ExitStack() as stack:
-        stack.enter_context(StoreLock(url, storage_options=so))
+        lock = stack.enter_context(StoreLock(url, storage_options=so))  # refreshed by its heartbeat
         sched = _Scheduler(opts["scheduler"], opts["workers"], stack)  # unreachable: nothing created
         writer = _open_or_create(plan)
         if sched.dashboard:
@@ -422,6 +423,7 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
                 if item_metadata is not None:
                     lo, hi = wave[0][0] - start, wave[-1][1] - start
                     writer.write_metadata(wave[0][0], {c: v[lo:hi] for c, v in item_metadata.items()})
+                lock.check()  # taken over, or not refreshed for a while: never commit then
                 writer.commit(wave[-1][1])
                 summary.phases["table"] = summary.phases.get("table", 0.0) + time.perf_counter() - t_table
                 for row in rows:
@@ -470,10 +472,12 @@ def _open_or_create(plan: BuildPlan) -> StoreWriter:
     preprocessing = adapter.preprocessing() | {"size": plan.size}
     if plan.existing is None:
         assert plan.geometry is not None
+        # the store's S3 defaults (bounded requests, one GET per small object), as open_root's
+        so = storage_options_for(plan.url, plan.storage_options, small_objects=True)
         return create_store(plan.url, model=adapter.describe(),
                             preprocessing=preprocessing | {"jpeg_draft": JPEG_DRAFT_GAP},
                             image_size=plan.size, layers=plan.geometry, chunk=plan.chunk,
-                            storage_options=plan.storage_options, metadata=plan.metadata_kinds, pixels=plan.pixels)
+                            storage_options=so, metadata=plan.metadata_kinds, pixels=plan.pixels)
     if "jpeg_draft" in plan.existing.preprocessing:
         preprocessing["jpeg_draft"] = plan.existing.preprocessing["jpeg_draft"]
     writer = StoreWriter.open(plan.url, storage_options=plan.storage_options)
