@@ -8,6 +8,7 @@ shown; each view is a ``pn.viewable.Viewer`` holding that state and reacting to 
   (and its :class:`~explorer.groups_view.GroupsOverlay`);
 - :class:`~explorer.query_view.QueryPatchView`: the settled query in every shown layer;
 - :class:`~explorer.topk_panel.TopKPanel`: the dataset-wide nearest patches;
+- :class:`~explorer.upload_view.UploadView`: a query with any image (upload or allow-listed path);
 - :class:`~explorer.sweep_view.SweepView` and :class:`~explorer.compare.CompareView`: the case
   study tabs, offered when the stores support them.
 
@@ -31,6 +32,7 @@ from .query_view import QueryPatchView
 from .state import URL_PARAMETERS, ExplorerState
 from .sweep_view import SweepView, has_sweeps
 from .topk_panel import TopKPanel
+from .upload_view import UploadView
 from .url_state import UrlState
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ class ExplorerApp(pn.viewable.Viewer):
         self.grid = GridView(state=state)
         self.query_view = QueryPatchView(state=state)
         self.topk = TopKPanel(state=state)
-        main = pn.Column(self.controls.message, self.grid, self.query_view, self.topk, margin=(0, 0, 0, 16))
+        self.upload = UploadView(state=state)
+        main = pn.Column(self.controls.message, self.upload, self.grid, self.query_view, self.topk,
+                         margin=(0, 0, 0, 16))
         tabs = self._case_studies([str(u) for u in stores])
         if tabs:
             main.margin = (0, 0, 0, 0)

@@ -73,8 +73,13 @@ class _LRU:
 class OverlayEngine:
     """Similarity maps for one page of images and a set of shown layers."""
 
-    def __init__(self, reader: StoreReader, layers: Sequence[str], memo_size: int = 64):
+    def __init__(self, reader: StoreReader, layers: Sequence[str], memo_size: int = 64,
+                 external: Mapping[int, Mapping[str, PageBlock]] | None = None):
+        """``external``: images that are not in the store (uploads), by a negative id, each with
+        its layers' blocks; shared by reference, so an image added to it is seen at once. Ids
+        are never reused (the memo is keyed by them)."""
         self.reader = reader
+        self.external: Mapping[int, Mapping[str, PageBlock]] = external if external is not None else {}
         self._layers: list[str] = []
         self._page = np.empty(0, dtype=np.int64)
         self._page_generation = 0
@@ -127,6 +132,8 @@ class OverlayEngine:
 
     def image_block(self, image: int, layer: str) -> PageBlock:
         """One image's patches of one layer (for queries and the layer view), memoised."""
+        if int(image) in self.external:
+            return self.external[int(image)][layer]
         key = (int(image), layer)
         blk = self._image_blocks.get(key)
         if blk is None:
@@ -145,6 +152,12 @@ class OverlayEngine:
     # --------------------------------------------------------------------- queries
     def validate(self, query: Query) -> Query:
         """Raise :class:`stores.OutOfRangeError` / :class:`stores.UnknownLayerError` for a bad query."""
+        if query.image in self.external:
+            g = self.reader.geometry(query.layer)
+            if not (0 <= query.y < g.height and 0 <= query.x < g.width):
+                raise OutOfRangeError(f"patch ({query.y},{query.x}) is outside the {g.height}×{g.width} "
+                                      f"grid of {query.layer}")
+            return query
         self.reader.patch_id(query.layer, query.image, query.y, query.x)
         return query
 

@@ -73,7 +73,7 @@ class GridView(pn.viewable.Viewer):
         self.figures: list[LayerFigure] = []
         self.shown_images = np.empty(0, dtype=np.int64)
         self.path = HoverPath(False, 0, self.state.browser_hover_budget)
-        self.engine = OverlayEngine(self.state.reader, [])
+        self.engine = OverlayEngine(self.state.reader, [], external=self.state.external)
         # Rows that wrap: three layers of four 110 px columns are wider than a 1600 px window
         # beside the sidebar, and a Row would overflow it horizontally
         self._row = pn.Row(styles={"flex-wrap": "wrap", "gap": "4px 12px"}, sizing_mode="stretch_width")
@@ -118,7 +118,7 @@ class GridView(pn.viewable.Viewer):
         """(Re)build the figures: at start, and when the shown layers or the grid's shape change."""
         state, reader = self.state, self.state.reader
         if self.engine.reader is not reader:
-            self.engine = OverlayEngine(reader, [])
+            self.engine = OverlayEngine(reader, [], external=state.external)
             self._prefetch.clear()
         self.engine.set_layers(view.layers)
         hws = {name: state.hw(name) for name in view.layers}

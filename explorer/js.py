@@ -226,8 +226,9 @@ const ev = cb_obj;
   return;
 }
 const last = E.hover;
-if (hit === null) {
+if (hit === null) {  // off the tiles: the server's query (a rest, a pin, the query tile) draws next
   if (hov.data.fig.length) hov.data = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: []};
+  E.hover = null;
   return;
 }
 if (last !== null && last.bits === (c.fig.length ? vecs[0].data.v[0] : null)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import panel as pn
 import param
 from bokeh.models import ColumnDataSource
@@ -75,7 +74,7 @@ class QueryPatchView(pn.viewable.Viewer):
                         alpha=state.alpha, title=name, prefix="query", hover=False,
                         outline_source=self.mapped_source)
             for i, name in enumerate(view.layers)]
-        self.engine = OverlayEngine(state.reader, list(view.layers))
+        self.engine = OverlayEngine(state.reader, list(view.layers), external=state.external)
         self._row.objects = [pn.pane.Bokeh(f.plot) for f in self.figures]
         self._built_for = (view.grid, state.reader)
         self._image = -1
@@ -89,7 +88,7 @@ class QueryPatchView(pn.viewable.Viewer):
             if not self.figures:
                 self._build()
             if query.image != self._image:
-                self.shared.set_images(self.specs, state.reader.pixels(np.array([query.image])))
+                self.shared.set_images(self.specs, state.image_pixels(query.image))
                 self._image = query.image
             maps = self.engine.image_maps(query.image, query, view.function, state.sigmas(list(view.layers)))
             rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
@@ -103,9 +102,8 @@ class QueryPatchView(pn.viewable.Viewer):
                     rows[col].append(v)
                 fig.title.text = f"{fig.layer} ({y},{x})"  # short: the figure is one tile wide
             self.mapped_source.data = rows
-            label = state.labels[query.image]
-            self.head.object = (f"**Query patch in every shown layer**: #{query.image} "
-                                f"{as_plain_markdown(str(label))} "
+            self.head.object = (f"**Query patch in every shown layer**: "
+                                f"{as_plain_markdown(state.image_name(query.image))} "
                                 f"(outline: the cell it maps to in each layer)")
             self._row.visible = True
 

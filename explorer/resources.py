@@ -99,6 +99,12 @@ def set_storage_options(url: str, options: dict[str, Any] | None) -> None:
         _STORAGE_OPTIONS[str(url)] = dict(options)
 
 
+def storage_options_of(url: str) -> dict[str, Any] | None:
+    """The fsspec options a store is opened with (for the model worker, which opens it too)."""
+    opts = _STORAGE_OPTIONS.get(str(url))
+    return dict(opts) if opts else None
+
+
 def get_reader(url: str) -> StoreReader:
     """The process-wide reader of a store."""
     return cached("hoverlay-reader", _open_reader, url=str(url))

@@ -35,6 +35,7 @@ from .app import create_app
 from .guards import LoginPolicy
 from .guards import install as install_guards
 from .options import SERVER_ARGUMENTS, add_serve_arguments
+from .query_worker import QueryWorkerConfig, configure_shared_worker, shared_worker
 from .reload import DEFAULT_INTERVAL, watch_session
 from .resources import get_reader, set_storage_options
 from .session import register_session, show_session_error
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Keyword arguments of :func:`serve` that configure the app rather than the server.
 APP_OPTIONS = frozenset(name for name in ExplorerState.param if name not in ("name", "message", *OUTPUTS))
+#: How often Bokeh looks for sessions to discard (its default, 17 s, kept a closed page's memory).
+CLOSED_SESSION_CHECK_MS = 2000
 #: Environment variables Panel reads a cookie secret from (kept out of ``ps`` output).
 COOKIE_SECRET_ENV = ("PANEL_COOKIE_SECRET", "BOKEH_COOKIE_SECRET")
 
@@ -203,9 +206,18 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
         get_reader(url)  # fail fast, and warm the per-process cache the sessions share
     freeze_startup_heap()
     options = {k: kw.pop(k) for k in list(kw) if k in APP_OPTIONS}
+    for folder in options.get("query_folders", []):
+        if not os.path.isdir(folder):
+            raise ServeConfigError(f"--query-folder {folder!r} is not a folder")
+    # torch loads in the worker while the server starts; with --num-procs the children fork
+    # first and each starts its own on its first upload (a worker's pipes must not be shared)
+    if kw.pop("query_worker_start", False) and int(kw.get("num_procs") or 1) == 1:
+        shared_worker().start()
     install_guards(LoginPolicy(attempts=int(kw.pop("login_attempts", 5)), window=float(kw.pop("login_window", 300.0)),
                                delay=float(kw.pop("login_delay", 1.0))))
     kw.setdefault("title", "hoverlay explorer")
+    # closed pages' sessions (see guards.UserBoundWSHandler.on_close) go within this long
+    kw.setdefault("check_unused_sessions_milliseconds", CLOSED_SESSION_CHECK_MS)
     kw.setdefault("liveness", True)
     pn.config.exception_handler = show_session_error
     if int(kw.get("num_procs") or 1) != 1:
@@ -247,6 +259,9 @@ def main_serve(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in ("layer", "page_size", "ncols", "tile_px", "k", "cmap", "live_topk",
                                                 "browser_hover_budget")
                if getattr(args, name, None) is not None}
+    if getattr(args, "query_folder", None):
+        options["query_folders"] = [str(f) for f in args.query_folder]
+    configure_shared_worker(QueryWorkerConfig.from_args(args))
     try:
         extra = server_options(args)
         check_auth(extra)
@@ -259,6 +274,7 @@ def main_serve(args: argparse.Namespace) -> int:
     print(f"hoverlay explorer: http://{args.address}:{args.port}{prefix}/", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
         serve(args.stores, port=args.port, address=args.address, show=args.show,
+              query_worker_start=bool(getattr(args, "query_worker_start", False)),
               reload_interval=getattr(args, "reload_interval", DEFAULT_INTERVAL),
               storage_options=storage_options, **options, **extra)
     return 0

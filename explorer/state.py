@@ -36,7 +36,14 @@ from hoverlay.stores import StoreError
 
 from .damage import TolerantReader
 from .engine import OverlayEngine, Query, parse_query_text
-from .kernels import SIMILARITY_FUNCTIONS, QueryVector, color_range, images_by_best_patch
+from .kernels import (
+    SIMILARITY_FUNCTIONS,
+    PageBlock,
+    QueryVector,
+    color_range,
+    images_by_best_patch,
+    page_block,
+)
 from .options import DEFAULT_BROWSER_HOVER_BUDGET
 from .paging import (
     ALL_LABELS,
@@ -67,7 +74,7 @@ STATE_OPTIONS = ("layer", "query", "page", "function")
 #: Average width of a caption character (10 px font): captions are cut to one tile's width.
 CAPTION_PX_PER_CHAR = 6
 #: Outputs: set only by the state itself (options and URLs cannot name them).
-OUTPUTS = ("view", "current", "settled", "pinned", "search_now")
+OUTPUTS = ("view", "current", "settled", "pinned", "search_now", "upload")
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,12 @@ class ExplorerState(param.Parameterized):
         The query once the pointer rested or was pinned: the query-patch view and top-k show it.""")
     pinned = param.Boolean(default=False, doc="``current`` is a pinned query (not the pointer's).")
     search_now = param.Event(doc="Search top-k for the settled query now (button, k changed).")
+    upload = param.Integer(default=0, doc="""
+        Id of the image uploaded last (negative: not a store image; 0: none). Queries name its
+        patches like a store image's; its vectors come from the store's own model.""")
+    query_folders = param.List(default=[], item_type=str, doc="""
+        Server folders whose images a client may name by path as a query (an allow-list; empty:
+        uploads only). Never shown to the client.""")
 
     def __init__(self, stores: Sequence[str], url: dict[str, Any] | None = None,
                  hold: Callable[[], AbstractContextManager[Any]] | None = None, **params: Any):
@@ -192,6 +205,11 @@ class ExplorerState(param.Parameterized):
             raise ValueError(f"{bad} are set by the explorer, not options")
         self._hold = hold or contextlib.nullcontext
         self._hovered: Query | None = None  # the last hovered (or pinned) query, before validation
+        #: images not in the store (uploads) by negative id: their blocks, pixels and names
+        self.external: dict[int, dict[str, PageBlock]] = {}
+        self._external_pixels: dict[int, np.ndarray] = {}
+        self._external_names: dict[int, str] = {}
+        self._next_upload = -1
         self._ranked: np.ndarray | None = None
         self._ranked_for: tuple[Query, int] | None = None
         self._n_tabs = 1
@@ -277,7 +295,10 @@ class ExplorerState(param.Parameterized):
         self.active_layer = self.layer_names[0]  # the validated `layer`
         self._hovered = None
         self._ranked = self._ranked_for = None
-        self.engine = OverlayEngine(self.reader, [self.active_layer])  # query maths (image blocks only)
+        self.external.clear()  # another store's model: an upload is embedded again for it
+        self._external_pixels.clear()
+        self._external_names.clear()
+        self.engine = OverlayEngine(self.reader, [self.active_layer], external=self.external)
 
     def _load_table(self) -> None:
         table = self.reader.table()
@@ -628,6 +649,50 @@ class ExplorerState(param.Parameterized):
             if follow is not None:
                 self._hovered = follow
             self.query = ""
+
+    def add_upload(self, name: str, pixels: np.ndarray,
+                   layers: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+        """Make an uploaded image queryable: ``layers`` maps each of the store's layers to its
+        float16 (H, W, D) unit vectors and float32 (H, W) norms, as a build would store them.
+        Returns its id (negative, never reused) and publishes it as ``upload``."""
+        missing = [name for name in self.layer_names if name not in layers]
+        if missing:
+            raise ValueError(f"the upload lacks layers {missing}")
+        for layer, (vectors, _) in layers.items():
+            g = self.reader.geometry(layer)
+            if vectors.shape != (g.height, g.width, g.dim):
+                raise ValueError(f"upload vectors of {layer} are {vectors.shape}, the store's are "
+                                 f"{(g.height, g.width, g.dim)}")
+        uid, self._next_upload = self._next_upload, self._next_upload - 1
+        self.external[uid] = {layer: page_block(v[None], n[None]) for layer, (v, n) in layers.items()}
+        self._external_pixels[uid] = np.asarray(pixels, dtype=np.uint8)
+        self._external_names[uid] = str(name)
+        for old in [i for i in self.external if i != uid]:  # one upload at a time (memory)
+            if not (self._hovered is not None and self._hovered.image == old):
+                self.external.pop(old)
+                self._external_pixels.pop(old, None)
+                self._external_names.pop(old, None)
+        self.upload = uid
+        return uid
+
+    def is_upload(self, image: int) -> bool:
+        return int(image) in self.external
+
+    def image_name(self, image: int) -> str:
+        """How a message names an image: ``#id label``, or the uploaded file's name."""
+        if self.is_upload(image):
+            return f"the upload {self._external_names[int(image)]}"
+        return f"#{image} {self.labels[image]}".rstrip()
+
+    def image_pixels(self, image: int) -> np.ndarray:
+        """One image's model-input pixels (S, S, 3), a store image's or an upload's."""
+        if self.is_upload(image):
+            return self._external_pixels[int(image)][None]
+        return self.reader.pixels(np.array([int(image)]))
+
+    def query_vectors(self, query: Query, layers: Sequence[str]) -> dict[str, QueryVector]:
+        """The query's vector in each of ``layers`` (at its cell mapped there)."""
+        return self.engine.query_vectors(query, list(layers))
 
     def mapped(self, query: Query, layer: str) -> tuple[int, int]:
         """The query's cell in another layer (receptive-field centre mapping)."""

@@ -22,7 +22,7 @@ from .kernels import QueryVector
 from .resources import get_search
 from .session import Scheduler
 from .state import ExplorerState
-from .text import client_message
+from .text import as_plain_markdown, client_message
 from .topk import card_data, crop_png, search_hits
 from .topk_view import TopKCards
 
@@ -116,7 +116,9 @@ class TopKPanel(pn.viewable.Viewer):
 
     def _show(self, result: TopKResult) -> None:
         _, query, cards, warning, how = result
-        head = (f"**Top {len(cards)}** patches of the store closest to #{query.image} "
+        who = as_plain_markdown(self.state.image_name(query.image)) if self.state.is_upload(query.image) \
+            else f"#{query.image}"
+        head = (f"**Top {len(cards)}** patches of the store closest to {who} "
                 f"({query.y},{query.x}) in `{query.layer}` — cosine, {how}")
         if warning:
             head += f"  \n⚠ {warning}"

@@ -633,7 +633,12 @@ def _load_model_cached(spec: str, weights: str | None, device: str) -> ModelAdap
     elif spec.startswith("python:"):
         try:
             _, mod_name, factory = spec.split(":", 2)
-            module = getattr(importlib.import_module(mod_name), factory)()
+            # seeded, like ``weights=none``: a factory whose layers init randomly must build the
+            # same network in every process (Dask workers, the explorer's query worker) or one
+            # store would mix activations of different networks
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                module = getattr(importlib.import_module(mod_name), factory)()
         except (ValueError, ImportError, AttributeError) as exc:
             raise ModelSpecError(f"cannot build model from {spec!r} (want python:<module>:<factory>): "
                                  f"{exc}") from exc

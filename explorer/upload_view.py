@@ -1,0 +1,243 @@
+"""Query with any image: an upload (drag and drop, or a file picker) or an allow-listed server path.
+
+The image is embedded by the process's model worker (:mod:`explorer.query_worker`: this process
+never imports torch) with the store's own model, preprocessing and layers, then shown as the
+*query tile*, one figure per shown layer. Hovering it sets the query of every tile of the page:
+its patch's vector goes to the browser once per patch change (the browser path then draws every
+map of the page itself) or, on the server path, the server draws them; a rest brings the
+query-patch view and the top-k of the whole store, as for a store image. Nothing is written to
+the store. A bad file, a store whose model cannot be loaded here, a busy or slow worker: a
+message, and the rest of the page keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import panel as pn
+import param
+from bokeh.models import ColumnDataSource
+
+from hoverlay.stores.query_wire import EmbeddedImage
+from hoverlay.stores.uploads import UploadError, read_upload, resolve_allowed_path
+
+from .engine import OverlayEngine, Query
+from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .query_worker import QueryWorkerError, shared_worker
+from .resources import cached, storage_options_of
+from .session import Scheduler
+from .state import ExplorerState
+from .text import as_plain_markdown, client_message
+from .widgets import button, labelled
+
+log = logging.getLogger(__name__)
+
+#: The query tile is at least this many pixels wide.
+MIN_TILE_PX = 150
+HINT = ("**Query with your own image**: drop an image here (or click to choose one); it is embedded "
+        "with this store's model and nothing is stored")
+
+
+def _executor() -> ThreadPoolExecutor:
+    return cached("hoverlay-upload-wait", lambda: ThreadPoolExecutor(max_workers=4,
+                                                                      thread_name_prefix="hoverlay-upload"))
+
+
+class UploadView(pn.viewable.Viewer):
+    """The drop zone, the optional server-path input, and the uploaded image as a hoverable tile."""
+
+    state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._doc = pn.state.curdoc
+        self._scheduler = Scheduler(self._doc)
+        self._rest: Any = None
+        self._last_click = 0
+        self._busy = False
+        self.figures: list[LayerFigure] = []
+        self._built_for: tuple[Any, ...] | None = None
+        self._uid = 0
+        worker = shared_worker()
+        self.dropper = pn.widgets.FileDropper(
+            accepted_filetypes=["image/*"], multiple=False, max_file_size=f"{worker.config.max_bytes // 2**20}MB",
+            layout="compact", height=90, width=300, margin=(4, 10))
+        self.dropper.param.watch(self._on_drop, "value")
+        self.status = pn.pane.Markdown(HINT, margin=(4, 10), css_classes=["hoverlay-upload-status"],
+                                       sizing_mode="stretch_width")
+        inputs: list[Any] = [self.dropper]
+        if self.state.query_folders:
+            self.path_input = pn.widgets.TextInput(**labelled(pn.widgets.TextInput, "Image on the server"),
+                                                   placeholder="path inside the allowed folders", width=240)
+            open_b = button("Query", width=70)
+            open_b.on_click(lambda e: self.open_path(self.path_input.value))
+            inputs.append(pn.Row(self.path_input, pn.Column(open_b, margin=(18, 0, 0, 0))))
+        self.mapped_source = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="upload-mapped")
+        self._image = 0  # the upload the tile shows
+        self._last_drop: tuple[str, int, bytes] | None = None
+        self._row = pn.Row(styles={"flex-wrap": "wrap", "gap": "4px 12px"}, visible=False)
+        self._layout = pn.Column(self.status, pn.Row(*inputs, self._row, styles={"flex-wrap": "wrap"}),
+                                 margin=(0, 0, 8, 0), sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+    # ================================================================== getting an image
+    def _on_drop(self, event: param.parameterized.Event) -> None:
+        files = dict(event.new or {})
+        if not files:
+            return
+        # the dropper may still list earlier files (its value is updated in place): the one
+        # dropped is the last, and a value event for the file already taken is not a new drop
+        name, data = list(files.items())[-1]
+        raw = bytes(data) if not isinstance(data, str) else data.encode()
+        key = (str(name), len(raw), raw[:256])
+        if key == self._last_drop:
+            return
+        self._last_drop = key
+        self.submit(raw, str(name))
+
+    def open_path(self, text: str) -> None:
+        """Query with an image of an allow-listed server folder (never an arbitrary path)."""
+        try:
+            path = resolve_allowed_path(str(text or ""), self.state.query_folders)
+            cfg = shared_worker().config
+            data, _ = read_upload(path, name=str(text), max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)
+        except UploadError as exc:
+            self._say(exc.public)
+            return
+        self.submit(data, str(text))
+
+    def submit(self, data: bytes, name: str) -> None:
+        """Embed in the worker, show when done. The event loop never waits: the worker client
+        validates the file on its own thread (a 60-megapixel photo takes a second to decode) and
+        a bad one fails the future with its message."""
+        if self._busy:
+            self._say("an image is being embedded already: wait for it")
+            return
+        self._busy = True
+        store = str(self.state.store)
+        self.status.object = f"embedding {as_plain_markdown(name)} with this store's model…"
+        future: Future[EmbeddedImage] = shared_worker().submit(data, store, None, name=name,
+                                                                storage_options=storage_options_of(store))
+        self._scheduler.in_thread(_executor(), future.result, done=lambda r, e: self._embedded(store, name, r, e))
+
+    def _embedded(self, store: str, name: str, result: EmbeddedImage | None, error: BaseException | None) -> None:
+        self._busy = False
+        if error is not None:
+            text = error.public if isinstance(error, (QueryWorkerError, UploadError)) else client_message(error)
+            log.warning("query image %r failed: %s", name, error)
+            self._say(text)
+            return
+        assert result is not None
+        if store != str(self.state.store):
+            self._say("the store changed while the image was embedded: upload it again")
+            return
+        layers = {k: (v.vectors, v.norms) for k, v in result.layers.items()}
+        self._uid = self.state.add_upload(name, result.pixels, layers)
+        self.status.object = (f"**Query image** {as_plain_markdown(name)}: hover it to query every image "
+                              f"of the page; click to pin")
+        self._show()
+
+    def _say(self, text: str) -> None:
+        self.status.object = f"⚠ {as_plain_markdown(text)}"
+
+    # ===================================================================== the query tile
+    @param.depends("state.view", "state.settled", "state.current", watch=True)
+    def _refresh(self) -> None:
+        view = self.state.view
+        if view is None or not self._uid:
+            return
+        if not self.state.is_upload(self._uid):  # another store: its model would embed it anew
+            self._uid, self.figures, self._built_for = 0, [], None
+            self._row.objects, self._row.visible = [], False
+            self.status.object = HINT
+            return
+        self._show()
+
+    def _build(self) -> None:
+        state, view = self.state, self.state.view
+        assert view is not None
+        hws = {name: state.hw(name) for name in view.layers}
+        self.specs = grid_specs(hws, 1, 1, state.reader.image_size, max(view.tile_px, MIN_TILE_PX))
+        self.shared = SharedSources.create("upload")
+        self.shared.pointer.on_change("data", self._on_pointer)
+        pal = palette(state.cmap)
+        self.figures = [LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal,
+                                    clim=state.clim(name), alpha=state.alpha, title=name, prefix="upload",
+                                    outline_source=self.mapped_source)
+                        for i, name in enumerate(view.layers)]
+        self.engine = OverlayEngine(state.reader, list(view.layers), external=state.external)
+        self._row.objects = [pn.pane.Bokeh(f.plot) for f in self.figures]
+        self._built_for = (view.grid, view.active_layer, state.reader)
+        self._image = 0
+
+    def _show(self) -> None:
+        """The upload's tile and its similarity to the query shown (its own patch, or a store's)."""
+        state, view = self.state, self.state.view
+        assert view is not None
+        with pn.io.hold(self._doc):
+            if (view.grid, view.active_layer, state.reader) != self._built_for:
+                self._build()
+            if self._image != self._uid:
+                self.shared.set_images(self.specs, state.image_pixels(self._uid), [""])
+                self.shared.set_config(self.specs, view.active_layer, 1)
+                self._image = self._uid
+            q = state.current
+            maps = self.engine.image_maps(self._uid, q, view.function, state.sigmas(list(view.layers))) \
+                if q is not None else {}
+            rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
+            for fig in self.figures:
+                fig.set_colors(clim=state.clim(fig.layer))
+                fig.colorbar.title = view.function
+                fig.set_maps(maps.get(fig.layer), 1)
+                if q is not None and q.image == self._uid:
+                    y, x = state.mapped(q, fig.layer)
+                    for col, v in (("fig", fig.layer), ("tile", 0), ("y", y), ("x", x),
+                                   *fig.spec.outline(0, y, x).items()):
+                        rows[col].append(v)
+            self.mapped_source.data = rows
+            self._row.visible = True
+
+    @param.depends("state.cmap", "state.alpha", watch=True)
+    def _on_colors(self) -> None:
+        pal = palette(self.state.cmap)
+        with pn.io.hold(self._doc):
+            for fig in self.figures:
+                fig.set_colors(pal)
+                fig.set_alpha(self.state.alpha)
+
+    def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:
+        """The pointer on the query tile: a patch of the snapping layer, or a click (pin / unpin).
+        The row is client input: anything but tile 0 and a cell of the grid is dropped."""
+        view = self.state.view
+        if view is None or not self.state.is_upload(self._uid):
+            return
+        try:
+            tile, y, x, click = (int(new[c][0]) for c in ("tile", "y", "x", "click"))
+        except (KeyError, IndexError, TypeError, ValueError):
+            return
+        h, w = self.state.hw(view.active_layer)
+        if tile != 0 or not (0 <= y < h and 0 <= x < w):
+            return
+        query = Query(self._uid, y, x, view.active_layer)
+        if click != self._last_click:
+            self._last_click = click
+            self.state.click(query)
+            return
+        if self.state.query:
+            return
+        self.state.hover(query)
+        self._scheduler.cancel(self._rest)
+        self._rest = self._scheduler.later(self.state.rest, self.state.topk_delay_ms)
+
+    def image_maps(self) -> dict[str, np.ndarray]:
+        """The query tile's maps for the current query (tests read what the figures hold)."""
+        q = self.state.current
+        view = self.state.view
+        if q is None or view is None or not self._uid:
+            return {}
+        return self.engine.image_maps(self._uid, q, view.function, self.state.sigmas(list(view.layers)))

@@ -1,0 +1,126 @@
+"""Query the explorer with any image (#15 part 2), without a browser: a real store built by the
+pipeline, the real model worker process, the explorer's state and views.
+
+The uploaded image becomes the query tile; hovering it sets the query of every tile of the page
+(here on the server path, so the overlays can be read back), a rest brings the top-k of the whole
+store; a bad file is a message and changes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_generated_images
+from PIL import Image
+
+from hoverlay.explorer.engine import Query
+from hoverlay.explorer.query_worker import QueryWorkerConfig, configure_shared_worker, shared_worker
+from hoverlay.pipeline.build import build
+from hoverlay.stores import open_store
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("upload")
+    images = write_generated_images(str(root / "images"), 6, seed=21, size=(96, 96))
+    store = str(root / "store.zarr")
+    build(str(root / "images"), store, model="python:test_query:tiny_model", layers=["1", "3"],
+          size=64, quiet=True)
+    configure_shared_worker(QueryWorkerConfig(threads=1, timeout=120.0, env={"PYTHONPATH": TESTS}))
+    yield {"store": store, "image": images[2], "root": str(root)}
+    shared_worker().close()
+    configure_shared_worker(QueryWorkerConfig())
+
+
+def png_bytes(path: str, angle: float = 0.0) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).rotate(angle).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay(fig, s: int) -> np.ndarray:
+    """Per-tile maps cut out of a figure's overlay mosaic, located from the image tiles' positions."""
+    data, rgb = fig.source.data, fig.shared.rgb.data
+    mosaic = np.asarray(data["image"][0])[::-1]  # Bokeh row 0 is the bottom
+    rows, cols = mosaic.shape
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(s / cell_h), round(s / cell_w)
+    out = []
+    for x0, y0 in zip(rgb[f"x:{fig.layer}"], rgb[f"y:{fig.layer}"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - s) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def store_files(store: str) -> dict[str, tuple[int, float]]:
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(store) for f in files}
+
+
+def test_an_upload_is_the_query_tile_and_queries_every_tile_of_the_page(tiny_store):
+    from hoverlay.explorer.app import create_app
+
+    store = tiny_store["store"]
+    before = store_files(store)
+    app = create_app(store, page_size=4, ncols=2, browser_hover_budget=0, k=3).app  # the server draws
+    app.upload.submit(png_bytes(tiny_store["image"], angle=15), "rotated <b>cat</b>.png")
+    state = app.state
+    uid = state.upload
+    assert uid < 0 and state.is_upload(uid)
+    assert [f.layer for f in app.upload.figures] == ["1", "3"]
+    assert "rotated &lt;b&gt;cat&lt;/b&gt;" in app.upload.status.object  # shown as text, never as HTML
+    # hover a patch of the query tile: the page's overlays are its similarity to every page patch
+    app.upload._on_pointer("data", None, {"tile": [0], "y": [3], "x": [5], "click": [0]})
+    assert state.current == Query(uid, 3, 5, "1")
+    reader = open_store(store)
+    page = state.page_ids()
+    q_vec = state.external[uid]["1"].vectors[3 * 16 + 5].astype(np.float64)  # the upload's own vector
+    page_vecs = reader.vectors("1", page).astype(np.float64)
+    want = np.einsum("nhwd,d->nhw", page_vecs, q_vec) / np.maximum(np.linalg.norm(q_vec), 1e-12)
+    fig = next(f for f in app.grid.figures if f.layer == "1")
+    np.testing.assert_allclose(overlay(fig, reader.image_size), want, atol=2e-3)  # what the figure holds
+    # the query tile shows its own self-similarity: 1 at the hovered patch
+    own = app.upload.image_maps()["1"][0]
+    assert own[3, 5] == pytest.approx(1.0, abs=1e-3)
+    # a rest: the top-k of the whole store for the upload's patch, headed by its (escaped) name
+    cards = app.topk.cards.cards
+    assert len(cards) == 3 and "the upload" in app.topk.head.object and "<b>" not in app.topk.head.object
+    scores = [c["score"] for c in cards]
+    assert scores == sorted(scores, reverse=True)
+    # a click pins the upload's patch; the pin is a query like any other
+    app.upload._on_pointer("data", None, {"tile": [0], "y": [3], "x": [5], "click": [1]})
+    assert state.query == f"{uid},3,5" and state.pinned
+    assert store_files(store) == before  # nothing was written to the store
+
+
+@pytest.mark.parametrize(("kind", "says"), [("empty", "is empty"), ("truncated", "truncated"),
+                                            ("text", "not an image")])
+def test_a_bad_upload_is_a_message_and_changes_nothing(tiny_store, kind, says):
+    from hoverlay.explorer.app import create_app
+
+    whole = png_bytes(tiny_store["image"])
+    data = {"empty": b"", "truncated": whole[: len(whole) // 2], "text": b"hello, I am text"}[kind]
+    app = create_app(tiny_store["store"], page_size=4).app
+    app.upload.submit(data, "evil.png")
+    assert says in app.upload.status.object
+    assert app.state.upload == 0 and app.upload.figures == []
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [1], "x": [1], "click": [0]})  # the page still works
+    assert app.state.current == Query(int(app.state.page_ids()[1]), 1, 1, "1")
+
+
+def test_a_path_outside_the_allowed_folders_is_refused_without_naming_server_paths(tiny_store):
+    from hoverlay.explorer.app import create_app
+
+    allowed = os.path.dirname(tiny_store["image"])
+    app = create_app(tiny_store["store"], page_size=4, query_folders=[allowed]).app
+    app.upload.open_path("../../../etc/passwd")
+    assert "not a file in the folders this server allows" in app.upload.status.object
+    assert allowed not in app.upload.status.object and app.state.upload == 0
+    app.upload.open_path(os.path.basename(tiny_store["image"]))  # relative to the allowed folder
+    assert app.state.upload < 0

@@ -1,0 +1,138 @@
+"""Query with any image in a real Chromium against a real server and its real model worker (#15).
+
+A store built by the pipeline (a two-conv model at 64 px, so the worker starts in seconds), the
+server started with ``--query-worker-start``. A file goes in through the page's file input; the
+overlays the browser then holds are compared with a float64 reference computed here from the
+store's vectors and a direct forward pass of the same image with the store's model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser_models import model_data
+from conftest import CHROMIUM, write_generated_images
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = str(ROOT / "tests")
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+from bench.servers import serve_explorer  # noqa: E402
+
+pytestmark = pytest.mark.ui
+pytest.importorskip("playwright.sync_api")
+if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+S, PAGE = 64, 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, str]:
+    from hoverlay.pipeline.build import build
+
+    root = tmp_path_factory.mktemp("upload-ui")
+    images = write_generated_images(str(root / "images"), 6, seed=31, size=(96, 96))
+    store = str(root / "store.zarr")
+    sys.path.insert(0, TESTS)  # python:test_query:tiny_model
+    build(str(root / "images"), store, model="python:test_query:tiny_model", layers=["1", "3"], size=S, quiet=True)
+    query = str(root / "query.png")
+    Image.open(images[3]).rotate(25).save(query)  # not in the store
+    bad = str(root / "notes.png")
+    Path(bad).write_bytes(b"these are notes, not pixels")
+    return {"store": store, "query": query, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def server(built, tmp_path_factory):
+    server = serve_explorer([built["store"]], "--page-size", str(PAGE), "--ncols", "4", "--tile-px", "90",
+                            "--query-worker-start", "--query-threads", "1",
+                            log_dir=tmp_path_factory.mktemp("logs"), env={"PYTHONPATH": TESTS}, timeout=90)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1200})
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(server)
+    pg.wait_for_function("""() => window.Bokeh !== undefined && Bokeh.documents.length > 0
+        && Bokeh.documents[0].get_model_by_name('grid-rgb') !== null
+        && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0""")
+    yield pg
+    ctx.close()
+
+
+def overlays(page, layer: str) -> np.ndarray:
+    """Per-tile maps the browser holds for a layer of the main grid (n, H, W)."""
+    data, rgb = model_data(page, f"grid-overlay:{layer}"), model_data(page, "grid-rgb")
+    img = data["image"][0]
+    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
+    rows, cols = mosaic.shape
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(S / cell_h), round(S / cell_w)
+    out = []
+    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def upload_point(page, py: float, px: float) -> tuple[float, float]:
+    """Viewport coordinates of pixel (px, py) of the query tile (figure ``upload:1``)."""
+    return page.evaluate("""([px, py]) => {
+        const pv = Bokeh.index.query_one(v => v.model.name === 'upload:1');
+        const rgb = Bokeh.documents[0].get_model_by_name('upload-rgb').data;
+        const x = rgb['x:1'][0] + px, y = rgb['y:1'][0] + rgb.dh[0] - py;
+        const r = pv.el.getBoundingClientRect();
+        return [r.left + pv.frame.x_scale.compute(x), r.top + pv.frame.y_scale.compute(y)];
+    }""", [px, py])
+
+
+def test_an_uploaded_image_queries_the_page_and_the_store(page, built):
+    from hoverlay.pipeline.query import embed_image, load_store_model
+    from hoverlay.stores import open_store
+
+    page.locator("input[type=file]").first.set_input_files(built["query"])
+    page.get_by_text("hover it to query every image of the page").wait_for()
+    page.wait_for_function("""() => Bokeh.index.query_one(v => v.model.name === 'upload:1') !== null
+        && Bokeh.documents[0].get_model_by_name('upload-rgb').data.image.length === 1""")
+    before = model_data(page, "grid-overlay:1")["image"][0]["values"]
+    y, x = 9, 6  # a cell of layer "1" (16x16): the pointer snaps to it on the query tile
+    sx, sy = upload_point(page, (y + 0.5) * S / 16, (x + 0.5) * S / 16)
+    page.mouse.move(sx, sy, steps=4)
+    page.wait_for_function("""() => {
+        const d = Bokeh.documents[0].get_model_by_name('upload-pointer').data;
+        return d.tile[0] === 0 && d.y[0] === Y && d.x[0] === X; }""".replace("Y", str(y)).replace("X", str(x)))
+    page.get_by_text("patches of the store closest to the upload query.png").wait_for()
+    reader = open_store(built["store"])
+    ids = list(range(PAGE))
+    emb = embed_image(Path(built["query"]).read_bytes(), load_store_model(built["store"]))
+    for layer, (h, w) in (("1", (16, 16)), ("3", (8, 8))):
+        yi, xi = min(h - 1, int((y + 0.5) * h / 16)), min(w - 1, int((x + 0.5) * w / 16))
+        q = emb.layers[layer].vectors[yi, xi].astype(np.float64)
+        want = np.einsum("nhwd,d->nhw", reader.vectors(layer, ids).astype(np.float64), q) / np.linalg.norm(q)
+        np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, err_msg=layer)
+    assert model_data(page, "grid-overlay:1")["image"][0]["values"] != before
+    cards = page.locator(".topk-item")
+    assert cards.count() >= 1
+
+
+def test_a_bad_upload_says_why_and_the_page_keeps_working(page, built):
+    page.locator("input[type=file]").first.set_input_files(built["bad"])
+    page.get_by_text("is not an image Pillow can read").wait_for()
+    assert model_data(page, "grid-rgb")["image"]  # the page is still there
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    page.locator("input[type=file]").first.set_input_files(
+        files=[{"name": "half.png", "mimeType": "image/png", "buffer": buf.getvalue()[:60]}])
+    page.get_by_text("truncated or corrupt").wait_for()
