@@ -199,8 +199,51 @@ def register_session(app: Any, doc: Any) -> bool:
     if doc is None or getattr(doc, "session_context", None) is None:
         return False
     _SESSIONS[doc] = app
-    doc.on_session_destroyed(lambda context: _SESSIONS.pop(doc, None))
+    doc.on_session_destroyed(lambda context: _forget(doc))
     return True
+
+
+#: Seconds after the last session destroyed in a burst before memory goes back to the system.
+RELEASE_DELAY_S = 1.0
+_release_pending = False
+
+
+def _forget(doc: Any) -> None:
+    _SESSIONS.pop(doc, None)
+    _schedule_release()
+
+
+def _schedule_release() -> None:
+    """Give a closed burst of sessions' memory back once (not per session)."""
+    global _release_pending
+    if _release_pending:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _release_pending = True
+    loop.call_later(RELEASE_DELAY_S, release_memory)
+
+
+def release_memory() -> None:
+    """Collect the destroyed sessions' cycles and return freed heap pages to the system.
+
+    A session's objects are cycles (param watchers, Bokeh models and their documents), so they go
+    only at a collection; their page arrays (~15 MB of vectors and pixels) come from glibc's heap
+    once its mmap threshold has grown past them, and stay in the process until ``malloc_trim``.
+    Measured: 20 sessions closed, RSS +64 MB that neither a collection nor time gave back.
+    """
+    global _release_pending
+    _release_pending = False
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 def sessions() -> list[tuple[Any, Any]]:
