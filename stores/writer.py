@@ -288,8 +288,9 @@ class BlockWriter:
 
     def __init__(self, group: zarr.Group, layers: Mapping[str, LayerGeometry]):
         self.layers = dict(layers)
-        self.pixels = array(group, PIXELS)
-        self.arrays = {name: (array(group, layer_path(name, "vectors")), array(group, layer_path(name, "norms")))
+        self.pixels = _writing(array(group, PIXELS))
+        self.arrays = {name: (_writing(array(group, layer_path(name, "vectors"))),
+                              _writing(array(group, layer_path(name, "norms"))))
                        for name in self.layers}
 
     def write(self, start: int, pixels: np.ndarray,
@@ -319,6 +320,14 @@ class BlockWriter:
             vec, nrm = self.arrays[name]
             vec[start:start + len(unit)] = unit
             nrm[start:start + len(unit)] = np.asarray(norms, dtype=np.float32)
+
+
+def _writing(arr: zarr.Array) -> zarr.Array:
+    """The array with ``write_empty_chunks``: Zarr otherwise compares every chunk with the fill
+    value before encoding it (``np.array_equal`` with NaN handling), which cost more CPU than
+    blosc itself on float16 vectors (py-spy: 4.5% vs 1.5% of a write loop's samples; the write
+    ~20% cheaper without it). An all-zero chunk — a failed image's — is then stored, a few bytes."""
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def metadata_mismatch(url: str, own: Mapping[str, str], kinds: Mapping[str, str] | None) -> str | None:
