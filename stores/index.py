@@ -37,12 +37,21 @@ MIN_POINTS_PER_CENTROID = 39
 #: 2-core machine at D=112, several times that at D=512: hours at 10M) outweighs its search
 #: speed, and IVF lists (minutes at 10M, docs/performance.md) take over.
 HNSW_MAX_VECTORS = 2_000_000
-#: Graph degree and construction beam of the HNSW indexes the ladder builds. efConstruction 80
-#: (FAISS's default is 40) lifts the recall a given efSearch reaches — at 100k x 512 an M=32
-#: graph built at 40 plateaus at recall@32 0.974 — for about twice the build time.
+#: Graph degree of the HNSW indexes the ladder builds (then a smaller one for tight budgets).
 HNSW_M = 32
 HNSW_SMALL_M = 16
-HNSW_EF_CONSTRUCTION = 80
+
+
+def hnsw_ef_construction(dim: int) -> int:
+    """The construction beam for a graph over D-dimensional vectors, as measured on the
+    benchmark's clusters (100k held-out queries, recall@32, fp16 codes, M=32): at D=112
+    FAISS's default 40 is best at small efSearch (efSearch 16: 0.954, where 64 gives 0.888
+    and 100 gives 0.902) and reaches 0.99 by efSearch 32; at D=512 a beam of 40 leaves the
+    graph too sparse (recall plateaus at 0.974-0.980, even at efSearch 256) and 128 reaches
+    0.990 at efSearch 48, at the same speed at 0.95. Wide vectors get 128."""
+    return 40 if dim <= 256 else 128
+
+
 #: efSearch tuning stops here (a search of this beam costs milliseconds at 1M vectors).
 MAX_EF_SEARCH = 4096
 
@@ -167,9 +176,9 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
 
     - up to FLAT_MAX_VALUES: an exact scan (``IDMap,Flat``, then ``IDMap,SQfp16``);
     - up to HNSW_MAX_VECTORS: an HNSW graph over fp16 copies of the stored vectors
-      (``IDMap,HNSW32_SQfp16``, efConstruction 80). Its scores are exact (the stored vectors
-      are fp16) and it beats FAISS's HNSW32 over float32 at every recall (bench.index): the
-      same graph, half the bytes read per distance. Then the smaller M=16 graph;
+      (``IDMap,HNSW32_SQfp16``, efConstruction :func:`hnsw_ef_construction`). Its scores are
+      exact (the stored vectors are fp16); against FAISS's HNSW32 over float32 it is the same
+      graph (at D ≤ 256) reading half the bytes per distance (bench.index). Then M=16;
     - IVF with K ≈ 4·√n lists (an HNSW coarse quantizer past 4096): ``Flat``, ``SQ8`` with the
       fp16 re-rank file, ``SQfp16`` (exact, no file);
     - then compressed codes whose re-rank file no longer fits: ``SQ8``, ``SQ4``, OPQ+PQ (m
@@ -195,10 +204,11 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
         add("IDMap,Flat", f"exact scan: {n:,} x {dim} values is as fast as a graph search")
         add("IDMap,SQfp16", "exact scan of fp16 copies (the float32 scan does not fit)")
     if n <= HNSW_MAX_VECTORS and n > 1:
-        add(f"IDMap,HNSW{HNSW_M}_SQfp16", f"HNSW graph over fp16 codes (exact scores, no re-rank file): "
-            f"fastest at matched recall up to {HNSW_MAX_VECTORS:,} vectors", ef=HNSW_EF_CONSTRUCTION)
+        ef = hnsw_ef_construction(dim)
+        add(f"IDMap,HNSW{HNSW_M}_SQfp16", f"HNSW graph over fp16 codes (exact scores, no re-rank file, "
+            f"efConstruction {ef}): fastest at matched recall up to {HNSW_MAX_VECTORS:,} vectors", ef=ef)
         add(f"IDMap,HNSW{HNSW_SMALL_M}_SQfp16", f"HNSW graph of degree {HNSW_SMALL_M} over fp16 codes "
-            f"(the degree-{HNSW_M} graph does not fit)", ef=HNSW_EF_CONSTRUCTION)
+            f"(the degree-{HNSW_M} graph does not fit)", ef=ef)
     k = nlist_for(n)
     coarse = f"IVF{k}_HNSW32" if k > HNSW_QUANTIZER_FROM else f"IVF{k}"
     big = "" if n <= HNSW_MAX_VECTORS else f" (past {HNSW_MAX_VECTORS:,} vectors a graph takes hours to build)"

@@ -139,3 +139,33 @@ def test_an_exact_index_reports_recall_one_when_vectors_repeat(tmp_path):
     reader = open_store(tmp_path / "s")
     meta = update_index(reader, "l", factory="IDMap,Flat", n_queries=96, k=10).meta
     assert meta.recall.exact_index and meta.recall.value == 1.0, meta.recall
+
+
+def test_bench_queries_are_held_out_of_the_store_and_the_build_probe_of_the_index(small):
+    """#16: bench.index measured its 'held-out' recall with exclude=None (queries could be
+    training points). Its queries are now fresh draws never stored, and asserted so."""
+    from bench.index import assert_held_out, autofaiss_choice, held_out_queries, matched_setting
+    from hoverlay.pipeline.indexing import _sample_patches
+
+    stored = small.vectors("l", slice(0, small.n_images)).reshape(-1, 32).astype(np.float32)
+    queries = held_out_queries(50, 32, 8)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1, atol=2e-3)  # unit, fp16-rounded
+    nearest = stored[np.argmax(queries @ stored.T, axis=1)]
+    assert_held_out(queries, nearest)
+    assert (queries @ stored.T).max() < 1 - 1e-4  # no stored vector equals a query
+    with pytest.raises(AssertionError, match="not held out"):
+        assert_held_out(np.vstack([queries, stored[:1]]), np.vstack([nearest, stored[:1]]))
+
+    # the build's own probe: stored patches that training never saw, held out of the index while
+    # it is tuned (their recall is that of unseen queries), then added
+    meta = update_index(small, "l", factory="IVF16,Flat", n_queries=20, rebuild=True, seed=0).meta
+    train_ids, _ = _sample_patches(small, "l", meta.train_points, np.random.default_rng(0))
+    probe_ids, _ = _sample_patches(small, "l", 20, np.random.default_rng(1), set(train_ids.tolist()), per_image=1)
+    assert len(probe_ids) == 20 and not set(probe_ids.tolist()) & set(train_ids.tolist())
+    assert "held out of the index" in meta.recall.measured and meta.ntotal == 300 * 16
+
+    sweep = [{"efSearch": 8, "p50_ms": 0.05, "recall": 0.9}, {"efSearch": 16, "p50_ms": 0.08, "recall": 0.96},
+             {"efSearch": 24, "p50_ms": 0.07, "recall": 0.985}]
+    assert matched_setting(sweep, 0.95)["efSearch"] == 24  # the cheapest that reaches the target
+    assert matched_setting(sweep, 0.99) is None
+    assert autofaiss_choice(1_000_000, 512) == "HNSW32" and autofaiss_choice(10**9, 512) is None
