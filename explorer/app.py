@@ -9,6 +9,8 @@ shown; each view is a ``pn.viewable.Viewer`` holding that state and reacting to 
 - :class:`~explorer.query_view.QueryPatchView`: the settled query in every shown layer;
 - :class:`~explorer.topk_panel.TopKPanel`: the dataset-wide nearest patches;
 - :class:`~explorer.upload_view.UploadView`: a query with any image (upload or allow-listed path);
+- :class:`~explorer.pair_view.QueryPairView` (and a second :class:`~explorer.topk_panel.TopKPanel`):
+  two pinned queries A and B side by side, their difference, both top-k lists;
 - :class:`~explorer.sweep_view.SweepView` and :class:`~explorer.compare.CompareView`: the case
   study tabs, offered when the stores support them.
 
@@ -28,6 +30,7 @@ import param
 from .compare import CompareView, find_compare_pair
 from .controls import Controls
 from .grid_view import GridView
+from .pair_view import QueryPairView
 from .query_view import QueryPatchView
 from .state import URL_PARAMETERS, ExplorerState
 from .sweep_view import SweepView, has_sweeps
@@ -52,8 +55,10 @@ class ExplorerApp(pn.viewable.Viewer):
         self.query_view = QueryPatchView(state=state)
         self.topk = TopKPanel(state=state)
         self.upload = UploadView(state=state)
-        main = pn.Column(self.controls.message, self.upload, self.grid, self.query_view, self.topk,
-                         margin=(0, 0, 0, 16))
+        self.pair = QueryPairView(state=state)
+        self.topk_b = TopKPanel(state=state, source="second")
+        main = pn.Column(self.controls.message, self.upload, self.grid, self.pair, self.query_view, self.topk,
+                         self.topk_b, margin=(0, 0, 0, 16))
         tabs = self._case_studies([str(u) for u in stores])
         if tabs:
             main.margin = (0, 0, 0, 0)

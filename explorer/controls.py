@@ -43,6 +43,10 @@ class Controls(pn.viewable.Viewer):
         self.pin_button.on_click(lambda e: state.pin(qimage.value or 0, qy.value or 0, qx.value or 0))
         unpin_b = button("Unpin", width=80)
         unpin_b.on_click(lambda e: state.unpin())
+        pin_second = button("Pin as B", width=90)
+        pin_second.on_click(lambda e: state.pin_b())
+        clear_second = button("Clear B", width=80)
+        clear_second.on_click(lambda e: state.unpin_b())
         sample_b = button("Random sample", width=120)
         sample_b.on_click(lambda e: state.random_sample())
         similar_b = button("Most similar to query", width=170)
@@ -75,6 +79,10 @@ class Controls(pn.viewable.Viewer):
             pn.Row(qimage, qy, qx),
             pn.Row(self.pin_button, unpin_b),
             self.pin_state,
+            pn.pane.Markdown("**Pin as B**: the query shown becomes B; A is then where the pointer rests "
+                             "(or pin it): both maps, A − B and both top-k", margin=(0, 10),
+                             styles={"font-size": "11px", "color": "#555"}),
+            pn.Row(pin_second, clear_second),
             pn.pane.Markdown("**Images**", **section),
             w.Select.from_param(p.filter_by, **labelled(w.Select, "Filter by"), **wide, visible=p.has_metadata),
             w.Select.from_param(p.label, **labelled(w.Select, "Value"), **wide, visible=p.has_metadata),
@@ -111,7 +119,7 @@ class Controls(pn.viewable.Viewer):
         if hasattr(self, "store_select"):
             self.store_select.value = self.state.store_key
 
-    @param.depends("state.view", "state.current", "state.pinned", watch=True)
+    @param.depends("state.view", "state.current", "state.pinned", "state.second", watch=True)
     def _sync(self) -> None:
         """The widgets the state cannot link itself: layer, function, query inputs, pin state."""
         state = self.state
@@ -126,7 +134,12 @@ class Controls(pn.viewable.Viewer):
         qimage, qy, qx = self.query_inputs
         qimage.end, qy.end, qx.end = max(0, state.reader.n_images - 1), h - 1, w - 1
         if state.pinned and q is not None:
-            self.pin_state.object = f"pinned: #{q.image} ({q.y},{q.x}) in {q.layer}"
-            qimage.value, qy.value, qx.value = q.image, q.y, q.x
+            text = f"pinned: #{q.image} ({q.y},{q.x}) in {q.layer}"
+            if q.image >= 0:  # an upload has no image number to type in
+                qimage.value, qy.value, qx.value = q.image, q.y, q.x
         else:
-            self.pin_state.object = "following the pointer"
+            text = "following the pointer"
+        b = state.second
+        if b is not None:
+            text += f"  \nB: #{b.image} ({b.y},{b.x}) in {b.layer}"
+        self.pin_state.object = text

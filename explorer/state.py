@@ -68,13 +68,14 @@ COLORMAPS: tuple[str, ...] = ("viridis", "inferno", "magma", "plasma", "cividis"
 URL_PARAMETERS: dict[str, str] = {
     "store_key": "store", "layers_shown": "layers", "layer": "layer", "query": "query", "query_layer": "qlayer",
     "page": "page", "page_size": "page_size", "ncols": "ncols", "function": "function", "value_range": "range",
-    "filter_by": "filter", "label": "label", "captions": "show", "order": "order", "seed": "seed", "tab": "tab"}
+    "filter_by": "filter", "label": "label", "captions": "show", "order": "order", "seed": "seed", "tab": "tab",
+    "query_b": "qb", "query_b_layer": "qblayer"}
 #: Parameters that options (CLI, Python) may set at start and the store switch resets.
 STATE_OPTIONS = ("layer", "query", "page", "function")
 #: Average width of a caption character (10 px font): captions are cut to one tile's width.
 CAPTION_PX_PER_CHAR = 6
 #: Outputs: set only by the state itself (options and URLs cannot name them).
-OUTPUTS = ("view", "current", "settled", "pinned", "search_now", "upload")
+OUTPUTS = ("view", "current", "settled", "pinned", "second", "search_now", "upload")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class ExplorerState(param.Parameterized):
     query_layer = param.String(default="", doc="""
         Layer whose cell the pinned query names ('': `layer`). A pin keeps its layer when the
         pointer snaps to another one, so its place in every layer never drifts.""")
+    query_b = param.String(default="", doc="""
+        A second pinned query 'image,y,x' in `query_b_layer` ('' none): the page then shows the
+        maps of both pinned queries side by side, their difference, and both top-k lists.""")
+    query_b_layer = param.String(default="", doc="Layer whose cell `query_b` names.")
     page = param.Integer(default=1, doc="1-based page number.")
     function = param.String(default="cosine", doc="Similarity function: cosine, dot or rbf.")
 
@@ -183,6 +188,8 @@ class ExplorerState(param.Parameterized):
     settled = param.ClassSelector(class_=Query, default=None, allow_None=True, doc="""
         The query once the pointer rested or was pinned: the query-patch view and top-k show it.""")
     pinned = param.Boolean(default=False, doc="``current`` is a pinned query (not the pointer's).")
+    second = param.ClassSelector(class_=Query, default=None, allow_None=True, doc="""
+        The validated second pinned query B (None: none); A is ``current`` (pinned or hovered).""")
     search_now = param.Event(doc="Search top-k for the settled query now (button, k changed).")
     upload = param.Integer(default=0, doc="""
         Id of the image uploaded last (negative: not a store image; 0: none). Queries name its
@@ -205,6 +212,7 @@ class ExplorerState(param.Parameterized):
             raise ValueError(f"{bad} are set by the explorer, not options")
         self._hold = hold or contextlib.nullcontext
         self._hovered: Query | None = None  # the last hovered (or pinned) query, before validation
+        self._second: Query | None = None  # query B, validated
         #: images not in the store (uploads) by negative id: their blocks, pixels and names
         self.external: dict[int, dict[str, PageBlock]] = {}
         self._external_pixels: dict[int, np.ndarray] = {}
@@ -240,8 +248,8 @@ class ExplorerState(param.Parameterized):
         self._problems += self._set_url_values(url)
         self._problems += self._check_layers_shown()
         self._reorder()
-        self._watch(self._apply_state, [*STATE_OPTIONS, "query_layer", "layers_shown", "page_size", "ncols",
-                                        "tile_px"])
+        self._watch(self._apply_state, [*STATE_OPTIONS, "query_layer", "query_b", "query_b_layer",
+                                        "layers_shown", "page_size", "ncols", "tile_px"])
         self._watch(self._on_store, ["store"])
         self._watch(self._on_paging, ["label", "order", "seed"])
         self._watch(self._on_filter_by, ["filter_by"])
@@ -288,7 +296,8 @@ class ExplorerState(param.Parameterized):
         self._load_table()
         self.param.layers_shown.objects = list(self.layer_names)
         initial = initial or {}
-        self._set_quietly(label=ALL_LABELS, filter_by=LABEL_COLUMN, captions=[],
+        self._second = None
+        self._set_quietly(label=ALL_LABELS, filter_by=LABEL_COLUMN, captions=[], query_b="", query_b_layer="",
                           layers_shown=self._default_layers(),
                           layer=str(initial.get("layer", self.layer_names[0])), page=int(initial.get("page", 1)),
                           function=str(initial.get("function", "cosine")), query=str(initial.get("query", "")))
@@ -413,6 +422,7 @@ class ExplorerState(param.Parameterized):
                     self._set_quietly(query="", query_layer="")
             elif self.query_layer:
                 self._set_quietly(query_layer="")
+            self._second = self._validated_b(problems)
         finally:
             self._updating = False
         if problems:
@@ -431,11 +441,47 @@ class ExplorerState(param.Parameterized):
                         pages=n_pages(total, self.page_size), total=total, function=self.valid_function,
                         page_size=self.page_size, ncols=self.ncols, tile_px=self.tile_px, note=self._order_note())
         values: dict[str, Any] = {"view": view, "current": self._hovered,
-                                  "pinned": bool(self.query) and self._hovered is not None}
+                                  "pinned": bool(self.query) and self._hovered is not None, "second": self._second}
         if settle:  # None after a store switch: the slow views drop the old store's query
             values["settled"] = self._hovered
         with self._hold():
             self.param.update(**values)
+
+    def _validated_b(self, problems: list[str]) -> Query | None:
+        """Query B from its inputs, or None (a bad one: a problem, and B is cleared)."""
+        if not self.query_b:
+            if self.query_b_layer:
+                self._set_quietly(query_b_layer="")
+            return None
+        layer = self.query_b_layer or self.active_layer
+        try:
+            if layer not in self.layer_names:
+                raise ValueError(f"unknown layer {layer!r}; this store has {self.layer_names}")
+            image, y, x = parse_query_text(self.query_b)
+            return self.engine.validate(Query(image, y, x, layer))
+        except (ValueError, StoreError) as exc:
+            problems.append(f"bad query B: {exc}")
+            self._set_quietly(query_b="", query_b_layer="")
+            return None
+
+    def pin_b(self, query: Query | None = None) -> None:
+        """Pin query B: ``query``, or the query shown now. When that is the pinned A, A is
+        unpinned in the same step: B stays, and A follows the pointer again (pin it to fix it)."""
+        query = query if query is not None else (self.current or self.settled)
+        if query is None:
+            self.say("hover or pin a patch before pinning it as query B")
+            return
+        with self._hold():
+            values = {"query_b_layer": query.layer}
+            if self.query and query == self.current:
+                values.update(query="", query_layer="")
+            self._set_quietly(**values)
+            self.query_b = query.as_text()
+
+    def unpin_b(self) -> None:
+        with self._hold():
+            self._set_quietly(query_b_layer="")
+            self.query_b = ""
 
     def _switch_layer(self, layer: str) -> None:
         """Snap to another layer. A pinned query stays the cell of its own layer (re-expressing it in

@@ -50,6 +50,8 @@ class TopKPanel(pn.viewable.Viewer):
     """Heading and cards of the dataset-wide nearest patches of the settled query."""
 
     state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+    source = param.Selector(default="settled", objects=["settled", "second"], constant=True, doc="""
+        Which query it searches: the settled one (A, or the pointer's), or the second pinned query B.""")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -59,18 +61,37 @@ class TopKPanel(pn.viewable.Viewer):
         self._searched: tuple[Query, int, str] | None = None
         self.head = pn.pane.Markdown(HINT, margin=(0, 10))
         self.cards = TopKCards(on_open=self.state.open_image, sizing_mode="stretch_width")
-        self._layout = pn.Column(self.head, self.cards, margin=0, sizing_mode="stretch_width")
+        self._layout = pn.Column(self.head, self.cards, margin=0, sizing_mode="stretch_width",
+                                 visible=self.source == "settled")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
 
+    def _query(self) -> Query | None:
+        state = self.state
+        if self.source == "second":
+            return state.second
+        return state.settled if state.settled is not None else state.current
+
     @param.depends("state.settled", watch=True)
     def _on_settled(self) -> None:
+        if self.source != "settled":
+            return
         if self.state.settled is None:
             self._searched = None
             return
         if self.state.live_topk or self.state.pinned:
             self.request()
+
+    @param.depends("state.second", watch=True)
+    def _on_second(self) -> None:
+        if self.source != "second":
+            return
+        self._layout.visible = self.state.second is not None
+        if self.state.second is None:
+            self._searched = None
+            return
+        self.request()
 
     @param.depends("state.search_now", watch=True)
     def _on_search_now(self) -> None:
@@ -83,7 +104,7 @@ class TopKPanel(pn.viewable.Viewer):
     def request(self, force: bool = False) -> None:
         """Search for the settled query (skipped when these hits are shown, unless ``force``)."""
         state = self.state
-        query = state.settled if state.settled is not None else state.current
+        query = self._query()
         if query is None:
             return
         key = (query, state.k, str(state.store))
@@ -108,7 +129,7 @@ class TopKPanel(pn.viewable.Viewer):
         pending, self._pending = self._pending, False
         if result is not None and result[0] != str(self.state.store):
             result, pending = None, True  # hits of a store this session has left: never shown
-        if pending and (result is None or result[1] != (self.state.settled or self.state.current)):
+        if pending and (result is None or result[1] != self._query()):
             self.request()  # the pointer (or the store) moved on: search where it is now
             return
         if result is not None:
@@ -118,7 +139,8 @@ class TopKPanel(pn.viewable.Viewer):
         _, query, cards, warning, how = result
         who = as_plain_markdown(self.state.image_name(query.image)) if self.state.is_upload(query.image) \
             else f"#{query.image}"
-        head = (f"**Top {len(cards)}** patches of the store closest to {who} "
+        role = "Query B — " if self.source == "second" else ""
+        head = (f"{role}**Top {len(cards)}** patches of the store closest to {who} "
                 f"({query.y},{query.x}) in `{query.layer}` — cosine, {how}")
         if warning:
             head += f"  \n⚠ {warning}"

@@ -412,3 +412,33 @@ def test_a_url_with_the_whole_view_restores_it_and_a_reload_keeps_it(page, serve
     open_app(page, server, "?" + urlsplit(page.url).query)
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
     assert state() == first
+
+
+def pair_maps(page, role: str, layer: str) -> np.ndarray:
+    """Per-tile maps the browser holds in the two-queries view (role A, B or D = A − B)."""
+    data, rgb = model_data(page, f"pair{role}-overlay:{layer}"), model_data(page, "pair-rgb")
+    img = data["image"][0]
+    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]
+    rows, cols = mosaic.shape
+    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
+    h, w = round(S / cell_h), round(S / cell_w)
+    out = []
+    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
+        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
+        out.append(mosaic[r0:r0 + h, c0:c0 + w])
+    return np.stack(out)
+
+
+def test_two_pinned_queries_show_both_maps_and_their_difference(page, server, reader):
+    """Query A pinned and query B from the URL: the page shows A's and B's maps, A − B and B's top-k."""
+    open_app(page, server, "?query=3,2,5&qlayer=fine&qb=6,7,1&qblayer=fine")
+    page.wait_for_function("""() => {
+        const d = Bokeh.documents[0].get_model_by_name('pairD-overlay:fine');
+        return d !== null && d.data.image.length === 1; }""")
+    page.get_by_text("Query B — ").first.wait_for()
+    ids = page_ids(page)
+    want_a = expected_maps(reader, 3, (2, 5), "fine", ids)
+    want_b = expected_maps(reader, 6, (7, 1), "fine", ids)
+    np.testing.assert_allclose(pair_maps(page, "A", "fine"), want_a, atol=2e-3)
+    np.testing.assert_allclose(pair_maps(page, "B", "fine"), want_b, atol=2e-3)
+    np.testing.assert_allclose(pair_maps(page, "D", "fine"), want_a - want_b, atol=4e-3)
