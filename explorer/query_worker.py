@@ -558,9 +558,20 @@ _SHARED_CONFIG = QueryWorkerConfig()
 
 
 def configure_shared_worker(config: QueryWorkerConfig) -> None:
-    """Set the config :func:`shared_worker` starts with (``hoverlay serve``, before serving)."""
-    global _SHARED_CONFIG
-    _SHARED_CONFIG = config
+    """Set the config :func:`shared_worker` starts with (``hoverlay serve``, before serving); a
+    shared worker made earlier with another config is stopped, and the next use makes a new one."""
+    global _SHARED_CONFIG, _SHARED
+    with _SHARED_LOCK:
+        _SHARED_CONFIG = config
+        old, _SHARED = _SHARED, None
+    if old is not None:
+        old.close(2.0)
+
+
+def shared_worker_config() -> QueryWorkerConfig:
+    """The config of this process's shared worker (its limits), without making the worker."""
+    with _SHARED_LOCK:
+        return _SHARED.config if _SHARED is not None and _SHARED._owner_pid == os.getpid() else _SHARED_CONFIG
 
 
 def shared_worker() -> QueryWorker:

@@ -26,7 +26,7 @@ from hoverlay.stores.uploads import UploadError, read_upload, resolve_allowed_pa
 
 from .engine import OverlayEngine, Query
 from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
-from .query_worker import QueryWorkerError, shared_worker
+from .query_worker import QueryWorkerError, shared_worker, shared_worker_config
 from .resources import cached, storage_options_of
 from .session import Scheduler
 from .state import ExplorerState
@@ -61,9 +61,9 @@ class UploadView(pn.viewable.Viewer):
         self.figures: list[LayerFigure] = []
         self._built_for: tuple[Any, ...] | None = None
         self._uid = 0
-        worker = shared_worker()
+        limits = shared_worker_config()
         self.dropper = pn.widgets.FileDropper(
-            accepted_filetypes=["image/*"], multiple=False, max_file_size=f"{worker.config.max_bytes // 2**20}MB",
+            accepted_filetypes=["image/*"], multiple=False, max_file_size=f"{max(1, limits.max_bytes // 2**20)}MB",
             layout="compact", height=90, width=300, margin=(4, 10))
         self.dropper.param.watch(self._on_drop, "value")
         self.status = pn.pane.Markdown(HINT, margin=(4, 10), css_classes=["hoverlay-upload-status"],
@@ -104,7 +104,7 @@ class UploadView(pn.viewable.Viewer):
         """Query with an image of an allow-listed server folder (never an arbitrary path)."""
         try:
             path = resolve_allowed_path(str(text or ""), self.state.query_folders)
-            cfg = shared_worker().config
+            cfg = shared_worker_config()
             data, _ = read_upload(path, name=str(text), max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)
         except UploadError as exc:
             self._say(exc.public)

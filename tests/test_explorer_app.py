@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 import pytest
+from mosaics import tiles_from_sources
 
 from hoverlay.explorer.engine import OverlayEngine, Query, parse_query_text
 from hoverlay.stores import LayerGeometry, OutOfRangeError, open_store
@@ -78,16 +79,7 @@ def test_engine_rejects_bad_queries_and_pages(store):
 
 def _overlay(fig) -> np.ndarray:
     """Per-tile maps cut out of a figure's overlay mosaic, located from the image tiles' positions."""
-    data, rgb = fig.source.data, fig.shared.rgb.data
-    mosaic = np.asarray(data["image"][0])[::-1]  # Bokeh row 0 is the bottom
-    (rows, cols), s = mosaic.shape, S
-    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
-    h, w = round(s / cell_h), round(s / cell_w)
-    out = []
-    for x0, y0 in zip(rgb[f"x:{fig.layer}"], rgb[f"y:{fig.layer}"], strict=True):
-        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - s) / cell_h)
-        out.append(mosaic[r0:r0 + h, c0:c0 + w])
-    return np.stack(out)
+    return tiles_from_sources(fig.source.data, fig.shared.rgb.data, fig.layer, S)
 
 
 def test_pointer_event_updates_overlays_in_place(app):

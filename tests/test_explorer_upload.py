@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_generated_images
+from mosaics import tiles_from_sources
 from PIL import Image
 
 from hoverlay.explorer.engine import Query
@@ -45,17 +46,7 @@ def png_bytes(path: str, angle: float = 0.0) -> bytes:
 
 
 def overlay(fig, s: int) -> np.ndarray:
-    """Per-tile maps cut out of a figure's overlay mosaic, located from the image tiles' positions."""
-    data, rgb = fig.source.data, fig.shared.rgb.data
-    mosaic = np.asarray(data["image"][0])[::-1]  # Bokeh row 0 is the bottom
-    rows, cols = mosaic.shape
-    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
-    h, w = round(s / cell_h), round(s / cell_w)
-    out = []
-    for x0, y0 in zip(rgb[f"x:{fig.layer}"], rgb[f"y:{fig.layer}"], strict=True):
-        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - s) / cell_h)
-        out.append(mosaic[r0:r0 + h, c0:c0 + w])
-    return np.stack(out)
+    return tiles_from_sources(fig.source.data, fig.shared.rgb.data, fig.layer, s)
 
 
 def store_files(store: str) -> dict[str, tuple[int, float]]:

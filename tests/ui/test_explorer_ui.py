@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from browser_models import model_data
 from conftest import CHROMIUM
+from mosaics import tiles_from_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
@@ -93,18 +94,7 @@ def open_app(page, server: str, query: str = "", layer: str = "fine") -> None:
 def overlays(page, layer: str) -> np.ndarray:
     """Per-tile maps the browser holds for a layer (n, H, W), cut out of the layer's overlay image
     at the places where the browser draws the image tiles."""
-    data = model_data(page, f"grid-overlay:{layer}")
-    rgb = model_data(page, "grid-rgb")
-    img = data["image"][0]
-    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
-    rows, cols = mosaic.shape
-    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
-    h, w = round(S / cell_h), round(S / cell_w)
-    out = []
-    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
-        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
-        out.append(mosaic[r0:r0 + h, c0:c0 + w])
-    return np.stack(out)
+    return tiles_from_sources(model_data(page, f"grid-overlay:{layer}"), model_data(page, "grid-rgb"), layer, S)
 
 
 def tile_point(page, tile: int, py: float, px: float) -> tuple[float, float]:
@@ -416,17 +406,7 @@ def test_a_url_with_the_whole_view_restores_it_and_a_reload_keeps_it(page, serve
 
 def pair_maps(page, role: str, layer: str) -> np.ndarray:
     """Per-tile maps the browser holds in the two-queries view (role A, B or D = A − B)."""
-    data, rgb = model_data(page, f"pair{role}-overlay:{layer}"), model_data(page, "pair-rgb")
-    img = data["image"][0]
-    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]
-    rows, cols = mosaic.shape
-    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
-    h, w = round(S / cell_h), round(S / cell_w)
-    out = []
-    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
-        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
-        out.append(mosaic[r0:r0 + h, c0:c0 + w])
-    return np.stack(out)
+    return tiles_from_sources(model_data(page, f"pair{role}-overlay:{layer}"), model_data(page, "pair-rgb"), layer, S)
 
 
 def test_two_pinned_queries_show_both_maps_and_their_difference(page, server, reader):

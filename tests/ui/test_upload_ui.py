@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from browser_models import model_data
 from conftest import CHROMIUM, write_generated_images
+from mosaics import tiles_from_sources
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,17 +75,7 @@ def page(browser, server):
 
 def overlays(page, layer: str) -> np.ndarray:
     """Per-tile maps the browser holds for a layer of the main grid (n, H, W)."""
-    data, rgb = model_data(page, f"grid-overlay:{layer}"), model_data(page, "grid-rgb")
-    img = data["image"][0]
-    mosaic = np.asarray(img["values"], np.float32).reshape(img["shape"])[::-1]  # Bokeh row 0: bottom
-    rows, cols = mosaic.shape
-    cell_w, cell_h = data["dw"][0] / cols, data["dh"][0] / rows
-    h, w = round(S / cell_h), round(S / cell_w)
-    out = []
-    for x0, y0 in zip(rgb[f"x:{layer}"], rgb[f"y:{layer}"], strict=True):
-        c0, r0 = round(x0 / cell_w), round((data["dh"][0] - y0 - S) / cell_h)
-        out.append(mosaic[r0:r0 + h, c0:c0 + w])
-    return np.stack(out)
+    return tiles_from_sources(model_data(page, f"grid-overlay:{layer}"), model_data(page, "grid-rgb"), layer, S)
 
 
 def upload_point(page, py: float, px: float) -> tuple[float, float]:
