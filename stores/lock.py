@@ -10,8 +10,9 @@ time of its last heartbeat and a random token, created with an exclusive write (
 ``PutObject`` with ``If-None-Match: *``, which the server refuses with 412 when the object
 exists; gcsfs and adlfs have the same). Of two builds racing for a store exactly one create
 succeeds — the server decides, there is no exists-then-write window. The winner then reads
-the object back and checks its token, which also catches an S3-compatible server that
-ignores the condition (unless both writes land before either read).
+the object back and checks its token, twice (the second time after as long as its write
+took), which also catches an S3-compatible server that ignores the condition or checks it
+apart from the write (moto: two creates racing on a loaded machine both passed the check).
 
 Object stores cannot tell that the owner died, so the holder proves it is alive: a daemon
 thread rewrites the object every ``heartbeat`` seconds (on S3 a ``PutObject`` with
@@ -60,7 +61,7 @@ STALE_BEATS = 4
 LEGACY_STALE_AFTER = 6 * 3600.0
 #: how long an interrupted build waits for the lock's removal before it leaves it behind
 #: (the object store may be what failed: the next build takes over a dead owner's lock)
-RELEASE_WAIT = 5.0
+RELEASE_WAIT = 3.0
 #: the local owner line is padded to this size, so rewriting it never shows a reader a
 #: truncated file
 _LOCAL_RECORD = 512
@@ -210,6 +211,7 @@ class StoreLock:
         path = f"{root.rstrip('/')}/{LOCK_NAME}"
         self._fs, self._token = fs, uuid.uuid4().hex
         data = self._remote_data()
+        began = time.monotonic()
         try:
             self._create(fs, path, data)
         except FileExistsError:
@@ -219,7 +221,14 @@ class StoreLock:
                 self._take_over_if_stale(fs, path, data)
             else:
                 fs.pipe_file(path, data)
+        wrote = time.monotonic() - began
         holder = self._read(fs, path)
+        if holder.get("token") == self._token:
+            # a server that checks the condition and stores the object in two steps (moto does)
+            # can pass a rival's create whose check ran before ours was stored; that write lands
+            # within about one write's time after ours: look again after that long
+            time.sleep(min(1.0, max(0.05, wrote)))
+            holder = self._read(fs, path)
         if holder.get("token") != self._token:  # a server that ignored the condition
             raise self._locked(holder)
         self._remote_path = path

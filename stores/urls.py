@@ -52,9 +52,9 @@ S3_SCHEMES = ("s3", "s3a")
 def storage_options_for(url: str, storage_options: dict[str, Any] | None,
                         small_objects: bool = False) -> dict[str, Any] | None:
     """``storage_options`` with hoverlay's defaults for ``url``'s filesystem: for ``s3://``, the
-    bounded timeouts and the HTTP session of :mod:`hoverlay.stores._s3` (a hung upload fails
-    after about a minute and a half instead of never). The user's keys win (``config_kwargs``
-    key by key).
+    bounded timeouts and the HTTP session of :mod:`hoverlay.stores._s3` (requests to a server
+    that stopped answering fail after about 75 s, instead of never for an upload and after 25
+    read timeouts for a read). The user's keys win (``config_kwargs`` key by key).
 
     ``small_objects`` (a Zarr store's own files, the lock): ``max_concurrency=1``, because s3fs
     sizes every whole-object read with a HEAD first (and, for a missing key, a LIST too) when

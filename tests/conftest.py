@@ -1,9 +1,11 @@
-"""Shared fixtures: small real inputs (generated images, scikit-image demo files) and Chromium."""
+"""Shared fixtures: small real inputs (generated images, scikit-image demo files), Chromium, and
+the S3 tests' moto server and process launcher (tests/s3cluster.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +87,33 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server for the session's S3 tests (tests/s3cluster.py); each test uses its
+    own keys in the bucket ``hoverlay``. Skips without moto[server] and s3fs."""
+    pytest.importorskip("s3fs")
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "moto_server")):
+        pytest.skip("moto[server] is not installed")
+    from s3cluster import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def forker(s3_server, tmp_path_factory):
+    """The session's forking launcher of separate processes (tests/s3cluster.py), started at
+    once so its imports overlap whatever the first test does before it forks a child."""
+    pytest.importorskip("distributed")
+    from s3cluster import Forker
+
+    f = Forker(tmp_path_factory.mktemp("forked"))
+    try:
+        yield f
+    finally:
+        f.close()

@@ -1,11 +1,18 @@
 """Scale-out for real: a Dask cluster of separate CLI processes building into an S3 server.
 
-A moto S3 server (``moto_server``), a ``dask scheduler`` and two ``dask worker`` processes
-(the venv's CLI programs) run for this module. The images exist only in the bucket: workers
-read them by URL and write their partitions straight into the store, so they never need the
-client's files. Every build is compared with a threaded build of the same images, row by row
-and bit by bit. Faults: the client killed (-9) at three points, a worker killed mid-build, the
-S3 server paused (SIGSTOP) mid-build; and two processes racing for the store lock.
+The session's moto S3 server (conftest ``s3_server``), a ``dask scheduler`` and two ``dask
+worker`` processes (the venv's CLI programs) run for this module. The images exist only in
+the bucket: workers read them by URL and write their partitions straight into the store, so
+they never need the client's files. Every build is compared with a local threaded build of
+the same images (``reference``, read once), row by row and bit by bit. Faults: the client
+killed (-9) at three points; the S3 server paused (SIGSTOP) briefly, then past the requests'
+bound, and a worker killed while it runs a partition of the rerun; a second build polling a
+live build's lock; and two processes racing for the store lock. Builds that must be separate
+processes (killed, failing) are forks of conftest's ``forker``, which imported everything once.
+
+Sizes: 6 images of 64 px, one per partition (``--chunk 1``): two waves (4 + 2 partitions on
+two workers), so there is a first commit before the last. moto answers a request in ~20 ms
+here, and a build's cost is its requests, so every image and partition counts.
 """
 
 from __future__ import annotations
@@ -13,11 +20,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,16 +33,21 @@ from conftest import write_generated_images
 pytest.importorskip("s3fs")
 pytest.importorskip("distributed")
 
+from s3cluster import BIN, HERE, wait_port  # noqa: E402
+
 from hoverlay.cli import main  # noqa: E402
+from hoverlay.errors import EXIT_CODES, EXIT_ERROR  # noqa: E402
 from hoverlay.stores import open_store  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.dirname(sys.executable)
-N_IMAGES = 12  # 6 partitions of 2: two waves of 4 on two workers (S3 on moto costs ~0.1 s a request)
+N_IMAGES = 6
 MODEL = ["--model", "python:test_cluster:counted_tiny_model", "--layers", "1,3", "--size", "64",
-         "--chunk", "2", "--batch-size", "2"]
+         "--chunk", "1", "--batch-size", "1"]
+LAYERS = ("1", "3")
+#: the heartbeat of the build whose lock is polled (the default is 30 s); 1 s, not less: on a
+#: loaded 2-core machine a 0.5 s heartbeat's write was seen 3 s late (tests/test_lock.py)
+HEARTBEAT = 1.0
 LOADS: list[int] = []  # pids of the processes that built the model (one entry per build)
 
 
@@ -54,93 +65,117 @@ def loads_here() -> int:
     return LOADS.count(os.getpid())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class Snapshot:
+    """What an uninterrupted build stored (read once): table, pixels, vectors, norms, indexes."""
+
+    table: dict[str, list[Any]]
+    pixels: np.ndarray
+    vectors: dict[str, np.ndarray]
+    norms: dict[str, np.ndarray]
+    indexed: dict[str, tuple[int, int]]  # layer -> (ntotal, images_indexed)
+
+    @classmethod
+    def read(cls, url: str, options: dict[str, Any] | None, indexes: bool = True) -> Snapshot:
+        from hoverlay.stores.index import PatchIndex
+
+        r = open_store(url, storage_options=options)
+        t = r.table()
+        table = {c: list(t[c]) for c in ("source", "label", "hash", "status", "reason", "base_id", "transform")}
+        indexed = {}
+        if indexes:
+            for layer in LAYERS:
+                idx = PatchIndex.load(url, layer, storage_options=options)
+                indexed[layer] = (idx.ntotal, idx.meta.images_indexed)
+        return cls(table, r.pixels(slice(None)), {la: r.vectors(la, slice(None)) for la in LAYERS},
+                   {la: r.norms(la, slice(None)) for la in LAYERS}, indexed)
+
+    def assert_same(self, other: Snapshot) -> None:
+        """This build's store equals ``other`` (the reference)."""
+        assert len(self.table["hash"]) == len(other.table["hash"]) == N_IMAGES
+        for col, values in other.table.items():
+            assert self.table[col] == values, col
+        np.testing.assert_array_equal(other.pixels, self.pixels)
+        for layer in LAYERS:
+            np.testing.assert_array_equal(other.vectors[layer], self.vectors[layer])
+            np.testing.assert_array_equal(other.norms[layer], self.norms[layer])
+            if self.indexed:  # this build's indexes were read
+                assert self.indexed[layer] == other.indexed[layer], layer
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"{what} did not start")
-            time.sleep(0.1)
+class Cluster:
+    """The module's ``dask scheduler`` and two ``dask worker`` processes, and the bucket's images."""
 
-
-class Env:
-    """The module's processes: moto, scheduler, workers; and the bucket's images."""
-
-    def __init__(self, tmp: Any):
-        self.tmp = tmp
+    def __init__(self, s3: Any, tmp: Any):
+        self.s3, self.tmp = s3, tmp
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
-        s3_port, self.sched_port = _free_port(), _free_port()
-        self.endpoint = f"http://127.0.0.1:{s3_port}"
-        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": HERE}
-        self.moto = self._start("moto", [os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)])
-        _wait_port(s3_port, self.moto, "moto server")
-        self.address = f"tcp://127.0.0.1:{self.sched_port}"
+        from s3cluster import free_port
+
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": HERE}
         sched = self._start("scheduler", [os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1",
-                                          "--port", str(self.sched_port), "--no-dashboard"])
-        _wait_port(self.sched_port, sched, "dask scheduler")
+                                          "--port", str(port), "--no-dashboard"], env)
         for i in (1, 2):
-            # cwd: an empty folder; the client's image folder does not exist anywhere
+            # cwd: an empty folder; the client's image folder does not exist anywhere. The
+            # preloads import torch, torchvision (load_model's tracing check: 6 s of a loaded
+            # machine) and the pipeline while the reference builds, not in the first partition
             wdir = tmp / f"worker{i}"
             wdir.mkdir()
             self._start(f"worker{i}", [os.path.join(BIN, "dask"), "worker", self.address, "--nthreads", "1",
                                        "--nworkers", "1", "--name", f"w{i}", "--no-dashboard",
                                        "--memory-limit", "0", "--local-directory", str(wdir),
-                                       "--death-timeout", "60"], cwd=str(wdir))
-        os.environ.update({k: self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                     "AWS_DEFAULT_REGION")})
-        from distributed import Client
-
-        self.client = Client(self.address, timeout="60s")
-        self.client.wait_for_workers(2, timeout=90)
-        self.options = {"endpoint_url": self.endpoint}
-        import s3fs
-
-        self.fs = s3fs.S3FileSystem(**self.options)
-        self.fs.mkdir("hoverlay")
+                                       "--death-timeout", "60", "--preload", "hoverlay.pipeline.tasks",
+                                       "--preload", "torchvision"],
+                        env, cwd=str(wdir))
         local = tmp / "images"
         write_generated_images(str(local), N_IMAGES, seed=11)
-        self.fs.put(str(local / "gen"), "hoverlay/images/gen", recursive=True)
+        s3.fs.put(str(local / "gen"), "hoverlay/cluster-images/gen", recursive=True)
         for f in (local / "gen").iterdir():
             f.unlink()  # only the bucket has them now
-        self.images = "s3://hoverlay/images"
+        self.images = "s3://hoverlay/cluster-images"
+        wait_port(port, sched, "dask scheduler")
+        self._client: Any = None
 
-    def _start(self, name: str, cmd: list[str], cwd: str | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "wb")
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from distributed import Client
+
+            self._client = Client(self.address, timeout="60s")
+        return self._client
+
+    def ready(self) -> None:
+        """Both workers up (a killed one's nanny restarts it)."""
+        self.client.wait_for_workers(2, timeout=120)
+
+    def _start(self, name: str, cmd: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed in close()
         self.logs.append(log)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd or str(self.tmp))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or str(self.tmp))
         self.procs.append(proc)
         return proc
 
-    def args(self, store: str, *extra: str, scheduler: str | None = None) -> list[str]:
+    def args(self, store: str, *extra: str, scheduler: str | None = None,
+             options: dict[str, Any] | None = None) -> list[str]:
         return ["build", "--images", self.images, "--store", store, "--storage-options",
-                json.dumps(self.options), "--scheduler", scheduler or self.address, *MODEL, *extra]
-
-    def committed(self, store: str) -> int:
-        path = store.removeprefix("s3://") + "/zarr.json"
-        try:
-            self.fs.invalidate_cache(path)
-            return int(json.loads(self.fs.cat_file(path))["attributes"]["hoverlay"]["committed"])
-        except (FileNotFoundError, KeyError, ValueError):
-            return 0
+                json.dumps(options or self.s3.options), "--scheduler", scheduler or self.address, *MODEL, *extra]
 
     def worker_pids(self) -> dict[str, int]:
-        return self.client.run(os.getpid)
+        return dict(self.client.run(os.getpid))
+
+    def processing_partition(self) -> str | None:
+        """A worker's address that has a partition task assigned now, or None."""
+        for addr, keys in self.client.processing().items():
+            if any("process_partition" in str(k) for k in keys):
+                return str(addr)
+        return None
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
         for proc in reversed(self.procs):
-            proc.send_signal(signal.SIGCONT)
             proc.terminate()
         for proc in self.procs:
             try:
@@ -152,154 +187,192 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = Env(tmp_path_factory.mktemp("cluster"))
+def cluster(s3_server, forker, tmp_path_factory):
+    c = Cluster(s3_server, tmp_path_factory.mktemp("cluster"))
     try:
-        yield e
+        yield c
     finally:
-        e.close()
+        c.close()
 
 
 @pytest.fixture(scope="module")
-def reference(env):
-    """An uninterrupted build with the local threaded scheduler (same images, same bucket)."""
-    url = "s3://hoverlay/reference.zarr"
-    assert main([*env.args(url, "-q", scheduler="threads")]) == 0
-    return url
+def reference(cluster, tmp_path_factory) -> Snapshot:
+    """An uninterrupted local threaded build of the same images (read from the bucket by URL)."""
+    path = str(tmp_path_factory.mktemp("reference") / "reference.zarr")
+    assert main(cluster.args(path, "-q", scheduler="threads")) == 0
+    return Snapshot.read(path, None)
 
 
-def assert_same_store(env: Env, a: str, b: str, indexes: bool = True) -> None:
-    """test_build's comparison, through the storage options: table, pixels, vectors, norms, indexes."""
-    from hoverlay.stores.index import PatchIndex
+CONTENDER = """
+import json, os, re, time
+from hoverlay.stores import StoreLockedError
+from hoverlay.stores.lock import StoreLock
+import s3fs
+url, options, stop = ARGS["url"], ARGS["options"], ARGS["stop"]
+key = url.removeprefix("s3://") + "/.hoverlay.lock"
+fs = s3fs.S3FileSystem(max_concurrency=1, **options)
+while not os.path.exists(stop) and not fs.exists(key):  # the build has not locked the store yet
+    time.sleep(0.1)
+    fs.invalidate_cache(key)
+refused, took_over, ages, errors = [], [], [], []
+while not os.path.exists(stop):  # once a second, as a second build would be retried
+    lock = StoreLock(url, storage_options=options)
+    try:
+        lock.acquire()
+    except OSError as exc:  # moto, loaded, may answer 500 to a read racing an overwrite
+        errors.append(str(exc))
+    except StoreLockedError as exc:
+        refused.append(time.time())
+        ages += [float(a) for a in re.findall(r"last heartbeat (\\d+)s ago", str(exc))]
+    else:  # the build released it (it ended), or this took over a live lock (a failure)
+        if lock.took_over is not None:
+            took_over.append(lock.took_over)
+        lock.release()
+        break
+    time.sleep(1)
+print(json.dumps({"refused": refused, "took_over": took_over, "ages": ages, "errors": errors}))
+"""
 
-    so = env.options
-    ra, rb = open_store(a, storage_options=so), open_store(b, storage_options=so)
-    assert ra.n_images == rb.n_images == N_IMAGES
-    ta, tb = ra.table(), rb.table()
-    for col in ("source", "label", "hash", "status", "reason", "base_id", "transform"):
-        assert list(ta[col]) == list(tb[col]), col
-    np.testing.assert_array_equal(ra.pixels(slice(None)), rb.pixels(slice(None)))
-    for layer in ("1", "3"):
-        np.testing.assert_array_equal(ra.vectors(layer, slice(None)), rb.vectors(layer, slice(None)))
-        np.testing.assert_array_equal(ra.norms(layer, slice(None)), rb.norms(layer, slice(None)))
-        if not indexes:
-            continue
-        ia, ib = PatchIndex.load(a, layer, storage_options=so), PatchIndex.load(b, layer, storage_options=so)
-        assert ia.ntotal == ib.ntotal == int(ta.ok.sum()) * ra.geometry(layer).patches_per_image
-        assert ia.meta.images_indexed == N_IMAGES
 
+def test_cluster_build_equals_the_local_build_loads_the_model_once_per_worker_and_holds_its_lock(
+        cluster, reference, forker, tmp_path, monkeypatch, capsys):
+    """The cluster build is bit-identical to the threaded one. Meanwhile another process polls
+    its lock: the build's heartbeat (every HEARTBEAT s here) keeps it from ever being taken
+    over, although the lock counts as stale after 4 missed heartbeats and the build is longer."""
+    from hoverlay.stores.lock import HEARTBEAT_ENV, STALE_BEATS
 
-def test_cluster_build_equals_threaded_build_and_loads_the_model_once_per_worker(env, reference):
-    assert all(n == 0 for n in env.client.run(loads_here).values())
+    cluster.ready()
+    assert all(n == 0 for n in cluster.client.run(loads_here).values())
     url = "s3://hoverlay/cluster.zarr"
-    assert main(env.args(url, "-q")) == 0
-    assert_same_store(env, url, reference)
-    table = open_store(url, storage_options=env.options).table()
-    assert all(s.startswith("s3://hoverlay/images/gen/") for s in table["source"])  # read by URL
-    assert not any((env.tmp / "images" / "gen").iterdir())  # the client has no copy
-    # 6 partitions and 12 hashes ran on two workers; each built the model exactly once
-    assert sorted(env.client.run(loads_here).values()) == [1, 1]
+    stop = tmp_path / "stop"
+    contender = forker.spawn(code=CONTENDER, args={"url": url, "options": cluster.s3.options, "stop": str(stop)},
+                             name="contender")
+    monkeypatch.setenv(HEARTBEAT_ENV, str(HEARTBEAT))
+    t0 = time.time()
+    try:
+        assert main(cluster.args(url, "-q")) == 0
+    finally:
+        t1 = time.time()
+        stop.touch()
+    assert contender.wait(60) == 0, contender.lines()
+    seen = json.loads(contender.lines()[-1])
+    Snapshot.read(url, cluster.s3.options).assert_same(reference)
+    table = open_store(url, storage_options=cluster.s3.options).table()
+    assert all(s.startswith("s3://hoverlay/cluster-images/gen/") for s in table["source"])  # read by URL
+    assert not any((cluster.tmp / "images" / "gen").iterdir())  # the client has no copy
+    # 6 partitions and 6 hashes ran on two workers; each built the model exactly once
+    assert sorted(cluster.client.run(loads_here).values()) == [1, 1]
+    # the live lock: refused all along, for longer than it would take to go stale
+    assert seen["took_over"] == []
+    assert seen["refused"] and seen["refused"][-1] - seen["refused"][0] > STALE_BEATS * HEARTBEAT, (seen, t1 - t0)
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    print(f"{summary}\nlock refused {len(seen['refused'])}x over {seen['refused'][-1] - seen['refused'][0]:.1f}s of "
+          f"a {t1 - t0:.1f}s build; last heartbeat at most {max(seen['ages'], default=0):.0f}s old")
 
 
-def _run_and_kill(env: Env, url: str, when: str) -> dict[str, Any]:
-    """Start ``hoverlay build`` (progress lines every update), SIGKILL it at ``when``."""
-    proc = subprocess.Popen([sys.executable, "-m", "hoverlay", *env.args(url, "--progress-interval", "0")],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env.env, cwd=HERE)
-    lines: list[str] = []
-    hit = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            if (when == "hashing" and line.startswith("hashing: ")) or \
-               (when == "index" and ": adding to the index" in line):
-                hit.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 90
-    while not hit.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        if when == "first commit" and env.committed(url) > 0:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    rc = proc.wait()
-    assert rc == -signal.SIGKILL, f"the build ended before the kill ({when}): {lines[-3:]}"
-    return {"committed": env.committed(url), "lines": lines}
+def _kill_at(cluster: Any, forker: Any, url: str, when: str) -> dict[str, Any]:
+    """Fork ``hoverlay build`` (a progress line per update) and SIGKILL it at ``when``."""
+    child = forker.spawn(cluster.args(url, "--progress-interval", "0"), name=f"killed-{when.replace(' ', '-')}")
+    if when == "first commit":
+        deadline = time.monotonic() + 90
+        while child.rc is None and time.monotonic() < deadline and cluster.s3.committed(url) == 0:
+            time.sleep(0.1)  # a GET each: the second commit is seconds after the first
+    else:
+        marker = "hashing: " if when == "hashing" else ": adding to the index"
+        child.wait_for_line(lambda ln: marker in ln)
+    child.kill()
+    rc = child.wait(30)
+    assert rc == -signal.SIGKILL, f"the build ended before the kill ({when}): {child.lines()[-3:]}"
+    return {"committed": cluster.s3.committed(url), "lines": child.lines()}
 
 
-def test_client_killed_at_three_points_then_rerun_equals_uninterrupted(env, reference):
+def test_client_killed_at_three_points_then_rerun_equals_uninterrupted(cluster, reference, forker):
     """One store, four runs: killed while hashing, killed after its first commit, killed while
     indexing; each next run resumes from what the killed one left, the last one finishes."""
     from hoverlay.pipeline.build import _layers_needing_index
 
+    cluster.ready()
     url = "s3://hoverlay/killed.zarr"
-    at = _run_and_kill(env, url, "hashing")
+    at = _kill_at(cluster, forker, url, "hashing")
     assert at["committed"] == 0 and not any(ln.startswith("embedding") for ln in at["lines"])
     # each run takes over the dead client's lock object (same host, process gone)
-    at = _run_and_kill(env, url, "first commit")
+    at = _kill_at(cluster, forker, url, "first commit")
     assert 0 < at["committed"] < N_IMAGES
-    at = _run_and_kill(env, url, "index")
+    at = _kill_at(cluster, forker, url, "index")
     assert at["committed"] == N_IMAGES and any(ln.startswith("embedding") for ln in at["lines"])
-    assert _layers_needing_index(url, ["1", "3"], N_IMAGES, env.options)  # killed mid-index
-    assert main(env.args(url, "-q")) == 0
-    assert_same_store(env, url, reference)
+    assert _layers_needing_index(url, list(LAYERS), N_IMAGES, cluster.s3.options)  # killed mid-index
+    assert main(cluster.args(url, "-q")) == 0
+    Snapshot.read(url, cluster.s3.options).assert_same(reference)
 
 
-def _build_in_thread(env: Env, url: str, *extra: str) -> tuple[threading.Thread, list[int]]:
+def _build_in_thread(cluster: Any, url: str, *extra: str) -> tuple[threading.Thread, list[int]]:
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(main(env.args(url, "-q", *extra))), daemon=True)
+    thread = threading.Thread(target=lambda: result.append(main(cluster.args(url, "-q", *extra))), daemon=True)
     thread.start()
     return thread, result
 
 
-def _wait_committed(env: Env, url: str, thread: threading.Thread) -> int:
+def test_s3_paused_briefly_then_past_the_bound_then_a_rerun_with_a_worker_killed(cluster, reference, forker,
+                                                                                capsys):
+    """Requests bounded at 1 s connect/read here (``--storage-options`` config_kwargs; the
+    defaults are 5/15 s): a 2 s pause is ridden out by retries; a pause past the bound (4 s of
+    silence, then the requests in flight end: ~5 s) ends the build with one line and
+    EXIT_ERROR. The rerun after the server resumed loses a worker (kill -9) while that runs a
+    partition: Dask runs it again, and the store equals an uninterrupted build's. (One build
+    for both faults: a build into moto costs ~10 s of this machine.)"""
+    from hoverlay.stores._s3 import config_defaults, request_bound
+    from hoverlay.stores.lock import RELEASE_WAIT
+
+    cluster.ready()
+    url = "s3://hoverlay/paused.zarr"
+    fast = {"connect_timeout": 1, "read_timeout": 1}
+    bound = request_bound({**config_defaults(), **fast})
+    options = {**cluster.s3.options, "config_kwargs": fast}
+    child = forker.spawn(cluster.args(url, "--progress-interval", "0", options=options), name="paused")
+    assert child.wait_for_line(lambda ln: ln.startswith("embedding")) is not None, child.lines()
+    with cluster.s3.paused():
+        time.sleep(2)  # > read_timeout: requests time out and are retried
     deadline = time.monotonic() + 60
-    while thread.is_alive() and time.monotonic() < deadline:
-        n = env.committed(url)
-        if n > 0:
-            return n
+    while child.rc is None and cluster.s3.committed(url) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert child.rc is None, f"the build did not ride out a 2 s pause: {child.lines()[-3:]}"
+    with cluster.s3.paused():  # until the build gives up
+        t0 = time.monotonic()
+        rc = child.wait(120)
+        waited = time.monotonic() - t0
+    lines = child.lines()
+    assert rc == EXIT_ERROR and EXIT_CODES[rc], lines[-5:]
+    assert not any("Traceback" in ln for ln in lines), lines
+    last = lines[-1]
+    assert last.startswith("hoverlay build: the S3 server at ") and "has not answered for" in last, last
+    assert "the last commit is intact, rerun" in last
+    # it retried (4 timeouts of silence), and gave up within the bound plus the lock's release
+    # wait and the cluster's cancel (generous: a loaded machine)
+    assert 4 < waited < bound + RELEASE_WAIT + 15, waited
+    capsys.readouterr()
+    print(f"paused past the bound: failed after {waited:.1f}s (bound {bound:.0f}s): {last}")
+    # the rerun (default options), with a worker killed while it runs one of the partitions left
+    before = cluster.worker_pids()
+    thread, result = _build_in_thread(cluster, url)
+    victim = None
+    deadline = time.monotonic() + 90
+    while victim is None and thread.is_alive() and time.monotonic() < deadline:
+        victim = cluster.processing_partition()
         time.sleep(0.01)
-    pytest.fail("no commit seen while the build ran")
-
-
-def test_worker_killed_mid_build_the_partition_is_retried(env, reference):
-    url = "s3://hoverlay/worker-killed.zarr"
-    before = env.worker_pids()
-    thread, result = _build_in_thread(env, url, "--no-index")
-    at = _wait_committed(env, url, thread)
-    victim = sorted(before)[0]
+    assert victim is not None, "no partition seen running"
     os.kill(before[victim], signal.SIGKILL)  # the worker process (its nanny starts a new one)
     thread.join(120)
-    assert not thread.is_alive() and result == [0]
-    assert at < N_IMAGES, "the kill landed after the last commit"
-    assert_same_store(env, url, reference, indexes=False)
-    env.client.wait_for_workers(2, timeout=60)
-    assert set(env.worker_pids().values()) != set(before.values())  # the victim really died
-
-
-def test_s3_server_paused_mid_build_then_the_build_finishes(env, reference):
-    url = "s3://hoverlay/paused.zarr"
-    thread, result = _build_in_thread(env, url, "--no-index")
-    at = _wait_committed(env, url, thread)
-    env.moto.send_signal(signal.SIGSTOP)  # unreachable: connections hang, nothing answers
-    try:
-        time.sleep(3)
-        assert thread.is_alive()
-    finally:
-        env.moto.send_signal(signal.SIGCONT)
-    thread.join(120)
-    assert not thread.is_alive() and result == [0]
-    assert at < N_IMAGES
-    assert_same_store(env, url, reference, indexes=False)
+    assert not thread.is_alive() and result == [0]  # Dask ran the victim's partition again
+    Snapshot.read(url, cluster.s3.options).assert_same(reference)
+    with pytest.raises(ProcessLookupError):
+        os.kill(before[victim], 0)  # the victim really died
 
 
 RACER = """
-import json, sys, time
+import json, time
 from hoverlay.stores import StoreLockedError
 from hoverlay.stores.lock import StoreLock
-url, endpoint, t0, rounds, period = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+url, endpoint, t0, rounds, period = ARGS
 held = []
 for r in range(rounds):
     while time.time() < t0 + r * period:
@@ -317,13 +390,14 @@ print(json.dumps(held))
 """
 
 
-def test_two_processes_racing_for_the_s3_lock_never_both_hold_it(env):
-    rounds, period = 20, 0.4
-    t0 = time.time() + 4  # both interpreters are up and imported by then
-    cmd = [sys.executable, "-c", RACER, "s3://hoverlay/raced.zarr", env.endpoint, str(t0), str(rounds), str(period)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env.env) for _ in range(2)]
-    held = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+def test_two_processes_racing_for_the_s3_lock_never_both_hold_it(s3_server, forker):
+    """10 rounds (the old exists-then-write lock let both win 11 of 20)."""
+    rounds, period = 10, 0.4
+    t0 = time.time() + 1  # forks start at once: nothing to import
+    args = ["s3://hoverlay/raced.zarr", s3_server.endpoint, t0, rounds, period]
+    racers = [forker.spawn(code=RACER, args=args, name=f"racer{i}") for i in range(2)]
+    assert all(r.wait(60) == 0 for r in racers), [r.lines() for r in racers]
+    held = [json.loads(r.lines()[-1]) for r in racers]
     winners = sorted([r for r, _, _ in held[0]] + [r for r, _, _ in held[1]])
     assert len(winners) == len(set(winners)), "a round where both processes held the lock"
     # liveness: a round may go to nobody when the last holder's release (an S3 request) ends after
