@@ -301,6 +301,15 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
                             lambda q: search.search(q, k).ids, meta.build_seconds or t_index, index_bytes,
                             rerank_bytes, chosen, meta.choice.reason if meta.choice else "")]
 
+    import psutil
+
+    peer_bytes = len(x) * (4 * dim + 8 * 32 + 16)  # FAISS HNSW32 over float32 (x itself is already held)
+    skipped = ""
+    if peers and peer_bytes > 0.7 * psutil.virtual_memory().available:
+        skipped = (f"peers skipped: HNSW32 would take {peer_bytes / 1e9:.1f} GB, over 70% of the "
+                   f"{psutil.virtual_memory().available / 1e9:.1f} GB available")
+        print(skipped, flush=True)
+        peers = ()
     if peers:
         faiss.omp_set_num_threads(cores)
         hnsw = faiss.index_factory(dim, "HNSW32", faiss.METRIC_INNER_PRODUCT)
@@ -360,7 +369,7 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
                         "build_phases": meta.build_phases})
         rows_out.append(row)
     extra = {"sweeps": {c.name: {"factory": c.factory, "note": c.note, "points": c.sweep} for c in contenders},
-             "load_before": load_before, "load_after": load(), "ground_truth": "faiss.contrib knn_ground_truth",
+             "load_before": load_before, "load_after": load(), "peers_skipped": skipped, "ground_truth": "faiss.contrib knn_ground_truth",
              "queries": n_queries}
     return rows_out, extra
 
