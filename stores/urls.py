@@ -78,6 +78,20 @@ def storage_options_for(url: str, storage_options: dict[str, Any] | None,
     return options
 
 
+def s3_config_defaults() -> dict[str, Any]:
+    """The botocore ``config_kwargs`` hoverlay gives ``s3://`` stores (timeouts, retries, session)."""
+    from ._s3 import config_defaults
+
+    return config_defaults()
+
+
+def s3_request_bound(config_kwargs: dict[str, Any]) -> float:
+    """About how many seconds a request to a silent S3 server takes to fail with these settings."""
+    from ._s3 import request_bound
+
+    return request_bound(config_kwargs)
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None,
                small_objects: bool = False) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for ``url``, with one-line errors for what users hit;

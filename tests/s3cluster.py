@@ -245,8 +245,8 @@ def zygote() -> None:
     import hoverlay.cli  # noqa: F401
     import hoverlay.pipeline.build  # noqa: F401
     import hoverlay.pipeline.tasks  # noqa: F401
-    import hoverlay.stores._s3  # noqa: F401
     import hoverlay.stores.lock  # noqa: F401
+    import hoverlay.stores.urls  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     children: set[int] = set()

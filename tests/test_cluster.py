@@ -328,8 +328,9 @@ def test_s3_paused_briefly_then_past_the_bound_then_a_rerun_with_a_worker_killed
     EXIT_ERROR. The rerun after the server resumed loses a worker (kill -9) while that runs a
     partition: Dask runs it again, and the store equals an uninterrupted build's. (One build
     for both faults: a build into moto costs ~10 s of this machine.)"""
-    from hoverlay.stores._s3 import config_defaults, request_bound
     from hoverlay.stores.lock import RELEASE_WAIT
+    from hoverlay.stores.urls import s3_config_defaults as config_defaults
+    from hoverlay.stores.urls import s3_request_bound as request_bound
 
     cluster.ready()
     url = "s3://hoverlay/paused.zarr"
