@@ -201,6 +201,16 @@ def palette(name: str) -> list[str]:
     return list(process_cmap(name, 256))
 
 
+def restyle(figures: Sequence[LayerFigure], palette: Sequence[str] | None = None,
+            alpha: float | None = None) -> None:
+    """A new colour map and/or overlay opacity for a view's figures (callers hold the document)."""
+    for fig in figures:
+        if palette is not None:
+            fig.set_colors(palette)
+        if alpha is not None:
+            fig.set_alpha(alpha)
+
+
 def empty_columns(columns: Sequence[str]) -> dict[str, list]:
     return {c: [] for c in columns}
 

@@ -29,7 +29,15 @@ import param
 from .browser_hover import BrowserHover, HoverPath, choose_path
 from .engine import OverlayEngine, Query
 from .export import ExportLayer, compose_grid_png
-from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .figures import (
+    OUTLINE_COLUMNS,
+    LayerFigure,
+    SharedSources,
+    empty_columns,
+    grid_specs,
+    palette,
+    restyle,
+)
 from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .prefetch import PagePrefetch
 from .session import Scheduler, pointer_cell, set_nodelay
@@ -272,8 +280,7 @@ class GridView(pn.viewable.Viewer):
     @param.depends("state.alpha", watch=True)
     def _on_alpha(self) -> None:
         with pn.io.hold(self._doc):
-            for fig in self.figures:
-                fig.set_alpha(self.state.alpha)
+            restyle(self.figures, alpha=self.state.alpha)
 
     @param.depends("state.captions", watch=True)
     def _on_captions(self) -> None:

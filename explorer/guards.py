@@ -91,16 +91,6 @@ class UserBoundWSHandler(WSHandler):
                 raise ProtocolError("this session belongs to another user")
         super().open()
 
-    def on_close(self) -> None:
-        """A page that was connected and left: its session goes at Bokeh's next unused-session
-        check (``--check-unused-sessions``, seconds), not after the 15 s lifetime that is meant for
-        pages still loading. Nothing reconnects to a session whose last page closed (a reload
-        opens a new one), so keeping it only held its figures, page vectors and read-ahead."""
-        session = self.connection.session if self.connection is not None else None
-        super().on_close()
-        if session is not None and session.connection_count == 0:
-            session.request_expiration()
-
 
 def _signed_user(handler: Any, value: str | None) -> str | None:
     """The user name in a signed ``user`` cookie value, or None when absent or forged."""

@@ -16,7 +16,7 @@ import panel as pn
 import param
 
 from .engine import OverlayEngine, Query
-from .figures import LayerFigure, SharedSources, grid_specs, palette
+from .figures import LayerFigure, SharedSources, grid_specs, palette, restyle
 from .state import ExplorerState
 from .text import as_plain_markdown
 
@@ -131,6 +131,4 @@ class QueryPairView(pn.viewable.Viewer):
     @param.depends("state.alpha", watch=True)
     def _on_alpha(self) -> None:
         with pn.io.hold(self._doc):
-            for figs in self.figures.values():
-                for fig in figs:
-                    fig.set_alpha(self.state.alpha)
+            restyle([f for figs in self.figures.values() for f in figs], alpha=self.state.alpha)

@@ -14,7 +14,15 @@ import param
 from bokeh.models import ColumnDataSource
 
 from .engine import OverlayEngine, Query
-from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .figures import (
+    OUTLINE_COLUMNS,
+    LayerFigure,
+    SharedSources,
+    empty_columns,
+    grid_specs,
+    palette,
+    restyle,
+)
 from .state import ExplorerState
 from .text import as_plain_markdown
 
@@ -121,5 +129,4 @@ class QueryPatchView(pn.viewable.Viewer):
     @param.depends("state.alpha", watch=True)
     def _on_alpha(self) -> None:
         with pn.io.hold(self._doc):
-            for fig in self.figures:
-                fig.set_alpha(self.state.alpha)
+            restyle(self.figures, alpha=self.state.alpha)

@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Keyword arguments of :func:`serve` that configure the app rather than the server.
 APP_OPTIONS = frozenset(name for name in ExplorerState.param if name not in ("name", "message", *OUTPUTS))
-#: How often Bokeh looks for sessions to discard (its default, 17 s, kept a closed page's memory).
-CLOSED_SESSION_CHECK_MS = 2000
 #: Environment variables Panel reads a cookie secret from (kept out of ``ps`` output).
 COOKIE_SECRET_ENV = ("PANEL_COOKIE_SECRET", "BOKEH_COOKIE_SECRET")
 
@@ -216,8 +214,6 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
     install_guards(LoginPolicy(attempts=int(kw.pop("login_attempts", 5)), window=float(kw.pop("login_window", 300.0)),
                                delay=float(kw.pop("login_delay", 1.0))))
     kw.setdefault("title", "hoverlay explorer")
-    # closed pages' sessions (see guards.UserBoundWSHandler.on_close) go within this long
-    kw.setdefault("check_unused_sessions_milliseconds", CLOSED_SESSION_CHECK_MS)
     kw.setdefault("liveness", True)
     pn.config.exception_handler = show_session_error
     if int(kw.get("num_procs") or 1) != 1:

@@ -22,7 +22,15 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from .engine import OverlayEngine, Query
-from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .figures import (
+    OUTLINE_COLUMNS,
+    LayerFigure,
+    SharedSources,
+    empty_columns,
+    grid_specs,
+    palette,
+    restyle,
+)
 from .kernels import color_range
 from .resources import get_layer_stats
 from .state import ExplorerState
@@ -173,11 +181,8 @@ class SweepView(pn.viewable.Viewer):
 
     @param.depends("state.cmap", "state.alpha", watch=True)
     def _on_colors(self) -> None:
-        pal = palette(self.state.cmap)
         with pn.io.hold(self._doc):
-            for fig in self.figures:
-                fig.set_colors(pal)
-                fig.set_alpha(self.state.alpha)
+            restyle(self.figures, palette(self.state.cmap), self.state.alpha)
 
     # -------------------------------------------------------------------------- hover
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:

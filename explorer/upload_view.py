@@ -25,7 +25,15 @@ from hoverlay.stores.query_wire import EmbeddedImage
 from hoverlay.stores.uploads import UploadError, read_upload, resolve_allowed_path
 
 from .engine import OverlayEngine, Query
-from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns, grid_specs, palette
+from .figures import (
+    OUTLINE_COLUMNS,
+    LayerFigure,
+    SharedSources,
+    empty_columns,
+    grid_specs,
+    palette,
+    restyle,
+)
 from .query_worker import QueryWorkerError, shared_worker, shared_worker_config
 from .resources import cached, storage_options_of
 from .session import Scheduler
@@ -37,8 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The query tile is at least this many pixels wide.
 MIN_TILE_PX = 150
-HINT = ("**Query with your own image**: drop an image here (or click to choose one); it is embedded "
-        "with this store's model and nothing is stored")
+HINT = ("**Query with your own image**: choose an image file (or drop one on the button); it is "
+        "embedded with this store's model and nothing is stored")
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -61,10 +69,11 @@ class UploadView(pn.viewable.Viewer):
         self.figures: list[LayerFigure] = []
         self._built_for: tuple[Any, ...] | None = None
         self._uid = 0
-        limits = shared_worker_config()
-        self.dropper = pn.widgets.FileDropper(
-            accepted_filetypes=["image/*"], multiple=False, max_file_size=f"{max(1, limits.max_bytes // 2**20)}MB",
-            layout="compact", height=90, width=300, margin=(4, 10))
+        # Bokeh's own file input (a file picker that also takes a dropped file), not Panel's
+        # FileDropper: that needs pn.extension('filedropper'), which `panel serve` scripts and
+        # notebooks calling plain pn.extension() do not load (the page then never rendered)
+        self.dropper = pn.widgets.FileInput(accept="image/*", multiple=False, width=300, margin=(4, 10),
+                                            css_classes=["hoverlay-upload-input"])
         self.dropper.param.watch(self._on_drop, "value")
         self.status = pn.pane.Markdown(HINT, margin=(4, 10), css_classes=["hoverlay-upload-status"],
                                        sizing_mode="stretch_width")
@@ -77,7 +86,6 @@ class UploadView(pn.viewable.Viewer):
             inputs.append(pn.Row(self.path_input, pn.Column(open_b, margin=(18, 0, 0, 0))))
         self.mapped_source = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="upload-mapped")
         self._image = 0  # the upload the tile shows
-        self._last_drop: tuple[str, int, bytes] | None = None
         self._row = pn.Row(styles={"flex-wrap": "wrap", "gap": "4px 12px"}, visible=False)
         self._layout = pn.Column(self.status, pn.Row(*inputs, self._row, styles={"flex-wrap": "wrap"}),
                                  margin=(0, 0, 8, 0), sizing_mode="stretch_width")
@@ -87,18 +95,10 @@ class UploadView(pn.viewable.Viewer):
 
     # ================================================================== getting an image
     def _on_drop(self, event: param.parameterized.Event) -> None:
-        files = dict(event.new or {})
-        if not files:
+        data = event.new
+        if not isinstance(data, (bytes, bytearray)):  # cleared, or more than one file
             return
-        # the dropper may still list earlier files (its value is updated in place): the one
-        # dropped is the last, and a value event for the file already taken is not a new drop
-        name, data = list(files.items())[-1]
-        raw = bytes(data) if not isinstance(data, str) else data.encode()
-        key = (str(name), len(raw), raw[:256])
-        if key == self._last_drop:
-            return
-        self._last_drop = key
-        self.submit(raw, str(name))
+        self.submit(bytes(data), str(self.dropper.filename or "the upload"))
 
     def open_path(self, text: str) -> None:
         """Query with an image of an allow-listed server folder (never an arbitrary path)."""
@@ -204,11 +204,8 @@ class UploadView(pn.viewable.Viewer):
 
     @param.depends("state.cmap", "state.alpha", watch=True)
     def _on_colors(self) -> None:
-        pal = palette(self.state.cmap)
         with pn.io.hold(self._doc):
-            for fig in self.figures:
-                fig.set_colors(pal)
-                fig.set_alpha(self.state.alpha)
+            restyle(self.figures, palette(self.state.cmap), self.state.alpha)
 
     def _on_pointer(self, attr: str, old: Any, new: dict[str, list]) -> None:
         """The pointer on the query tile: a patch of the snapping layer, or a click (pin / unpin).

@@ -74,7 +74,9 @@ def demo_store(demo_subset, tmp_path_factory) -> str:
     from hoverlay.pipeline.build import build
 
     path = str(tmp_path_factory.mktemp("stores") / "demo.zarr")
-    build(demo_subset, path, quiet=True)
+    # lossless pixels: tests recompute activations from the stored pixels (JPEG, the build's
+    # default, keeps a lossy copy of what the model saw)
+    build(demo_subset, path, quiet=True, pixel_codec="zstd")
     return path
 
 
