@@ -23,7 +23,7 @@ figure's spacing in the config source and maps positions between figures by tile
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -209,6 +209,21 @@ def restyle(figures: Sequence[LayerFigure], palette: Sequence[str] | None = None
             fig.set_colors(palette)
         if alpha is not None:
             fig.set_alpha(alpha)
+
+
+#: One-image views (the query patch, the query tile) draw their tile at least this wide.
+MIN_TILE_PX = 150
+
+
+def outline_rows(cells: Iterable[tuple[LayerFigure, int, int, int]]) -> dict[str, list]:
+    """The columns of an outline source (:data:`OUTLINE_COLUMNS`) for ``(figure, tile, y, x)``
+    cells: each figure draws only its own rows (the sources' ``fig`` filter)."""
+    rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
+    for fig, tile, y, x in cells:
+        for col, v in (("fig", fig.layer), ("tile", tile), ("y", y), ("x", x),
+                       *fig.spec.outline(tile, y, x).items()):
+            rows[col].append(v)
+    return rows
 
 
 def empty_columns(columns: Sequence[str]) -> dict[str, list]:

@@ -35,6 +35,7 @@ from .figures import (
     SharedSources,
     empty_columns,
     grid_specs,
+    outline_rows,
     palette,
     restyle,
 )
@@ -253,16 +254,10 @@ class GridView(pn.viewable.Viewer):
 
     def _show_pin(self) -> None:
         """Outline the pinned query on its tile in every layer, if its image is on the page."""
-        rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
         q = self.state.current if self.state.pinned else None
         tiles = np.flatnonzero(self.shown_images == q.image) if q is not None else np.empty(0)
-        if q is not None and tiles.size:
-            t = int(tiles[0])
-            for fig in self.figures:
-                y, x = self.state.mapped(q, fig.layer)
-                for col, v in (("fig", fig.layer), ("tile", t), ("y", y), ("x", x),
-                               *fig.spec.outline(t, y, x).items()):
-                    rows[col].append(v)
+        rows = outline_rows((fig, int(tiles[0]), *self.state.mapped(q, fig.layer)) for fig in self.figures) \
+            if q is not None and tiles.size else empty_columns(OUTLINE_COLUMNS)
         if rows != dict(self.shared.pin.data):
             self.shared.pin.data = rows
 

@@ -15,19 +15,19 @@ from bokeh.models import ColumnDataSource
 
 from .engine import OverlayEngine, Query
 from .figures import (
+    MIN_TILE_PX,
     OUTLINE_COLUMNS,
     LayerFigure,
     SharedSources,
     empty_columns,
     grid_specs,
+    outline_rows,
     palette,
     restyle,
 )
 from .state import ExplorerState
 from .text import as_plain_markdown
 
-#: The view's tiles are at least this many pixels wide (one tile per layer).
-MIN_TILE_PX = 150
 HINT = "**Query patch in every shown layer**: hover a patch"
 
 
@@ -99,17 +99,14 @@ class QueryPatchView(pn.viewable.Viewer):
                 self.shared.set_images(self.specs, state.image_pixels(query.image))
                 self._image = query.image
             maps = self.engine.image_maps(query.image, query, view.function, state.sigmas(list(view.layers)))
-            rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
+            cells = {fig.layer: state.mapped(query, fig.layer) for fig in self.figures}
             for fig in self.figures:
                 fig.set_colors(clim=state.clim(fig.layer))
                 fig.colorbar.title = view.function
                 fig.set_maps(maps[fig.layer], 1)
-                y, x = state.mapped(query, fig.layer)
-                for col, v in (("fig", fig.layer), ("tile", 0), ("y", y), ("x", x),
-                               *fig.spec.outline(0, y, x).items()):
-                    rows[col].append(v)
+                y, x = cells[fig.layer]
                 fig.title.text = f"{fig.layer} ({y},{x})"  # short: the figure is one tile wide
-            self.mapped_source.data = rows
+            self.mapped_source.data = outline_rows((fig, 0, *cells[fig.layer]) for fig in self.figures)
             self.head.object = (f"**Query patch in every shown layer**: "
                                 f"{as_plain_markdown(state.image_name(query.image))} "
                                 f"(outline: the cell it maps to in each layer)")

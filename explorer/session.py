@@ -24,7 +24,7 @@ import numbers
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,15 @@ class Scheduler:
             else:
                 done(result, None)
             return
-        future = executor.submit(fn, *args)
+        self.when_done(executor.submit(fn, *args), done)
+
+    def when_done(self, future: Future[Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """``done(result, error)`` back on the loop once ``future`` ends (at once, waiting for it,
+        when there is no loop): for futures that another thread resolves (the model worker)."""
+        if self.synchronous:
+            exc = future.exception()
+            done(None if exc else future.result(), exc)
+            return
 
         def back() -> None:
             exc = future.exception()

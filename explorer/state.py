@@ -736,10 +736,6 @@ class ExplorerState(param.Parameterized):
             return self._external_pixels[int(image)][None]
         return self.reader.pixels(np.array([int(image)]))
 
-    def query_vectors(self, query: Query, layers: Sequence[str]) -> dict[str, QueryVector]:
-        """The query's vector in each of ``layers`` (at its cell mapped there)."""
-        return self.engine.query_vectors(query, list(layers))
-
     def mapped(self, query: Query, layer: str) -> tuple[int, int]:
         """The query's cell in another layer (receptive-field centre mapping)."""
         return self.engine.mapped(query, layer)

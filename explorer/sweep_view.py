@@ -28,6 +28,7 @@ from .figures import (
     SharedSources,
     empty_columns,
     grid_specs,
+    outline_rows,
     palette,
     restyle,
 )
@@ -212,13 +213,9 @@ class SweepView(pn.viewable.Viewer):
             blk = self.engine.block(layer)
             vectors[layer] = blk.vectors.reshape(*blk.shape, blk.dim)  # float32 view of the stored vectors
         chart = sweep_chart(vectors, sweep, cells)
-        rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
-        for fig in self.figures:
-            for tile, cell in enumerate(copy_cells(sweep, *cells[fig.layer], fig.hw), start=1):
-                if cell is not None:
-                    for col, v in (("fig", fig.layer), ("tile", tile), ("y", cell[0]), ("x", cell[1]),
-                                   *fig.spec.outline(tile, *cell).items()):
-                        rows[col].append(v)
+        rows = outline_rows((fig, tile, *cell) for fig in self.figures
+                            for tile, cell in enumerate(copy_cells(sweep, *cells[fig.layer], fig.hw), start=1)
+                            if cell is not None)
         n = len(sweep.ids)
         with pn.io.hold(self._doc):
             for fig in self.figures:

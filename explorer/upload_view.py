@@ -26,11 +26,13 @@ from hoverlay.stores.uploads import UploadError, read_upload, resolve_allowed_pa
 
 from .engine import OverlayEngine, Query
 from .figures import (
+    MIN_TILE_PX,
     OUTLINE_COLUMNS,
     LayerFigure,
     SharedSources,
     empty_columns,
     grid_specs,
+    outline_rows,
     palette,
     restyle,
 )
@@ -43,14 +45,13 @@ from .widgets import button, labelled
 
 log = logging.getLogger(__name__)
 
-#: The query tile is at least this many pixels wide.
-MIN_TILE_PX = 150
 HINT = ("**Query with your own image**: choose an image file (or drop one on the button); it is "
         "embedded with this store's model and nothing is stored")
 
 
-def _executor() -> ThreadPoolExecutor:
-    return cached("hoverlay-upload-wait", lambda: ThreadPoolExecutor(max_workers=4,
+def _reader() -> ThreadPoolExecutor:
+    """Where an allow-listed server file is read and checked (never on the event loop)."""
+    return cached("hoverlay-upload-read", lambda: ThreadPoolExecutor(max_workers=1,
                                                                       thread_name_prefix="hoverlay-upload"))
 
 
@@ -104,26 +105,35 @@ class UploadView(pn.viewable.Viewer):
         """Query with an image of an allow-listed server folder (never an arbitrary path)."""
         try:
             path = resolve_allowed_path(str(text or ""), self.state.query_folders)
-            cfg = shared_worker_config()
-            data, _ = read_upload(path, name=str(text), max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)
         except UploadError as exc:
             self._say(exc.public)
             return
-        self.submit(data, str(text))
+        cfg = shared_worker_config()
 
-    def submit(self, data: bytes, name: str) -> None:
+        def read() -> bytes:  # reads and checks the file (a decode): off the loop
+            return read_upload(path, name=str(text), max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)[0]
+
+        def read_done(data: bytes | None, error: BaseException | None) -> None:
+            if error is not None:
+                self._say(error.public if isinstance(error, UploadError) else client_message(error))
+            elif data is not None:
+                self.submit(data, str(text), validated=True)
+
+        self._scheduler.in_thread(_reader(), read, done=read_done)
+
+    def submit(self, data: bytes, name: str, validated: bool = False) -> None:
         """Embed in the worker, show when done. The event loop never waits: the worker client
         validates the file on its own thread (a 60-megapixel photo takes a second to decode) and
-        a bad one fails the future with its message."""
+        a bad one fails the future with its message; ``validated``: checked already (a server file)."""
         if self._busy:
             self._say("an image is being embedded already: wait for it")
             return
         self._busy = True
         store = str(self.state.store)
         self.status.object = f"embedding {as_plain_markdown(name)} with this store's model…"
-        future: Future[EmbeddedImage] = shared_worker().submit(data, store, None, name=name,
+        future: Future[EmbeddedImage] = shared_worker().submit(data, store, None, name=name, validate=not validated,
                                                                 storage_options=storage_options_of(store))
-        self._scheduler.in_thread(_executor(), future.result, done=lambda r, e: self._embedded(store, name, r, e))
+        self._scheduler.when_done(future, lambda r, e: self._embedded(store, name, r, e))
 
     def _embedded(self, store: str, name: str, result: EmbeddedImage | None, error: BaseException | None) -> None:
         self._busy = False
@@ -189,17 +199,13 @@ class UploadView(pn.viewable.Viewer):
             q = state.current
             maps = self.engine.image_maps(self._uid, q, view.function, state.sigmas(list(view.layers))) \
                 if q is not None else {}
-            rows: dict[str, list] = empty_columns(OUTLINE_COLUMNS)
             for fig in self.figures:
                 fig.set_colors(clim=state.clim(fig.layer))
                 fig.colorbar.title = view.function
                 fig.set_maps(maps.get(fig.layer), 1)
-                if q is not None and q.image == self._uid:
-                    y, x = state.mapped(q, fig.layer)
-                    for col, v in (("fig", fig.layer), ("tile", 0), ("y", y), ("x", x),
-                                   *fig.spec.outline(0, y, x).items()):
-                        rows[col].append(v)
-            self.mapped_source.data = rows
+            on_tile = q is not None and q.image == self._uid
+            self.mapped_source.data = outline_rows((fig, 0, *state.mapped(q, fig.layer)) for fig in self.figures
+                                                   if on_tile and q is not None)
             self._row.visible = True
 
     @param.depends("state.cmap", "state.alpha", watch=True)
