@@ -38,7 +38,7 @@ from .figures import (
 )
 from .query_worker import QueryWorkerError, shared_worker, shared_worker_config
 from .resources import cached, storage_options_of
-from .session import Scheduler
+from .session import Scheduler, pointer_cell
 from .state import ExplorerState
 from .text import as_plain_markdown, client_message
 from .widgets import button, labelled
@@ -219,13 +219,10 @@ class UploadView(pn.viewable.Viewer):
         view = self.state.view
         if view is None or not self.state.is_upload(self._uid):
             return
-        try:
-            tile, y, x, click = (int(new[c][0]) for c in ("tile", "y", "x", "click"))
-        except (KeyError, IndexError, TypeError, ValueError):
+        cell = pointer_cell(new, 1, self.state.hw(view.active_layer))  # the grid's own check of client rows
+        if cell is None:
             return
-        h, w = self.state.hw(view.active_layer)
-        if tile != 0 or not (0 <= y < h and 0 <= x < w):
-            return
+        _, y, x, click = cell
         query = Query(self._uid, y, x, view.active_layer)
         if click != self._last_click:
             self._last_click = click

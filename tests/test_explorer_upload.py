@@ -84,6 +84,10 @@ def test_an_upload_is_the_query_tile_and_queries_every_tile_of_the_page(tiny_sto
     assert len(cards) == 3 and "the upload" in app.topk.head.object and "<b>" not in app.topk.head.object
     scores = [c["score"] for c in cards]
     assert scores == sorted(scores, reverse=True)
+    # the tile's pointer rows are client input: anything no page writes is dropped
+    for junk in ({"tile": [1]}, {"y": [99]}, {"x": [1.5]}, {"y": ["a"]}, {"click": [None]}):
+        app.upload._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0], **junk})
+        assert state.current == Query(uid, 3, 5, "1"), junk
     # a click pins the upload's patch; the pin is a query like any other
     app.upload._on_pointer("data", None, {"tile": [0], "y": [3], "x": [5], "click": [1]})
     assert state.query == f"{uid},3,5" and state.pinned
