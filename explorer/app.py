@@ -27,6 +27,7 @@ from typing import Any
 import panel as pn
 import param
 
+from .browser_hover import HoverLink
 from .compare import CompareView, find_compare_pair
 from .controls import Controls
 from .grid_view import GridView
@@ -51,10 +52,11 @@ class ExplorerApp(pn.viewable.Viewer):
         state = ExplorerState(stores, url=url, hold=lambda: pn.io.hold(doc), **options)
         super().__init__(state=state)
         self.controls = Controls(state=state)
-        self.grid = GridView(state=state)
+        link = HoverLink()  # the grid and the query tile draw each other's hover in the browser
+        self.grid = GridView(state=state, link=link)
         self.query_view = QueryPatchView(state=state)
         self.topk = TopKPanel(state=state)
-        self.upload = UploadView(state=state)
+        self.upload = UploadView(state=state, link=link)
         self.pair = QueryPairView(state=state)
         self.topk_b = TopKPanel(state=state, source="second")
         main = pn.Column(self.controls.message, self.upload, self.grid, self.pair, self.query_view, self.topk,

@@ -13,7 +13,11 @@ Sources (names are what browser tests and benchmarks read):
   synced (``syncable=False``);
 - ``grid-query``: ``fig``, ``q`` (float32 unit vector), ``qn`` (norm), ``pinned`` per layer;
 - ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat) and
-  ``norm`` (float32, one per patch).
+  ``norm`` (float32, one per patch);
+- ``hover-link`` (never synced): what every browser-path view of a page shares, so that hovering
+  one (the query tile of an upload) draws the others (the grid) in the same event, and the
+  reverse. The hovered query's vectors ride on it as a JS property, a counter in its data tells
+  the views that it changed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import param
 from bokeh.models import ColumnDataSource, CustomJS
 
 from hoverlay.options import ByteSize
@@ -71,12 +76,30 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
+class HoverLink(param.Parameterized):
+    """What a session's hoverable views share (the app makes one and hands it to each).
+
+    ``source``: the browser's hovered query, passed from the view under the pointer to the others
+    with no server in between; ``browser``: the path the main grid takes on its current page, which
+    the other views follow (on the server path every patch change must reach the server, since
+    the server draws the grid's maps).
+    """
+
+    browser = param.Boolean(default=False, doc="The main grid's page is on the browser path.")
+
+    def __init__(self, **params: object):
+        super().__init__(**params)
+        self.source = ColumnDataSource({"n": [0]}, name="hover-link", syncable=False)
+
+
 class BrowserHover:
     """The browser path's sources and callbacks on one grid of layer figures (built with them)."""
 
-    def __init__(self, figures: Sequence[LayerFigure], shared: SharedSources, prefix: str = "grid"):
+    def __init__(self, figures: Sequence[LayerFigure], shared: SharedSources, prefix: str = "grid",
+                 link: HoverLink | None = None):
         self.figures = list(figures)
         self.shared = shared
+        self.link = link if link is not None else HoverLink()
         self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
         self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
         self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "norm": [np.zeros(0, np.float32)]},
@@ -84,7 +107,8 @@ class BrowserHover:
                         for fig in self.figures}
         self._page: np.ndarray | None = None
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
-                "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures]}
+                "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
+                "link": self.link.source}
         for i, fig in enumerate(self.figures):
             fig.source.syncable = False  # the browser writes the mosaic in place; nothing to send back
             fig.add_outline(self.hover, "#ffffff")
@@ -94,6 +118,7 @@ class BrowserHover:
         refresh = CustomJS(args={**args, "me": -1}, code=GRID_HOVER_JS)
         for src in (shared.config, self.query, *self.vectors.values()):
             src.js_on_change("data", refresh)
+        self.link.source.js_on_change("data", CustomJS(args={**args, "me": -2}, code=GRID_HOVER_JS))
 
     @staticmethod
     def _query_columns() -> dict[str, list]:

@@ -26,7 +26,7 @@ import numpy as np
 import panel as pn
 import param
 
-from .browser_hover import BrowserHover, HoverPath, choose_path
+from .browser_hover import BrowserHover, HoverLink, HoverPath, choose_path
 from .engine import OverlayEngine, Query
 from .export import ExportLayer, compose_grid_png
 from .figures import (
@@ -62,9 +62,12 @@ class GridView(pn.viewable.Viewer):
     """The page's tiles in every shown layer, their overlays, the pin outline, paging and export."""
 
     state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+    link = param.ClassSelector(class_=HoverLink, doc="Shared with the session's other hoverable views.")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
+        if self.link is None:
+            self.link = HoverLink()
         self._doc = pn.state.curdoc
         self._scheduler = Scheduler(self._doc)
         self._prefetch = PagePrefetch(_prefetch_executor)
@@ -140,7 +143,7 @@ class GridView(pn.viewable.Viewer):
                                     clim=state.clim(name), alpha=state.alpha, title=self._title(name, view),
                                     hover=False)
                         for i, name in enumerate(view.layers)]
-        self.browser = BrowserHover(self.figures, self.shared)
+        self.browser = BrowserHover(self.figures, self.shared, link=self.link)
         self.path = HoverPath(False, 0, state.browser_hover_budget)
         # groups glyphs join the figures before the figures join the page: models added to a
         # figure already in the document after the same hold reached the browser unknown
@@ -209,6 +212,7 @@ class GridView(pn.viewable.Viewer):
                        if ids.size else (np.zeros(0, np.float16), np.zeros(0, np.float32))
                        for name in geometries}
         self.browser.set_page(ids, vectors)
+        self.link.browser = self.path.browser
         self._drawn_query = None
 
     def _send_config(self) -> None:

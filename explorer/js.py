@@ -96,7 +96,9 @@ requestAnimationFrame(() => {
 #: when the pointer rests on a patch, or on a click), ``hov`` (the hovered patch's outlines, not
 #: synced), ``qsrc`` (the server's query vectors: the pinned query, or the last rested one),
 #: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
-#: source the browser writes in place) and ``me`` (this figure's row; -1 for a data change).
+#: source the browser writes in place), ``link`` (the session's hover link, shared with the other
+#: browser-path views: the query tile) and ``me`` (this figure's row; -1 for a data change, -2
+#: for a change of the link).
 #:
 #: On a pointer move to another patch: outline it in every figure, compute cosine / dot / RBF
 #: of its vector in every layer against the page's vectors of that layer (vectors arrive as
@@ -105,6 +107,13 @@ requestAnimationFrame(() => {
 #: message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
 #: a tap goes at once (pin / unpin). Rows with ``mode`` 0 (page vectors over the byte budget)
 #: send every patch change at once instead, and the server draws the maps, as before.
+#:
+#: The hovered patch's vectors also go on the link (``link._hoverlay``: owner, layer names, one
+#: vector and norm per layer, and the owner's vectors it was cut from), so that another view
+#: draws its maps for it in the same event; a view's own hover wins over the link's, the link's
+#: over the server's query, and a pin over both. The link's query is dropped once its owner's
+#: page changed; leaving the owner's tiles clears it (the views keep their maps until the
+#: server's query, the rest, arrives).
 GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
@@ -161,9 +170,34 @@ function server_query() {
   }
   return Q;
 }
+function own_fresh() {
+  return E.hover !== null && c.fig.length > 0 && vecs[0].data.v[0] === E.hover.bits;
+}
+function linked() {  // another view's hovered query, per figure of this one (null: none, or stale)
+  const L = link._hoverlay;
+  if (L === undefined || L === null || L.owner === cfg.id || L.vsrc.data.v[0] !== L.bits) return null;
+  const Q = [];
+  for (let i = 0; i < c.fig.length; i++) {
+    const j = L.fig.indexOf(c.fig[i]);
+    Q.push(j < 0 ? null : L.Q[j]);
+  }
+  return Q;
+}
+function publish(Q) {  // this view's hovered query, for the others (null: no longer hovered here)
+  const L = link._hoverlay;
+  if (Q === null) {
+    if (L !== undefined && L !== null && L.owner === cfg.id) link._hoverlay = null;
+    return;
+  }
+  link._hoverlay = {owner: cfg.id, fig: c.fig.slice(), Q: Q, vsrc: vecs[0], bits: vecs[0].data.v[0]};
+  link.data = {n: [(link.data.n.length ? link.data.n[0] : 0) + 1]};
+}
 function current() {
-  const fresh = E.hover !== null && c.fig.length > 0 && vecs[0].data.v[0] === E.hover.bits;
-  if (!pinned() && fresh) return hovered_query(E.hover);
+  if (!pinned()) {
+    if (own_fresh()) return hovered_query(E.hover);
+    const l = linked();
+    if (l !== null) return l;
+  }
   return server_query();
 }
 function paint(Q) {
@@ -214,6 +248,14 @@ function send(h, click) {  // the only messages of the hover path
 }
 const clicks = () => ptr.data.click.length ? ptr.data.click[0] : 0;
 
+if (me === -2) {  // another view hovered a patch: draw its maps now, in the same event
+  const L = link._hoverlay;
+  if (browser && L !== undefined && L !== null && L.owner !== cfg.id && !pinned() && !own_fresh()) {
+    const l = linked();
+    if (l !== null) paint(l);
+  }
+  return;
+}
 if (me < 0) {  // page vectors, query vectors or config changed: repaint once, next frame
   if (browser && E.frame === 0) {
     E.frame = requestAnimationFrame(() => { E.frame = 0; paint(current()); });
@@ -229,6 +271,7 @@ const last = E.hover;
 if (hit === null) {  // off the tiles: the server's query (a rest, a pin, the query tile) draws next
   if (hov.data.fig.length) hov.data = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: []};
   E.hover = null;
+  publish(null);
   return;
 }
 if (last !== null && last.bits === (c.fig.length ? vecs[0].data.v[0] : null)
@@ -246,7 +289,9 @@ if (!browser) {
   return;
 }
 if (!pinned()) {
-  paint(hovered_query(hit));
+  const Q = hovered_query(hit);
+  paint(Q);
+  publish(Q);
   if (E.timer !== null) clearTimeout(E.timer);
   E.timer = setTimeout(() => { E.timer = null; if (!pinned()) send(E.hover, clicks()); }, c.rest[me]);
 }

@@ -2,10 +2,12 @@
 
 The image is embedded by the process's model worker (:mod:`explorer.query_worker`: this process
 never imports torch) with the store's own model, preprocessing and layers, then shown as the
-*query tile*, one figure per shown layer. Hovering it sets the query of every tile of the page:
-its patch's vector goes to the browser once per patch change (the browser path then draws every
-map of the page itself) or, on the server path, the server draws them; a rest brings the
-query-patch view and the top-k of the whole store, as for a store image. Nothing is written to
+*query tile*, one figure per shown layer. Hovering it sets the query of every tile of the page.
+On the browser path (the grid's page is on it) the tile holds the upload's vectors, so the
+browser draws the tile's and the page's maps on every move with no message (the two views share
+a :class:`~explorer.browser_hover.HoverLink`), and the server only hears where the pointer
+rested; on the server path every patch change goes to the server, which draws them. A rest
+brings the query-patch view and the top-k of the whole store, as for a store image. Nothing is written to
 the store. A bad file, a store whose model cannot be loaded here, a busy or slow worker: a
 message, and the rest of the page keeps working.
 """
@@ -24,6 +26,7 @@ from bokeh.models import ColumnDataSource
 from hoverlay.stores.query_wire import EmbeddedImage
 from hoverlay.stores.uploads import UploadError, read_upload, resolve_allowed_path
 
+from .browser_hover import BrowserHover, HoverLink, HoverPath
 from .engine import OverlayEngine, Query
 from .figures import (
     MIN_TILE_PX,
@@ -59,9 +62,13 @@ class UploadView(pn.viewable.Viewer):
     """The drop zone, the optional server-path input, and the uploaded image as a hoverable tile."""
 
     state = param.ClassSelector(class_=ExplorerState, doc="The session's state.")
+    link = param.ClassSelector(class_=HoverLink, doc="Shared with the grid: its path, the browser's hover.")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
+        if self.link is None:
+            self.link = HoverLink()
+        self.link.param.watch(lambda e: self._refresh(), "browser")
         self._doc = pn.state.curdoc
         self._scheduler = Scheduler(self._doc)
         self._rest: Any = None
@@ -178,8 +185,9 @@ class UploadView(pn.viewable.Viewer):
         pal = palette(state.cmap)
         self.figures = [LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal,
                                     clim=state.clim(name), alpha=state.alpha, title=name, prefix="upload",
-                                    outline_source=self.mapped_source)
+                                    outline_source=self.mapped_source, hover=False)
                         for i, name in enumerate(view.layers)]
+        self.browser = BrowserHover(self.figures, self.shared, prefix="upload", link=self.link)
         self.engine = OverlayEngine(state.reader, list(view.layers), external=state.external)
         self._row.objects = [pn.pane.Bokeh(f.plot) for f in self.figures]
         self._built_for = (view.grid, view.active_layer, state.reader)
@@ -194,19 +202,46 @@ class UploadView(pn.viewable.Viewer):
                 self._build()
             if self._image != self._uid:
                 self.shared.set_images(self.specs, state.image_pixels(self._uid), [""])
-                self.shared.set_config(self.specs, view.active_layer, 1)
                 self._image = self._uid
-            q = state.current
-            maps = self.engine.image_maps(self._uid, q, view.function, state.sigmas(list(view.layers))) \
-                if q is not None else {}
+            self._send_hover()
+            q, layers = state.current, list(view.layers)
+            browser = self.link.browser
+            if browser:  # the browser draws the tile: it needs the query only when it cannot know it
+                self.browser.set_query(self.engine.query_vectors(q, layers) if q is not None else None,
+                                       pinned=state.pinned)
+            maps = self.engine.image_maps(self._uid, q, view.function, state.sigmas(layers)) \
+                if q is not None and not browser else {}
             for fig in self.figures:
                 fig.set_colors(clim=state.clim(fig.layer))
                 fig.colorbar.title = view.function
-                fig.set_maps(maps.get(fig.layer), 1)
+                if not browser:
+                    fig.set_maps(maps.get(fig.layer), 1)
             on_tile = q is not None and q.image == self._uid
             self.mapped_source.data = outline_rows((fig, 0, *state.mapped(q, fig.layer)) for fig in self.figures
                                                    if on_tile and q is not None)
             self._row.visible = True
+
+    def _send_hover(self) -> None:
+        """The tile's config for the pointer (and, on the browser path, the function, sigmas and
+        rest delay) and, on the browser path, the upload's vectors (once per upload)."""
+        state, view = self.state, self.state.view
+        assert view is not None
+        layers = list(self.specs)
+        path = HoverPath(self.link.browser, 0, state.browser_hover_budget)
+        extra = BrowserHover.config_columns(
+            path, layers, {n: state.reader.geometry(n).dim for n in layers},
+            {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in layers},
+            view.function, state.sigmas(layers), state.topk_delay_ms)
+        self.shared.set_config(self.specs, view.active_layer, 1, extra)
+        vectors = None
+        if path.browser:
+            blocks = state.external[self._uid]
+            vectors = {}
+            for name in layers:
+                n, h, w = blocks[name].shape
+                vectors[name] = (blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
+                                 blocks[name].norms.reshape(n, h, w))
+        self.browser.set_page(np.array([self._uid], dtype=np.int64), vectors)
 
     @param.depends("state.cmap", "state.alpha", watch=True)
     def _on_colors(self) -> None:
@@ -232,7 +267,8 @@ class UploadView(pn.viewable.Viewer):
             return
         self.state.hover(query)
         self._scheduler.cancel(self._rest)
-        self._rest = self._scheduler.later(self.state.rest, self.state.topk_delay_ms)
+        # the browser path's message is already a rest; the server path waits for one
+        self._rest = self._scheduler.later(self.state.rest, 0 if self.link.browser else self.state.topk_delay_ms)
 
     def image_maps(self) -> dict[str, np.ndarray]:
         """The query tile's maps for the current query (tests read what the figures hold)."""

@@ -92,6 +92,33 @@ def test_an_upload_is_the_query_tile_and_queries_every_tile_of_the_page(tiny_sto
     app.upload._on_pointer("data", None, {"tile": [0], "y": [3], "x": [5], "click": [1]})
     assert state.query == f"{uid},3,5" and state.pinned
     assert store_files(store) == before  # nothing was written to the store
+    assert app.upload.shared.config.data["mode"] == [0, 0]  # the tile follows the grid's server path
+    assert all(len(src.data["v"][0]) == 0 for src in app.upload.browser.vectors.values())
+
+
+def test_on_the_browser_path_the_query_tile_holds_the_uploads_vectors(tiny_store):
+    """The grid's page is on the browser path: the tile gets the upload's float16 vectors and
+    norms (what the browser computes every map from, with no message per move) and the grid's
+    path; a store image's query reaches the tile as a vector, not as server-drawn maps."""
+    from hoverlay.explorer.app import create_app
+
+    app = create_app(tiny_store["store"], page_size=4, ncols=2, k=3).app
+    assert app.grid.path.browser and app.grid.link is app.upload.link and app.upload.link.browser
+    app.upload.submit(png_bytes(tiny_store["image"], angle=15), "rotated.png")
+    uid = app.state.upload
+    assert app.upload.shared.config.data["mode"] == [1, 1]
+    for layer in ("1", "3"):
+        block = app.state.external[uid][layer]
+        sent = app.upload.browser.vectors[layer].data
+        np.testing.assert_array_equal(sent["v"][0].view(np.float16).astype(np.float32), block.vectors.reshape(-1))
+        np.testing.assert_array_equal(sent["norm"][0], block.norms)
+    app.grid._on_pointer("data", None, {"tile": [1], "y": [2], "x": [3], "click": [0]})  # a rest on the grid
+    q = app.upload.browser.query.data
+    assert q["fig"] == ["1", "3"] and q["pinned"] == [0, 0]
+    image = [int(app.state.page_ids()[1])]
+    np.testing.assert_allclose(q["q"][0], app.state.reader.vectors("1", image)[0, 2, 3], atol=2e-3)  # unit
+    assert q["qn"][0] == pytest.approx(float(app.state.reader.norms("1", image)[0, 2, 3]), rel=1e-3)
+    assert all(np.isnan(np.asarray(f.source.data["image"][0])).all() for f in app.upload.figures)  # not drawn here
 
 
 @pytest.mark.parametrize(("kind", "says"), [("empty", "is empty"), ("truncated", "truncated"),

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +65,24 @@ def server(built, tmp_path_factory):
 def page(browser, server):
     ctx = browser.new_context(viewport={"width": 1600, "height": 1200})
     pg = ctx.new_page()
+    yield open_page(pg, server)
+    ctx.close()
+
+
+def open_page(pg, server: str):
     pg.set_default_timeout(60_000)
     pg.goto(server)
     pg.wait_for_function("""() => window.Bokeh !== undefined && Bokeh.documents.length > 0
         && Bokeh.documents[0].get_model_by_name('grid-rgb') !== null
         && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0""")
-    yield pg
-    ctx.close()
+    return pg
+
+
+def upload(page, path: str) -> None:
+    page.locator("input[type=file]").first.set_input_files(path)
+    page.get_by_text("hover it to query every image of the page").wait_for()
+    page.wait_for_function("""() => Bokeh.index.query_one(v => v.model.name === 'upload:1') !== null
+        && Bokeh.documents[0].get_model_by_name('upload-rgb').data.image.length === 1""")
 
 
 def overlays(page, layer: str) -> np.ndarray:
@@ -93,10 +105,7 @@ def test_an_uploaded_image_queries_the_page_and_the_store(page, built):
     from hoverlay.pipeline.query import embed_image, load_store_model
     from hoverlay.stores import open_store
 
-    page.locator("input[type=file]").first.set_input_files(built["query"])
-    page.get_by_text("hover it to query every image of the page").wait_for()
-    page.wait_for_function("""() => Bokeh.index.query_one(v => v.model.name === 'upload:1') !== null
-        && Bokeh.documents[0].get_model_by_name('upload-rgb').data.image.length === 1""")
+    upload(page, built["query"])
     before = model_data(page, "grid-overlay:1")["image"][0]["values"]
     y, x = 9, 6  # a cell of layer "1" (16x16): the pointer snaps to it on the query tile
     sx, sy = upload_point(page, (y + 0.5) * S / 16, (x + 0.5) * S / 16)
@@ -127,3 +136,57 @@ def test_a_bad_upload_says_why_and_the_page_keeps_working(page, built):
     page.locator("input[type=file]").first.set_input_files(
         files=[{"name": "half.png", "mimeType": "image/png", "buffer": buf.getvalue()[:60]}])
     page.get_by_text("truncated or corrupt").wait_for()
+
+
+def test_hovering_the_query_tile_draws_the_page_in_the_browser_with_no_message(browser, server, built):
+    """The grid's page is on the browser path, so the query tile holds the upload's vectors: each
+    move across it repaints the tile and every page tile at once, and the only message is the
+    rest. What the browser drew is the float64 similarity to the upload's own vector."""
+    from hoverlay.pipeline.query import embed_image, load_store_model
+    from hoverlay.stores import open_store
+
+    sent: list[str] = []
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1200})
+    pg = ctx.new_page()
+    pg.on("websocket", lambda ws: ws.on("framesent", lambda p: sent.append(
+        p if isinstance(p, str) else p.decode("utf-8", "replace"))))
+    page = open_page(pg, server)
+    try:
+        upload(page, built["query"])
+        page.get_by_text("hover maps computed in this browser").wait_for()
+        ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('upload-pointer').id")
+        rest_ms = model_data(page, "upload-config")["rest"][0]
+        cells = [((3 * i + 1) % 16, (5 * i + 2) % 16) for i in range(12)]  # all different
+        points = [upload_point(page, (y + 0.5) * S / 16, (x + 0.5) * S / 16) for y, x in cells]
+        page.evaluate("""() => { window.__moves = []; window.__grid_paints = [];
+            document.addEventListener('pointermove', () => window.__moves.push(performance.now()), {capture: true});
+            Bokeh.documents[0].get_model_by_name('grid-overlay:1').change.connect(
+                () => window.__grid_paints.push(performance.now())); }""")
+        time.sleep(0.3)
+        sent.clear()
+        for sx, sy in points:
+            page.mouse.move(sx, sy)
+        moves = page.evaluate("window.__moves")
+        during = list(sent)
+        grid_paints = page.evaluate("window.__grid_paints.length")
+        page.wait_for_function("""() => { const d = Bokeh.documents[0].get_model_by_name('upload-pointer').data;
+            return d.tile.length > 0 && d.y[0] === Y && d.x[0] === X; }"""
+                               .replace("Y", str(cells[-1][0])).replace("X", str(cells[-1][1])))
+        assert grid_paints >= len(cells), f"the grid repainted {grid_paints} times for {len(cells)} moves"
+        rests = sum(1 for a, b in zip(moves, moves[1:], strict=False) if b - a > rest_ms)
+        messages = [f for f in during if '"msgtype"' in f]
+        assert len(messages) <= rests, f"{len(messages)} messages while the pointer moved ({rests} rests): {during[:4]}"
+        assert ptr_id in "".join(sent)  # the rest, on the query tile's pointer
+        # the last move's maps, drawn in the browser: the page's and the tile's own
+        reader = open_store(built["store"])
+        emb = embed_image(Path(built["query"]).read_bytes(), load_store_model(built["store"]))
+        y, x = cells[-1]
+        q = emb.layers["1"].vectors[y, x].astype(np.float64)
+        q /= np.linalg.norm(q)
+        want = np.einsum("nhwd,d->nhw", reader.vectors("1", list(range(PAGE))).astype(np.float64), q)
+        np.testing.assert_allclose(overlays(page, "1"), want, atol=2e-3)
+        own = tiles_from_sources(model_data(page, "upload-overlay:1"), model_data(page, "upload-rgb"), "1", S)[0]
+        assert own[y, x] == pytest.approx(1.0, abs=2e-3)
+        np.testing.assert_allclose(own, emb.layers["1"].vectors.astype(np.float64) @ q, atol=2e-3)
+    finally:
+        ctx.close()
