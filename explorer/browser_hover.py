@@ -16,8 +16,8 @@ Sources (names are what browser tests and benchmarks read):
   ``norm`` (float32, one per patch);
 - ``hover-link`` (never synced): what every browser-path view of a page shares, so that hovering
   one (the query tile of an upload) draws the others (the grid) in the same event, and the
-  reverse. The hovered query's vectors ride on it as a JS property, a counter in its data tells
-  the views that it changed.
+  reverse. The hovered query's vectors ride on it as a JS property; a counter in its data wakes
+  the views, one callback per view (a rebuilt view's callback replaces its predecessor's).
 """
 
 from __future__ import annotations
@@ -90,6 +90,16 @@ class HoverLink(param.Parameterized):
     def __init__(self, **params: object):
         super().__init__(**params)
         self.source = ColumnDataSource({"n": [0]}, name="hover-link", syncable=False)
+        self._callbacks: dict[str, CustomJS] = {}
+
+    def attach(self, key: str, callback: CustomJS) -> None:
+        """Wake ``callback`` when another view hovers; it replaces the one ``key`` had (a rebuilt
+        grid's figures are new models: the old callback would paint the figures it replaced)."""
+        old = self._callbacks.get(key)
+        callbacks = [cb for cb in self.source.js_property_callbacks.get("change:data", []) if cb is not old]
+        self.source.js_property_callbacks = {**self.source.js_property_callbacks,
+                                             "change:data": [*callbacks, callback]}
+        self._callbacks[key] = callback
 
 
 class BrowserHover:
@@ -108,7 +118,7 @@ class BrowserHover:
         self._page: np.ndarray | None = None
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
                 "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
-                "link": self.link.source}
+                "link": self.link.source, "key": prefix}
         for i, fig in enumerate(self.figures):
             fig.source.syncable = False  # the browser writes the mosaic in place; nothing to send back
             fig.add_outline(self.hover, "#ffffff")
@@ -118,7 +128,7 @@ class BrowserHover:
         refresh = CustomJS(args={**args, "me": -1}, code=GRID_HOVER_JS)
         for src in (shared.config, self.query, *self.vectors.values()):
             src.js_on_change("data", refresh)
-        self.link.source.js_on_change("data", CustomJS(args={**args, "me": -2}, code=GRID_HOVER_JS))
+        self.link.attach(prefix, CustomJS(args={**args, "me": -2}, code=GRID_HOVER_JS))
 
     @staticmethod
     def _query_columns() -> dict[str, list]:

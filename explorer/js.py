@@ -97,8 +97,8 @@ requestAnimationFrame(() => {
 #: synced), ``qsrc`` (the server's query vectors: the pinned query, or the last rested one),
 #: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
 #: source the browser writes in place), ``link`` (the session's hover link, shared with the other
-#: browser-path views: the query tile) and ``me`` (this figure's row; -1 for a data change, -2
-#: for a change of the link).
+#: browser-path views: the query tile), ``key`` (this view's name on the link) and ``me`` (this
+#: figure's row; -1 for a data change, -2 for a change of the link).
 #:
 #: On a pointer move to another patch: outline it in every figure, compute cosine / dot / RBF
 #: of its vector in every layer against the page's vectors of that layer (vectors arrive as
@@ -109,8 +109,8 @@ requestAnimationFrame(() => {
 #: send every patch change at once instead, and the server draws the maps, as before.
 #:
 #: The hovered patch's vectors also go on the link (``link._hoverlay``: owner, layer names, one
-#: vector and norm per layer, and the owner's vectors it was cut from), so that another view
-#: draws its maps for it in the same event; a view's own hover wins over the link's, the link's
+#: vector and norm per layer, and the owner's vectors it was cut from) and a counter in its data
+#: wakes the other views, which draw their maps for it in the same event; a view's own hover wins over the link's, the link's
 #: over the server's query, and a pin over both. The link's query is dropped once its owner's
 #: page changed; leaving the owner's tiles clears it (the views keep their maps until the
 #: server's query, the rest, arrives).
@@ -175,7 +175,7 @@ function own_fresh() {
 }
 function linked() {  // another view's hovered query, per figure of this one (null: none, or stale)
   const L = link._hoverlay;
-  if (L === undefined || L === null || L.owner === cfg.id || L.vsrc.data.v[0] !== L.bits) return null;
+  if (L === undefined || L === null || L.owner === key || L.vsrc.data.v[0] !== L.bits) return null;
   const Q = [];
   for (let i = 0; i < c.fig.length; i++) {
     const j = L.fig.indexOf(c.fig[i]);
@@ -186,11 +186,11 @@ function linked() {  // another view's hovered query, per figure of this one (nu
 function publish(Q) {  // this view's hovered query, for the others (null: no longer hovered here)
   const L = link._hoverlay;
   if (Q === null) {
-    if (L !== undefined && L !== null && L.owner === cfg.id) link._hoverlay = null;
+    if (L !== undefined && L !== null && L.owner === key) link._hoverlay = null;
     return;
   }
-  link._hoverlay = {owner: cfg.id, fig: c.fig.slice(), Q: Q, vsrc: vecs[0], bits: vecs[0].data.v[0]};
-  link.data = {n: [(link.data.n.length ? link.data.n[0] : 0) + 1]};
+  link._hoverlay = {owner: key, fig: c.fig.slice(), Q: Q, vsrc: vecs[0], bits: vecs[0].data.v[0]};
+  link.data = {n: [(link.data.n !== undefined && link.data.n.length ? link.data.n[0] : 0) + 1]};
 }
 function current() {
   if (!pinned()) {
@@ -250,7 +250,7 @@ const clicks = () => ptr.data.click.length ? ptr.data.click[0] : 0;
 
 if (me === -2) {  // another view hovered a patch: draw its maps now, in the same event
   const L = link._hoverlay;
-  if (browser && L !== undefined && L !== null && L.owner !== cfg.id && !pinned() && !own_fresh()) {
+  if (browser && L !== undefined && L !== null && L.owner !== key && !pinned() && !own_fresh()) {
     const l = linked();
     if (l !== null) paint(l);
   }

@@ -119,6 +119,14 @@ def test_on_the_browser_path_the_query_tile_holds_the_uploads_vectors(tiny_store
     np.testing.assert_allclose(q["q"][0], app.state.reader.vectors("1", image)[0, 2, 3], atol=2e-3)  # unit
     assert q["qn"][0] == pytest.approx(float(app.state.reader.norms("1", image)[0, 2, 3]), rel=1e-3)
     assert all(np.isnan(np.asarray(f.source.data["image"][0])).all() for f in app.upload.figures)  # not drawn here
+    # a rebuilt grid's link callback replaces the old one (which would paint the figures it replaced)
+    wakes = app.grid.link.source.js_property_callbacks["change:data"]
+    assert len(wakes) == 2
+    app.state.ncols = 1
+    rebuilt = app.grid.link.source.js_property_callbacks["change:data"]
+    assert len(rebuilt) == 2 and rebuilt != wakes
+    grid_wake = next(cb for cb in rebuilt if cb.args["key"] == "grid")
+    assert [ov.id for ov in grid_wake.args["ovs"]] == [f.source.id for f in app.grid.figures]
 
 
 @pytest.mark.parametrize(("kind", "says"), [("empty", "is empty"), ("truncated", "truncated"),
