@@ -34,7 +34,7 @@ from hoverlay.stores import (
 )
 from hoverlay.stores.errors import NotAStoreError, StoreMismatchError
 from hoverlay.stores.format import StoreAttrs
-from hoverlay.stores.index import read_index_meta
+from hoverlay.stores.index import check_index_budget, read_index_meta
 from hoverlay.stores.info import store_size_bytes
 from hoverlay.stores.lock import LOCK_NAME, StoreLock
 from hoverlay.stores.pixels import (
@@ -47,7 +47,7 @@ from hoverlay.stores.urls import storage_options_for
 from hoverlay.stores.writer import metadata_mismatch
 
 from .errors import BuildUsageError, PipelineError, SourceError
-from .indexing import IndexUpdate, update_index
+from .indexing import IndexUpdate, default_index_budget, update_index
 from .metadata import Metadata, read_metadata
 from .models import ModelAdapter, load_model, resolve_device
 from .options import BUILD_OPTIONS, DEFAULT_MODEL
@@ -352,8 +352,9 @@ def build(images: str | os.PathLike[str] | list[str] | None = None,
     Keywords are the options of :data:`hoverlay.pipeline.options.BUILD_OPTIONS` (the same as
     the ``hoverlay build`` flags and config keys): each is checked before any work, and every
     error that makes the run pointless (bad value, missing source, unknown model or layer,
-    weights that do not load, a store built with another model, a locked store) is raised
-    before anything is written. Model, weights, layers and size default to an existing store's.
+    weights that do not load, a store built with another model, a locked store, an
+    ``index_memory`` below the smallest index of a layer) is raised before anything is
+    written. Model, weights, layers and size default to an existing store's.
 
     ``rotate="0:360:15"`` / ``scale="0.5:1.0:0.1"`` also store, for every image, its rotated /
     rescaled copies as images of their own (table: base_id, transform, param).
@@ -372,13 +373,19 @@ def build(images: str | os.PathLike[str] | list[str] | None = None,
 
 
 def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
-    """Lock, hash, embed in waves (one commit each), then update the indexes."""
+    """Lock, hash, check the index budget, embed in waves (one commit each), then update the
+    indexes.
+
+    An existing store is locked first (another build's lock is refused before hashing). A new
+    store is hashed first: the lock is a file in the store's folder, and the images to add
+    (hence the index budget's check, :func:`_check_index_budget`) are known without it, so a
+    build refused there leaves no folder behind."""
     opts, url, so = plan.options, plan.url, plan.storage_options
     summary = BuildSummary(store=url, ignored=len(plan.found.ignored))
     with ExitStack() as stack:
-        lock = stack.enter_context(StoreLock(url, storage_options=so))  # refreshed by its heartbeat
+        if plan.existing is not None:
+            lock = stack.enter_context(StoreLock(url, storage_options=so))  # refreshed by its heartbeat
         sched = _Scheduler(opts["scheduler"], opts["workers"], stack)  # unreachable: nothing created
-        writer = _open_or_create(plan)
         if sched.dashboard:
             summary.dashboard = sched.dashboard
             progress.note(f"Dask dashboard: {sched.dashboard}")
@@ -386,10 +393,18 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
         t = time.perf_counter()
         hashed = _hash_all(plan.found.images, sched, so, progress)
         summary.hash_seconds = time.perf_counter() - t
+        if plan.existing is None:  # nothing stored yet: every hash is new (duplicates aside)
+            new_pos, _, _ = select_new([h for h, _ in hashed], {})
+            items, _ = _expand_transforms(plan.found.images, hashed, new_pos, {}, 0, plan.sweep)
+            _check_index_budget(plan, items, 0)
+            lock = stack.enter_context(StoreLock(url, storage_options=so))
+        writer = _open_or_create(plan)
         known = writer.known_hashes()
         new_pos, summary.skipped, summary.duplicates = select_new([h for h, _ in hashed], known)
         start = writer.committed
         items, positions = _expand_transforms(plan.found.images, hashed, new_pos, known, start, plan.sweep)
+        if plan.existing is not None:
+            _check_index_budget(plan, items, start)  # the store's first write is reserve(), below
         item_metadata = _item_metadata(plan, writer.attrs.metadata, positions)
         if plan.metadata is not None:
             summary.metadata_missing = sum(plan.metadata_rows[p] is None for p in positions)
@@ -448,6 +463,40 @@ def run_build(plan: BuildPlan, progress: ProgressReporter) -> BuildSummary:
                         k=opts["recall_k"], device=plan.adapter.device, progress=progress)
         summary.index_seconds = time.perf_counter() - t
     return summary
+
+
+def _check_index_budget(plan: BuildPlan, items: list[TaskItem], committed: int) -> None:
+    """Refuse an ``--index-memory`` below the smallest index of a layer the index phase will
+    build, before the build writes anything (:func:`stores.index.check_index_budget`, the check
+    the index phase repeats on what was committed).
+
+    Each layer's size is known before the forward: (images committed + ``items``) x H x W
+    vectors of its geometry; images that fail to decode later only make the index smaller (the
+    smallest index never shrinks as vectors are added), so passing here means passing there.
+    The layers checked are those the index phase updates: every layer when images are added or
+    ``rebuild_index`` is set, else those whose index is missing or stale."""
+    opts = plan.options
+    if not opts["index"]:
+        return
+    if items or opts["rebuild_index"]:
+        layers = plan.layers
+    else:
+        layers = _layers_needing_index(plan.url, plan.layers, committed, plan.storage_options)
+    if not layers:
+        return
+    budget = opts["index_memory"] if opts["index_memory"] is not None else default_index_budget()
+    geometry = plan.geometry if plan.existing is None else plan.existing.layers
+    assert geometry is not None
+    committed_ok = 0
+    if committed:
+        committed_ok = int(StoreReader(plan.url, storage_options=plan.storage_options).table().ok.sum())
+    ok_images = committed_ok + sum(1 for item in items if not item.error)  # at most: some may fail to decode
+    rows = committed + len(items)
+    sizes: dict[str, tuple[int, int, int | None]] = {}
+    for layer in layers:
+        g = geometry[layer]
+        sizes[layer] = (ok_images * g.patches_per_image, g.dim, rows * g.patches_per_image)
+    check_index_budget(budget, sizes)
 
 
 @contextlib.contextmanager

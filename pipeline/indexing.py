@@ -22,6 +22,7 @@ from hoverlay.stores.index import (
     RERANK_BYTES_PER_VALUE,
     IndexChoice,
     StreamingTopK,
+    check_index_budget,
     choose_index,
     codes_of,
     estimate_index_bytes,
@@ -324,7 +325,10 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     or build one (choosing the factory by size) when there is none or ``rebuild`` is set.
 
     ``memory_budget`` bytes bound the index (None: :func:`default_index_budget`); the factory
-    is the most exact one that fits (:func:`stores.choose_factory`). For IVF indexes ``nprobe``
+    is the most exact one that fits (:func:`stores.choose_factory`), and a budget below the
+    smallest index for the layer's size raises :class:`~hoverlay.stores.index.IndexBudgetError`
+    before anything is read or written (``hoverlay build`` runs the same check before its first
+    write: :func:`stores.index.check_index_budget`). For IVF indexes ``nprobe``
     is tuned (``tune``) to the smallest value whose recall on ``n_queries`` held-out queries
     reaches ``target_recall`` with 95% confidence (:meth:`RecallProbe.lower_bound`), and both
     are recorded in ``index/<layer>.json``. The store is read once for adding, the re-rank file
@@ -337,6 +341,8 @@ def update_index(reader: StoreReader, layer: str, memory_budget: int | None = No
     """
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
+    if factory is None:  # the build's own check before its first write, on the committed numbers
+        check_index_budget(memory_budget, {layer: layer_index_size(reader, layer)})
     index = None if rebuild else load_extendable_index(reader, layer, memory_budget)
     created = index is None
     train_ids: set[int] = set()
@@ -438,14 +444,21 @@ def _choice_for(factory: str, n_vectors: int, dim: int, rerank_rows: int, rerank
                        rerank_rows * dim * RERANK_BYTES_PER_VALUE if with_file else 0, with_file)
 
 
+def layer_index_size(reader: StoreReader, layer: str) -> tuple[int, int, int]:
+    """(vectors, D, re-rank rows) of the layer's index: ok images' patches, and every committed
+    image's rows in the re-rank file (failed images' zero rows too)."""
+    g = reader.geometry(layer)
+    hw = g.patches_per_image
+    return int(reader.table().ok.sum()) * hw, g.dim, reader.n_images * hw
+
+
 def create_trained_index(reader: StoreReader, layer: str, memory_budget: int | None,
                          factory: str | None, rng: np.random.Generator, device: str,
                          phases: dict[str, float], progress: ProgressReporter) -> tuple[PatchIndex, set[int]]:
     """A new empty index of the factory that fits the budget, trained on a sample of the layer;
     returns it with the training points' ids (kept out of the recall probe)."""
     g = reader.geometry(layer)
-    n_vectors = int(reader.table().ok.sum()) * g.patches_per_image
-    rerank_rows = reader.n_images * g.patches_per_image  # failed images' zero rows too
+    n_vectors, _, rerank_rows = layer_index_size(reader, layer)
     budget = memory_budget if memory_budget is not None else default_index_budget()
     choice = _choice_for(factory, n_vectors, g.dim, rerank_rows) if factory else \
         choose_index(n_vectors, g.dim, budget, rerank_rows=rerank_rows)

@@ -26,11 +26,25 @@ from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
 from .localfiles import temp_file_in
 from .urls import filesystem, is_local, normalize_url
 
-#: Exact flat scan while a query scans at most this many float32 values (vectors × D): 2^20,
-#: i.e. ~9k vectors at D=112 or 2k at D=512, ≈ 0.1 ms on one core — what an HNSW search costs
-#: at those sizes, so exactness is free there. (It was 22M values, 100k x 112 at 1.7-4.4 ms a
-#: query, where HNSW32 answers at recall 0.95 in 0.06-0.1 ms: issue #16.)
-FLAT_MAX_VALUES = 1 << 20
+#: An exact scan (``IDMap,Flat`` / ``IDMap,SQfp16``) is the index while its estimated cost per
+#: query (:func:`exact_scan_ms`) is at most this many milliseconds: a small store's user gets
+#: exact hits (the 15-image demo's 2,940 x 672 layer had an HNSW graph at recall@10 0.973, where
+#: a scan takes 0.25-0.3 ms), and a large store's hover is not slowed past a millisecond by it.
+EXACT_SCAN_MAX_MS = 1.0
+#: The speed an exact scan is assumed to have, in vector values (n·D) per second on one core:
+#: a conservative constant, never timed at build time (the choice must be deterministic).
+#: Measured with FAISS single-threaded top-32 searches on this project's 2-core machine, under
+#: load from other jobs: p50 4.4-8.9 G values/s for 1-3M values (D = 64, 112, 512, 672; Flat
+#: and SQfp16 alike; 2,940 x 672 in 0.25-0.28 ms), 2.6 G values/s for Flat once the codes
+#: leave the cache (100k x 112, 11M values, 4.3 ms) and 2.9 at 20k x 512. 2e9 is below every
+#: p50 measured up to 11M values; only far past the bound did Flat fall below it (1.9 G values/s
+#: at 200k x 64, 12.8M values, where the ladder takes a graph anyway).
+EXACT_SCAN_VALUES_PER_S = 2e9
+#: The n·D at which :data:`EXACT_SCAN_MAX_MS` is reached: 2,000,000 values, i.e. ~17.8k vectors
+#: at D=112, 3.9k at D=512, 2,976 at D=672. (It was 2^20 values before; before that 22M,
+#: 100k x 112 at 1.7-4.4 ms a query, where HNSW32 answers at recall 0.95 in 0.06-0.1 ms:
+#: issue #16.)
+FLAT_MAX_VALUES = int(EXACT_SCAN_MAX_MS * 1e-3 * EXACT_SCAN_VALUES_PER_S)
 #: Below this many vectors per centroid FAISS warns and clusters poorly.
 MIN_POINTS_PER_CENTROID = 39
 #: HNSW graphs up to this many vectors. Past it the graph's build (≈ 0.3 ms per vector on this
@@ -137,6 +151,18 @@ def hnsw_graph_bytes(n_vectors: int, m: int) -> float:
     return n_vectors * (4.0 * (2 * m + m / (m - 1)) + 12)
 
 
+def exact_scan_ms(n_vectors: int, dim: int) -> float:
+    """Estimated milliseconds of one exact-scan query over ``n_vectors`` x ``dim``: n·D values
+    at :data:`EXACT_SCAN_VALUES_PER_S`. A pure function of the sizes (no timing), so the same
+    store always gets the same index."""
+    return n_vectors * dim / EXACT_SCAN_VALUES_PER_S * 1e3
+
+
+def exact_scan_is_fast(n_vectors: int, dim: int) -> bool:
+    """Whether an exact scan's estimated query cost is within :data:`EXACT_SCAN_MAX_MS`."""
+    return exact_scan_ms(n_vectors, dim) <= EXACT_SCAN_MAX_MS
+
+
 def _slack(nbytes: float) -> int:
     return int(math.ceil(nbytes * (1 + ESTIMATE_SLACK_SHARE) + ESTIMATE_SLACK_BYTES))
 
@@ -174,7 +200,9 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
     """Every index the build may choose for ``n_vectors`` × ``dim``, fastest first at the same
     recall; :func:`choose_index` takes the first that fits the budget.
 
-    - up to FLAT_MAX_VALUES: an exact scan (``IDMap,Flat``, then ``IDMap,SQfp16``);
+    - while an exact scan's estimated query cost is within EXACT_SCAN_MAX_MS (1 ms,
+      :func:`exact_scan_is_fast`: n·D ≤ FLAT_MAX_VALUES = 2M values): an exact scan
+      (``IDMap,Flat``, then ``IDMap,SQfp16``);
     - up to HNSW_MAX_VECTORS: an HNSW graph over fp16 copies of the stored vectors
       (``IDMap,HNSW32_SQfp16``, efConstruction :func:`hnsw_ef_construction`). Its scores are
       exact (the stored vectors are fp16); against FAISS's HNSW32 over float32 it is the same
@@ -199,10 +227,13 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
         out.append(IndexChoice(factory, reason, estimate_index_bytes(factory, n, dim),
                                rerank if with_file else 0, with_file, ef))
 
-    small = n * dim <= FLAT_MAX_VALUES
+    small = exact_scan_is_fast(n, dim)
     if small:
-        add("IDMap,Flat", f"exact scan: {n:,} x {dim} values is as fast as a graph search")
-        add("IDMap,SQfp16", "exact scan of fp16 copies (the float32 scan does not fit)")
+        ms = exact_scan_ms(n, dim)
+        add("IDMap,Flat", f"exact scan: {n:,} x {dim} values, about {ms:.2f} ms a query (within "
+            f"{EXACT_SCAN_MAX_MS:g} ms at {EXACT_SCAN_VALUES_PER_S / 1e9:g}G values/s): exact hits")
+        add("IDMap,SQfp16", f"exact scan of fp16 copies, about {ms:.2f} ms a query (the float32 scan "
+            f"does not fit)")
     if n <= HNSW_MAX_VECTORS and n > 1:
         ef = hnsw_ef_construction(dim)
         add(f"IDMap,HNSW{HNSW_M}_SQfp16", f"HNSW graph over fp16 codes (exact scores, no re-rank file, "
@@ -228,19 +259,65 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
     return out
 
 
+class IndexBudgetError(StoreError, ValueError):
+    """An index memory budget (``--index-memory``) below the smallest index the ladder can build
+    for a layer; the message names the budget and the smallest one that works."""
+
+
+def smallest_index(n_vectors: int, dim: int, rerank_rows: int | None = None) -> IndexChoice:
+    """The rung of :func:`index_ladder` with the fewest bytes (index + re-rank file): its
+    ``total_bytes`` is the smallest budget :func:`choose_index` accepts for this size.
+
+    A pure function of the sizes, so ``hoverlay build`` computes it before its first write (from
+    the images it is about to add) and the index phase after the commit, from the same numbers.
+    It never decreases with ``n_vectors`` (every rung's bytes grow with n, the exact fp16 scan
+    is always a rung, and the IVF/PQ rungs' lists grow with n), so a budget that passes the
+    build's check, counting every new image as decoded, also passes once some failed."""
+    return min(index_ladder(n_vectors, dim, rerank_rows), key=lambda c: c.total_bytes)
+
+
+def _decimal_size(nbytes: int) -> str:
+    """``nbytes`` rounded *up* to a short decimal size: 17,064 -> 17.1 kB, 2,100,000 -> 2.1 MB."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            tenths = -(-nbytes * 10 // scale)
+            return f"{tenths // 10}.{tenths % 10} {unit}" if tenths % 10 else f"{tenths // 10} {unit}"
+    return f"{nbytes} B"
+
+
+def check_index_budget(memory_budget: int | None, sizes: dict[str, tuple[int, int, int | None]]) -> None:
+    """Refuse ``memory_budget`` bytes when it is below the smallest index of any layer.
+
+    ``sizes`` maps each layer (or a description) to ``(n_vectors, dim, rerank_rows)``. The
+    :class:`IndexBudgetError` names the budget, the layer that needs the most, its smallest
+    index (:func:`smallest_index`), and the smallest budget that works for every layer given."""
+    if memory_budget is None or not sizes:
+        return
+    needs = {name: smallest_index(n, dim, rows) for name, (n, dim, rows) in sizes.items()}
+    name, worst = max(needs.items(), key=lambda kv: kv[1].total_bytes)
+    need = worst.total_bytes
+    if memory_budget >= need:
+        return
+    n, dim, _ = sizes[name]
+    where = f"layer {name!r}: " if name else ""
+    raise IndexBudgetError(
+        f"index memory budget {memory_budget:,} B (--index-memory, keyword index_memory) is below the "
+        f"smallest index for {where}{n:,} x {dim} vectors ({worst.factory}, {need:,} B): the smallest "
+        f"budget that works is --index-memory {need} ({_decimal_size(need)}); or build with --no-index "
+        f"(the explorer then scans exactly)")
+
+
 def choose_index(n_vectors: int, dim: int, memory_budget: int | None = None,
                  rerank_rows: int | None = None) -> IndexChoice:
     """The first rung of :func:`index_ladder` whose index + re-rank file fit ``memory_budget``
-    bytes (None: no limit). Raises StoreError when not even the smallest does: a budget is a
-    promise, and an index bigger than asked is worse than none (the explorer then scans)."""
-    ladder = index_ladder(n_vectors, dim, rerank_rows)
-    for choice in ladder:
+    bytes (None: no limit). Raises :class:`IndexBudgetError` (:func:`check_index_budget`) when
+    not even the smallest does: a budget is a promise, and an index bigger than asked is worse
+    than none (the explorer then scans)."""
+    for choice in index_ladder(n_vectors, dim, rerank_rows):
         if memory_budget is None or choice.total_bytes <= memory_budget:
             return choice
-    smallest = min(ladder, key=lambda c: c.total_bytes)
-    raise StoreError(f"index memory budget {memory_budget:,} B is below the smallest index for "
-                     f"{n_vectors:,} x {dim} vectors ({smallest.factory}, {smallest.total_bytes:,} B): "
-                     f"raise --index-memory, or build with --no-index (the explorer then scans exactly)")
+    check_index_budget(memory_budget, {"": (n_vectors, dim, rerank_rows)})
+    raise AssertionError("a budget below every rung is below the smallest")  # pragma: no cover
 
 
 def choose_factory(n_vectors: int, dim: int, memory_budget: int | None = None) -> str:

@@ -23,7 +23,9 @@ def indexed_store(tmp_path, factory: str, n_queries: int = 30, **options):
 
 
 def test_choose_factory_by_size_and_budget():
-    assert choose_factory(5_000, 112) == "IDMap,Flat"  # 0.56M values: a scan is as fast as a graph
+    assert choose_factory(5_000, 112) == "IDMap,Flat"  # 0.56M values: ~0.3 ms a query, exact
+    assert choose_factory(2_940, 672) == "IDMap,Flat"  # the demo's deepest layer: exact hits
+    assert choose_factory(FLAT_MAX_VALUES // 112 + 1, 112) == "IDMap,HNSW32_SQfp16"  # past 1 ms
     # up to HNSW_MAX_VECTORS: an HNSW graph over fp16 codes (exact scores, no re-rank file)
     for n, d in ((200_000, 112), (100_000, 512), (1_000_000, 112), (1_000_000, 512)):
         assert choose_factory(n, d) == "IDMap,HNSW32_SQfp16", (n, d)
@@ -79,10 +81,14 @@ def test_the_budget_covers_the_rerank_file_below_the_old_flat_threshold():
 
 def test_ivf_recall_after_rerank_and_incremental_add(tmp_path):
     layers = {"l": LayerGeometry(8, 8, 128)}
-    n_images = FLAT_MAX_VALUES // (64 * 128) + 100  # past an exact scan
+    # 228 images x 64 patches x D=128 (1.9M values): the factory is given, and an IVF index
+    # stays IVF when extended whatever the ladder would choose at this size (an exact scan,
+    # within 1 ms: FLAT_MAX_VALUES), so the size need not pass the exact-scan bound
+    n_images = 228
+    assert n_images * 64 * 128 <= FLAT_MAX_VALUES
     make_synthetic_store(tmp_path / "s", n_images, layers=layers, image_size=8, chunk=64, block=1024)
     reader = open_store(tmp_path / "s")
-    factory = f"IVF{nlist_for(n_images * 64)},Flat"  # the ladder would take a graph here
+    factory = f"IVF{nlist_for(n_images * 64)},Flat"
     meta = update_index(reader, "l", n_queries=60, factory=factory).meta
     assert meta.factory.startswith("IVF") and meta.factory.endswith(",Flat")
     assert meta.ntotal == n_images * 64

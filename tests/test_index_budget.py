@@ -1,17 +1,32 @@
-"""Issue #16: the index ladder's graph rung, the memory budget at every size (index + re-rank
-file), tie-aware recall, and held-out queries — on real FAISS builds of small stores."""
+"""Issue #16: the index ladder's graph rung, exact scans for small layers, the memory budget at
+every size (index + re-rank file) and an unmeetable one refused before a build writes anything,
+tie-aware recall, and held-out queries — on real FAISS builds of small stores."""
 
 import logging
 import os
+import re
 
 import faiss
 import numpy as np
 import pytest
+from conftest import write_generated_images
 
+from hoverlay.cli import main
+from hoverlay.errors import EXIT_INPUT
+from hoverlay.pipeline.build import build
 from hoverlay.pipeline.indexing import update_index
 from hoverlay.stores import LayerGeometry, PatchIndex, open_store
 from hoverlay.stores.errors import StoreError
-from hoverlay.stores.index import choose_index, recall_per_query
+from hoverlay.stores.index import (
+    FLAT_MAX_VALUES,
+    IndexBudgetError,
+    check_index_budget,
+    choose_index,
+    estimate_index_bytes,
+    exact_scan_ms,
+    recall_per_query,
+    smallest_index,
+)
 from hoverlay.stores.rerank import rerank_path
 from hoverlay.stores.search import LayerSearch
 from hoverlay.stores.synthetic import clustered_activations, make_synthetic_store, synthetic_pixels
@@ -26,22 +41,28 @@ def index_bytes(reader, layer="l") -> int:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """300 images x 16 patches x D=32: 4,800 vectors, below the old flat threshold (22M values)."""
+    """300 images x 16 patches x D=32: 4,800 vectors, 154k values: an exact scan (~0.08 ms)."""
     path = tmp_path_factory.mktemp("small") / "s"
     make_synthetic_store(path, 300, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16, local_dim=8)
     return open_store(path)
 
 
+MEDIUM_IMAGES, MEDIUM_DIM = 500, 256
+
+
 @pytest.fixture(scope="module")
 def medium(tmp_path_factory):
-    """1,100 images x 16 patches x D=64: 17,600 vectors, 1.1M values: past an exact scan."""
+    """500 images x 16 patches x D=256: 8,000 vectors, 2.05M values: just past an exact scan's
+    1 ms (FLAT_MAX_VALUES), so the ladder takes a graph. (D = 256 keeps FAISS's efConstruction
+    40, and 8,000 vectors cost the graph what 16,000 at D = 128 would, in half the images.)"""
+    assert MEDIUM_IMAGES * 16 * MEDIUM_DIM > FLAT_MAX_VALUES
     path = tmp_path_factory.mktemp("medium") / "s"
-    make_synthetic_store(path, 1100, layers={"l": LayerGeometry(4, 4, 64)}, image_size=8, chunk=64, block=512,
-                         local_dim=8)
+    make_synthetic_store(path, MEDIUM_IMAGES, layers={"l": LayerGeometry(4, 4, MEDIUM_DIM)}, image_size=8,
+                         chunk=32, block=512, local_dim=8)
     return open_store(path)
 
 
-def test_the_budget_holds_index_plus_rerank_file_below_the_old_flat_threshold(small):
+def test_the_budget_holds_index_plus_rerank_file_below_the_exact_scan_bound(small):
     """#16: '1 MB asked, 13.4 MB flat index built' — below the flat threshold the budget was
     not looked at. Now every budget is met by the files on disk, or refused."""
     flat = update_index(small, "l", n_queries=20, rebuild=True).meta
@@ -80,16 +101,16 @@ def test_the_graph_rung_is_tuned_on_efsearch_and_medium_budgets_hold(medium, cap
     loaded = PatchIndex.load(medium.url, "l", mmap=True)
     graph = faiss.downcast_index(faiss.downcast_index(loaded.index).index)
     assert graph.hnsw.efSearch == ef and graph.hnsw.efConstruction == meta.choice.ef_construction
-    assert loaded.ntotal == 1100 * 16  # the probe's held-out queries were added after tuning
+    assert loaded.ntotal == MEDIUM_IMAGES * 16  # the probe's held-out queries were added after tuning
     search = LayerSearch(medium, "l")
-    q = search.query_vector(500, 3, 0)
-    assert search.search(q, 10).ids[0] == medium.patch_id("l", 500, 3, 0)
+    q = search.query_vector(300, 3, 0)
+    assert search.search(q, 10).ids[0] == medium.patch_id("l", 300, 3, 0)
 
     # budgets below the graph: smaller graph, then IVF lists; the files stay within each
     below = meta.choice.total_bytes - 1
     smaller = update_index(medium, "l", memory_budget=below, n_queries=30, rebuild=True).meta
     assert smaller.factory == "IDMap,HNSW16_SQfp16" and index_bytes(medium) <= below
-    ivf_budget = choose_index(17_600, 64).index_bytes // 2
+    ivf_budget = smaller.choice.total_bytes - 1  # IVF lists of exact fp16 codes: no re-rank from Zarr
     ivf = update_index(medium, "l", memory_budget=ivf_budget, n_queries=30, rebuild=True).meta
     assert ivf.factory.startswith("IVF") and index_bytes(medium) <= ivf_budget, (ivf.factory, ivf_budget)
     assert ivf.tuned.nprobe == ivf.params["nprobe"] and ivf.tuned.ef_search is None
@@ -98,17 +119,20 @@ def test_the_graph_rung_is_tuned_on_efsearch_and_medium_budgets_hold(medium, cap
 def test_extending_an_index_past_its_budget_rebuilds_it(tmp_path):
     from hoverlay.stores.synthetic import append_synthetic_images
 
-    make_synthetic_store(tmp_path / "s", 200, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
+    n = 100  # images, then as many again
+    make_synthetic_store(tmp_path / "s", n, layers={"l": LayerGeometry(4, 4, 32)}, image_size=8, chunk=16)
     reader = open_store(tmp_path / "s")
-    first = update_index(reader, "l", n_queries=10).meta
-    budget = first.choice.index_bytes + 2000  # room for a few more vectors, not for 200 more images
-    first = update_index(reader, "l", n_queries=10, memory_budget=budget, rebuild=True).meta
+    # room for float32 codes of n images, not of 2n (fp16 codes of 2n fit: an exact scan
+    # again, so the rebuild needs no training and no tuning)
+    budget = estimate_index_bytes("IDMap,SQfp16", 2 * n * 16, 32)
+    assert estimate_index_bytes("IDMap,Flat", n * 16, 32) <= budget < estimate_index_bytes("IDMap,Flat", 2 * n * 16, 32)
+    first = update_index(reader, "l", n_queries=10, memory_budget=budget).meta
     assert first.factory == "IDMap,Flat"
-    append_synthetic_images(tmp_path / "s", 200, seed=3)
+    append_synthetic_images(tmp_path / "s", n, seed=3)
     reader.refresh()
     grown = update_index(reader, "l", n_queries=10, memory_budget=budget).meta
-    assert grown.factory != "IDMap,Flat" and index_bytes(reader) <= budget
-    assert grown.ntotal == 400 * 16
+    assert grown.factory == "IDMap,SQfp16" and index_bytes(reader) <= budget
+    assert grown.ntotal == 2 * n * 16 and grown.recall.value == 1.0
 
 
 def test_recall_counts_a_hit_tied_with_the_kth_true_score():
@@ -169,3 +193,75 @@ def test_bench_queries_are_held_out_of_the_store_and_the_build_probe_of_the_inde
     assert matched_setting(sweep, 0.95)["efSearch"] == 24  # the cheapest that reaches the target
     assert matched_setting(sweep, 0.99) is None
     assert autofaiss_choice(1_000_000, 512) == "HNSW32" and autofaiss_choice(10**9, 512) is None
+
+
+def test_small_layers_get_an_exact_scan_within_its_latency_bound():
+    """#16: the 15-image demo's 2,940 x 672 layer got IDMap,HNSW32_SQfp16 at recall@10 0.973
+    where a scan takes well under 1 ms. An exact scan is now taken while its estimated query
+    cost (n·D at a fixed, conservative speed: no timing at build time) is within 1 ms."""
+    demo = choose_index(2_940, 672)
+    assert demo.factory == "IDMap,Flat" and exact_scan_ms(2_940, 672) <= 1.0 and "ms a query" in demo.reason
+    assert choose_index(2_940, 672) == demo  # deterministic
+    assert choose_index(3_136, 672).factory == "IDMap,HNSW32_SQfp16"  # 16 images: past 1 ms
+    n112 = FLAT_MAX_VALUES // 112
+    assert choose_index(n112, 112).factory == "IDMap,Flat" and choose_index(n112 + 1, 112).factory != "IDMap,Flat"
+    # the budget still decides: fp16 copies when float32 does not fit, then the ladder below
+    flat = choose_index(2_940, 672)
+    assert choose_index(2_940, 672, flat.total_bytes - 1).factory == "IDMap,SQfp16"
+    fp16 = choose_index(2_940, 672, flat.total_bytes - 1)
+    assert not choose_index(2_940, 672, fp16.total_bytes - 1).factory.startswith("IDMap,")
+
+
+def test_the_smallest_index_never_shrinks_as_vectors_are_added():
+    """The build checks the budget before the forward, counting every new image as decoded; a
+    failed decode only removes vectors, so the index phase's check must then pass too."""
+    for dim in (8, 112, 672):
+        sizes = [0, 1, 2, 50, 500, 2_000, 2_976, 2_977, 10_000, 40_000, 100_000, 2_000_001, 20_000_000]
+        needs = [smallest_index(n, dim).total_bytes for n in sizes]
+        assert needs == sorted(needs), (dim, needs)
+    need = smallest_index(2_940, 672).total_bytes
+    check_index_budget(need, {"l": (2_940, 672, None)})
+    with pytest.raises(IndexBudgetError, match=f"smallest budget that works is --index-memory {need} "):
+        check_index_budget(need - 1, {"l": (2_940, 672, None)})
+
+
+TINY = ["--model", "python:test_build:tiny_model", "--layers", "1,3", "--size", "64"]
+TINY_KW = {"model": "python:test_build:tiny_model", "layers": ["1", "3"], "size": 64}
+
+
+def store_files(root) -> dict[str, bytes]:
+    """Every file of a store and its bytes (the lock file's owner line aside: each build rewrites it)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = b"" if name == ".hoverlay.lock" else f.read()
+    return out
+
+
+def test_an_unmeetable_index_memory_is_refused_before_the_build_writes_anything(tmp_path, capsys):
+    """#16: a budget below the smallest index was refused only at the index phase, after the
+    images were committed (the store then said "unindexed"). Now the build refuses it before
+    the forward, from each layer's (images x H x W) vectors: exit 4, one line with the smallest
+    budget that works, and no store (or, for an append, the store as it was)."""
+    images = str(tmp_path / "images")
+    write_generated_images(images, 4, seed=3)
+    store = tmp_path / "s"
+    assert main(["build", "--images", images, "--store", str(store), "-q", *TINY, "--index-memory", "1"]) == EXIT_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "index memory budget 1 B" in err, err
+    need = int(re.search(r"smallest budget that works is --index-memory (\d+) ", err)[1])
+    # the layers' geometry at 64 px: layer 1 is 16 x 16 x 8, layer 3 is 8 x 8 x 16
+    assert need == max(smallest_index(4 * 256, 8).total_bytes, smallest_index(4 * 64, 16).total_bytes)
+    assert not store.exists()
+
+    assert main(["build", "--images", images, "--store", str(store), "-q", *TINY, "--no-index"]) == 0
+    before = store_files(store)
+    more = str(tmp_path / "more")
+    write_generated_images(more, 2, seed=9)
+    with pytest.raises(IndexBudgetError, match="below the smallest index") as refused:
+        build(more, str(store), quiet=True, **TINY_KW, index_memory=need)  # enough for 4 images, not 6
+    assert f"--index-memory {max(smallest_index(6 * 256, 8).total_bytes, smallest_index(6 * 64, 16).total_bytes)} " \
+        in str(refused.value)
+    assert store_files(store) == before and open_store(store).n_images == 4
