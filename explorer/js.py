@@ -36,12 +36,15 @@ if (ev.event_name !== "mouseleave" && c.fig.length > me) {
 
 #: ``rows_for(c, hit, click)``: the pointer source's rows for a hit (tile, cell, click) with the
 #: outline of the mapped cell in every figure of the config columns ``c``; one "left" row for null.
+#: ``seq`` numbers the writes: the server drops a write equal to the source's data, and the same
+#: cell after a new page (or a new upload on the query tile) is another patch, so every write differs.
 ROWS_FOR_JS = """
 function rows_for(c, h, click) {
-  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: []};
+  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: [], seq: []};
+  const seq = window.hoverlay_pointer_seq = (window.hoverlay_pointer_seq || 0) + 1;
   if (h === null) {
     out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
-    out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click);
+    out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click); out.seq.push(seq);
     return out;
   }
   for (let i = 0; i < c.fig.length; i++) {
@@ -51,7 +54,7 @@ function rows_for(c, h, click) {
     const x0 = h.col * c.px[i], ytop = (c.nrows[i] - 1 - h.row) * c.py[i] + S;
     out.fig.push(c.fig[i]); out.tile.push(h.t); out.y.push(h.y); out.x.push(h.x);
     out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
-    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click);
+    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click); out.seq.push(seq);
   }
   return out;
 }
@@ -283,6 +286,7 @@ hit.bits = c.fig.length ? vecs[0].data.v[0] : null;
 E.hover = hit;
 const out = rows_for(c, hit, 0);
 delete out.click;
+delete out.seq;
 hov.data = out;
 if (!browser) {
   send(hit, clicks());

@@ -190,3 +190,19 @@ def test_hovering_the_query_tile_draws_the_page_in_the_browser_with_no_message(b
         np.testing.assert_allclose(own, emb.layers["1"].vectors.astype(np.float64) @ q, atol=2e-3)
     finally:
         ctx.close()
+
+
+def test_a_second_upload_hovered_at_the_same_cell_gets_its_own_top_k(page, built, tmp_path):
+    """The rest after a new upload writes the same pointer cell as the one before it: the page
+    must still tell the server (it dropped a write equal to the source's data, so the top-k of
+    the second upload never came)."""
+    second = tmp_path / "second.png"
+    Image.open(built["query"]).rotate(10).save(second)
+    y, x = 7, 8
+    for path in (built["query"], str(second)):
+        upload(page, path)
+        page.get_by_text(f"{Path(path).name}: hover it").wait_for()
+        page.mouse.move(1, 1)
+        sx, sy = upload_point(page, (y + 0.5) * S / 16, (x + 0.5) * S / 16)
+        page.mouse.move(sx, sy)
+        page.get_by_text(f"patches of the store closest to the upload {Path(path).name}").wait_for(timeout=20_000)
