@@ -81,14 +81,16 @@ async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, mov
     sent: list[float] = []
     cells: list[tuple[int, int, int]] = []
     for _ in range(strokes):
-        for _ in range(moves):
+        start = time.perf_counter()
+        for n in range(moves):
             cell = cells[-1] if cells else (-1, -1, -1)
             while cell[0] < 0 or (cells and cell == cells[-1]):  # the page only sends patch changes
                 cell = (rng.randrange(tiles), rng.randrange(grid[0]), rng.randrange(grid[1]))
             cells.append(cell)
             sent.append(time.perf_counter())
             s.pointer(*cell)
-            await asyncio.sleep(1 / rate)
+            # on a schedule, not a sleep per move: a busy client would fall behind the rate
+            await asyncio.sleep(max(0.0, start + (n + 1) / rate - time.perf_counter()))
         await asyncio.sleep(rest)
 
     def answered() -> bool:  # the last move's overlays (then quiet), and the top-k of the last rest
