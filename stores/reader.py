@@ -48,6 +48,13 @@ def consecutive_runs(ids: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a[i]), int(a[j - 1]) + 1) for i, j in zip(starts, stops, strict=True)]
 
 
+def _is_shutdown(exc: RuntimeError) -> bool:
+    """Zarr's reads run on an executor that the interpreter shuts down at exit; a read still
+    running then fails with ``concurrent.futures``' "cannot schedule new futures after
+    (interpreter) shutdown" — the process ending, not a shard that does not decode."""
+    return "after shutdown" in str(exc) or "interpreter shutdown" in str(exc)
+
+
 class StoreReader:
     """Read-only view of the committed part of a store."""
 
@@ -166,6 +173,8 @@ class StoreReader:
                 return np.concatenate(parts).reshape(*sel.shape, *arr.shape[1:])
             return np.asarray(arr[sel])  # type: ignore[index]
         except (ValueError, RuntimeError) as exc:  # a shard that does not decode (truncated, bit rot)
+            if isinstance(exc, RuntimeError) and _is_shutdown(exc):
+                raise  # the interpreter is exiting under a reading thread: nothing is damaged
             raise self._corrupt(path, self.image_ids(images)[0], f"does not decode ({exc})") from None
 
     def _shard_file(self, path: str, image: int) -> str:

@@ -133,3 +133,39 @@ def test_the_explorer_says_a_store_is_damaged_without_traceback_or_paths(tmp_pat
     assert captions[4:8] == [f"#{i} unreadable" for i in range(4, 8)] and "unreadable" not in captions[3]
     shown = " ".join(captions) + app.state.message
     assert str(tmp_path) not in shown and "Traceback" not in shown
+
+
+SHUTDOWN_READER = """
+import sys, threading, time
+import numpy as np
+from hoverlay.stores import open_store
+r = open_store(sys.argv[1])
+def loop():
+    i = 0
+    while True:
+        try:
+            r.vectors("l", np.arange(16) + 16 * (i % 3))
+            i += 1
+        except Exception as exc:
+            print("ERR", type(exc).__name__, exc, flush=True)
+            return
+threading.Thread(target=loop, daemon=True).start()
+time.sleep(0.3)
+"""
+
+
+def test_a_read_cut_by_the_interpreter_exiting_is_not_reported_as_damage(tmp_path):
+    """A reading thread (the explorer's read-ahead) still running when the process exits got
+    "cannot schedule new futures after shutdown" from Zarr's executor, and the reader called the
+    store damaged (naming a healthy shard); this test fails on the reader before the fix."""
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "s")
+    make_synthetic_store(url, 48, layers={"l": LayerGeometry(28, 28, 240)}, image_size=8, chunk=16)
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_READER, url], capture_output=True, text=True,
+                             timeout=60)
+        text = out.stdout + out.stderr
+        assert "CorruptStoreError" not in text and "damaged" not in text, text
+    assert open_store(url).vectors("l", np.arange(48)).shape == (48, 28, 28, 240)
