@@ -80,6 +80,7 @@ class GridView(pn.viewable.Viewer):
         self._rest_timeout: Any = None
         self._hover_pending = False  # a server-path draw of the latest hover is scheduled
         self._pages_shown = 0  # pages this session has shown (read-ahead starts with the second)
+        self._read_ahead_for: np.ndarray | None = None  # the shown page whose successor was requested
         self._damaged_shown: set[int] = set()
         self._nodelay = False
         self.figures: list[LayerFigure] = []
@@ -175,16 +176,9 @@ class GridView(pn.viewable.Viewer):
             self.groups.show_page(ids)
             self._send_page_vectors(ids, ahead.vectors if ahead is not None else None)
             self._mark_damaged()
-            # read the next page while this one is looked at (browser path: with its vectors),
-            # once this one is out (on 2 cores a read beside the page's own work slowed it
-            # ~0.5 s) and only in a session that pages (at 50 sessions opening at once, reading
-            # every session's second page saturated the server)
             self._pages_shown += 1
             if self._pages_shown > 1:
-                nxt = state.next_page_ids()
-                later = layers if self.path.browser else []
-                self._scheduler.later(lambda reader=reader, nxt=nxt, layers=later:
-                                      self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
+                self._read_ahead()
         self._view = view
         self._send_config()
         for fig in self.figures:
@@ -194,6 +188,19 @@ class GridView(pn.viewable.Viewer):
         self._show_overlays(state.current, force=True)
         self._show_pin()
         self.page_info.object = f"{view.describe()}  \n{self.path.describe()}"
+
+    def _read_ahead(self) -> None:
+        """Read the next page while this one is looked at (browser path: with its vectors), once
+        this one is out (on 2 cores a read beside the page's own work slowed it ~0.5 s), and only
+        in a session that pages or has hovered the page (at 50 sessions opening at once, reading
+        every session's second page at open saturated the server); once per shown page."""
+        ids = self.shown_images
+        if self._read_ahead_for is not None and np.array_equal(self._read_ahead_for, ids):
+            return
+        self._read_ahead_for = ids
+        reader, nxt = self.state.reader, self.state.next_page_ids()
+        layers = list(self.browser.vectors) if self.path.browser else []
+        self._scheduler.later(lambda: self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
 
     def _send_page_vectors(self, ids: np.ndarray,
                            ahead: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
@@ -313,6 +320,7 @@ class GridView(pn.viewable.Viewer):
         self.state.hover(hovered)
         # the browser path's message is already a rest; the server path waits for one
         self._after_rest(0 if self.path.browser else self.state.topk_delay_ms)
+        self._read_ahead()  # a user who looks at the page is likely to page on (the first switch)
 
     def _queue_hover(self) -> None:
         """Draw the overlays of the latest hovered patch once the loop gets to it: moves that

@@ -467,8 +467,10 @@ def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(brows
 
     app = browser_app
     layers = list(app.grid.browser.vectors)
-    assert app.grid._prefetch._futures == {}  # a session that never pages reads nothing ahead
-    app.state.page = 2
+    assert app.grid._prefetch._futures == {}  # a session that never pages nor hovers reads nothing ahead
+    app.grid._on_pointer("data", None, {"tile": [0], "y": [1], "x": [1], "click": [0]})  # a rest on page 1
+    assert app.grid._prefetch._key(app.state.reader, np.arange(6, 12), layers) in app.grid._prefetch._futures
+    app.state.page = 2  # takes it
     nxt = np.arange(12, 18)
     ahead = app.grid._prefetch._futures.get(app.grid._prefetch._key(app.state.reader, nxt, layers))
     assert ahead is not None  # once it pages, the page after the shown one is read ahead
