@@ -8,8 +8,9 @@ lighter versions of the same checks are ``tests/test_serving.py``.
 What a client does (:func:`hover_like_a_user`): strokes of pointer moves at ``rate`` patch
 changes per second, sent without waiting for replies as a browser does, separated by rests long
 enough for the explorer's "pointer rests" work (layer view, top-k search and its cards). The
-latency of a move is the time from sending it to receiving the overlays it caused; the server
-answers a session's moves in order, so the n-th overlay update answers the n-th move.
+latency of a move is the time from sending it to the first overlay update after it; under load
+the server drops the moves a newer one supersedes (latest wins), so that update shows this move
+or a newer one, and the last move's answer is the update that leaves the overlays showing it.
 """
 
 from __future__ import annotations
@@ -51,13 +52,10 @@ class ClientRun:
     def latencies(self) -> list[float]:
         """Per move: the wait for the first overlay update after it (the server draws only the
         latest of a burst of moves, so that update shows this move or a newer one)."""
-        got = np.asarray(self.got)
-        out = []
-        for t in self.sent:
-            later = got[got >= t]
-            if later.size:
-                out.append(float(later[0] - t))
-        return out
+        got, sent = np.asarray(self.got), np.asarray(self.sent)
+        first = np.searchsorted(got, sent)  # the first update at or after each move (both in order)
+        answered = first < got.size
+        return (got[first[answered]] - sent[answered]).tolist()
 
     @property
     def last_answer(self) -> float | None:
@@ -65,6 +63,13 @@ class ClientRun:
         latest move the server has read (None: never answered)."""
         later = [g for g in self.got if g >= self.sent[-1]] if self.sent else []
         return later[0] - self.sent[-1] if later else None
+
+    @property
+    def final_answer(self) -> float | None:
+        """Seconds from the last move to the last overlay update, the one the session ended
+        with: the last move's own answer when the final overlays show its patch, which callers
+        check (an update just after the last move may still draw an earlier one)."""
+        return self.got[-1] - self.sent[-1] if self.sent and self.got and self.got[-1] >= self.sent[-1] else None
 
 
 async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, moves: int = 8,
@@ -98,8 +103,12 @@ async def hover_like_a_user(s: BokehSession, seed: int, *, strokes: int = 2, mov
         settled = bool(overlays) and overlays[-1] >= sent[-1] and time.perf_counter() - overlays[-1] > QUIET
         return settled and (not topk or rest < 0.2 or "patches of the store closest to" in s.texts())
 
+    deadline = time.perf_counter() + drain
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):  # counted by the caller
-        await s.wait_for(answered, drain)
+        # checked every 0.1 s too: "then quiet" becomes true with no message to wake a wait_for
+        while not answered() and time.perf_counter() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await s.wait_for(answered, min(0.1, max(0.0, deadline - time.perf_counter())))
     got = [u.time for u in s.updates[base:] if u.models & ids]
     return ClientRun(sent, got, cells, "patches of the store closest to" in s.texts())
 

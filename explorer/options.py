@@ -74,6 +74,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                           "a browser session lives in one process, so a proxy in front must be sticky")
     srv.add_argument("--prefix", default=None, help="URL prefix, e.g. 'hoverlay' behind a proxy at /hoverlay/")
     srv.add_argument("--admin", action="store_true", help="Panel's admin page at /admin (behind the same auth)")
+    srv.add_argument("--check-unused-sessions", type=int, default=None, metavar="MS",
+                     help="how often closed sessions are looked for, in milliseconds (Bokeh's default 17000)")
+    srv.add_argument("--unused-session-lifetime", type=int, default=None, metavar="MS",
+                     help="how long a session is kept after its page closed, in milliseconds, before its "
+                          "memory is freed (Bokeh's default 15000)")
     srv.add_argument("--reload-interval", type=float, default=DEFAULT_RELOAD_INTERVAL, metavar="SECONDS",
                      help=f"check for new commits every SECONDS (0: never; default {DEFAULT_RELOAD_INTERVAL:g})")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -5,7 +5,8 @@ Bokeh protocol the way the page's JavaScript does (20 Chromium pages do not fit 
 server cannot tell the difference). Three servers start together when the module starts:
 
 - ``main``: ``python -m explorer.serve`` over stores A (default; "fine" indexed, "coarse" not),
-  B (index stale) and C (appended to while serving), checking for commits every 0.5 s;
+  B (index stale) and C (appended to while serving), checking for commits every 0.5 s and
+  discarding a closed session after 2 s;
 - ``auth``: ``hoverlay serve`` (``python -m hoverlay``) with basic auth, a URL prefix and two
   forked processes;
 - ``plain``: ``panel serve explorer/app_module.py`` with the stores in ``HOVERLAY_STORE``.
@@ -60,6 +61,11 @@ LAYERS = {"fine": LayerGeometry(8, 8, 16), "coarse": LayerGeometry(4, 4, 32)}
 PAGE_SIZE, K = 8, 5
 #: The hover path these websocket clients time: the server one (see the module docstring).
 SERVER_PATH = ("--browser-hover-budget", "0")
+# Bokeh discards a session 2-2.5 s after its page closed (instead of 15-32 s, the default for
+# users), so that the overload test sees the memory of its sessions released soon; a session
+# must connect its websocket within that long of its page load, which every client here does
+# (the overload test opens its sessions two at a time, none waits behind 20 others being built).
+SHORT_SESSION_LIFETIME = ("--check-unused-sessions", "500", "--unused-session-lifetime", "2000")
 PASSWD = "root:x:0:0"  # what /etc/passwd starts with: it must never reach a client
 USERS = {"alice": "correct horse battery"}
 
@@ -105,7 +111,7 @@ def servers(stores, tmp_path_factory):
     out = {
         "main": launch("main", [py, "-m", "hoverlay.explorer.serve", stores["a"], stores["b"], stores["c"],
                                 "--port", str(main_port), "--page-size", str(PAGE_SIZE), "-k", str(K),
-                                "--reload-interval", "0.5", *SERVER_PATH],
+                                "--reload-interval", "0.5", *SERVER_PATH, *SHORT_SESSION_LIFETIME],
                        f"http://127.0.0.1:{main_port}/", logs),
         "auth": launch("auth", [py, "-m", "hoverlay", "serve", stores["a"], "--port", str(auth_port),
                                 "--basic-auth", str(users), "--prefix", "hv", "--num-procs", "2",
@@ -194,13 +200,20 @@ def test_hoverlay_serve_passes_server_options_to_panel(tmp_path):
     users.write_text(json.dumps(USERS))
     args = command_parser("serve").parse_args(["s1", "s2", "--port", "0", "--num-procs", "3", "--prefix", "hv",
                                 "--allow-websocket-origin", "example.org", "--basic-auth", str(users),
-                                "--cookie-secret", "x" * 32, "--admin", "--reload-interval", "5"])
+                                "--cookie-secret", "x" * 32, "--admin", "--reload-interval", "5",
+                                "--check-unused-sessions", "500", "--unused-session-lifetime", "2000"])
     assert args.stores == ["s1", "s2"] and args.reload_interval == 5
     assert server_options(args) == {"prefix": "hv", "basic_auth": str(users), "cookie_secret": "x" * 32,
                                     "websocket_origin": ["example.org"], "num_procs": 3, "admin": True,
-                                    "login_attempts": 5, "login_window": 300.0, "login_delay": 1.0}
+                                    "login_attempts": 5, "login_window": 300.0, "login_delay": 1.0,
+                                    "check_unused_sessions_milliseconds": 500,
+                                    "unused_session_lifetime_milliseconds": 2000}
+    defaults = server_options(command_parser("serve").parse_args(["s"]))
+    assert not {"check_unused_sessions_milliseconds", "unused_session_lifetime_milliseconds"} & set(defaults)
     with pytest.raises(ServeConfigError, match="--login-attempts must be >= 1"):
         server_options(command_parser("serve").parse_args(["s", "--login-attempts", "0"]))
+    with pytest.raises(ServeConfigError, match="--unused-session-lifetime must be > 0"):
+        server_options(command_parser("serve").parse_args(["s", "--unused-session-lifetime", "0"]))
     oauth = command_parser("serve").parse_args(["s", "--oauth-provider", "github", "--oauth-key", "k",
                                  "--oauth-secret", "s", "--oauth-extra-params", '{"scope": "read"}'])
     opts = server_options(oauth)
@@ -535,74 +548,110 @@ def test_plain_panel_serve_of_the_app_module(servers, stores):
     assert not errors_in(plain.log()), plain.log()
 
 
-# ======================================================================= concurrency
+# ======================================================================= overload (#17)
 N_SESSIONS = 20
-# A stroke of 15 patch changes at 15/s (a pointer crossing 14 px cells at ~200 px/s: no "rest" between
-# them, as in a browser), then a rest that brings the layer view and a top-k search.
-LOAD = {"strokes": 1, "moves": 15, "rate": 15.0, "rest": 0.6}
-HOVERING = 15.0  # at most this long from the first move to the last (the brief's bound)
-DRAIN = 40.0  # then at most this long for the answers still queued (only a busy machine needs it)
-# every session's last move is drawn within this long of it: the brief's target is 2 s (met on a
-# quiet machine: 0.4-1.0 s); the bound leaves room for a CI machine that is busy with other work
-LAST_ANSWER_S = 5.0
-RSS_BACK = 1.10  # the target: the server's RSS back within 10% of what it was before the sessions
-RSS_WAIT_S = 5.0  # ... looked at for this long after they closed (reported only)
+# Every session moves over a new patch 15 times a second for 30 s without a pause (a pointer
+# crossing 14 px cells at ~200 px/s, as in a browser), then rests (layer view and top-k): the
+# issue's overload. On the server path each move is one write of the pointer source.
+RATE, HOVER_S = 15.0, 30.0
+LOAD = {"strokes": 1, "moves": int(RATE * HOVER_S), "rate": RATE, "rest": 0.6}
+OPENING = 2  # sessions opening at once (see the main server's session lifetime)
+# Every session's last move is drawn within this long of it: the issue's bound, asserted as such.
+# Measured on the project's 2-core machine beside its neighbours' work (11 runs): last move -> its
+# overlays max 0.26-0.58 s, also with two CPU-bound processes running beside the test (0.47 s);
+# every move -> the first overlays after it p50 53-98 ms, p99 0.36-0.88 s, max 0.58-1.13 s.
+# Before the server dropped superseded moves, 30 s of this input took 20-50 s more to drain.
+LAST_ANSWER_S = 2.0
+DRAIN = 20.0  # the clients wait at most this long for it (and the top-k), so that a miss is reported
+# The server's RSS comes back within 10% of what it was after a warm-up session had come and gone
+# (it fills the process-wide caches: store readers, indexes, stats): measured +3-4% (139 -> 144-145
+# MB; 150-152 -> 156-158 MB after the module's other tests); on Python's own allocator, which `hoverlay
+# serve` does not run on, it stayed +50%, whatever the wait (see
+# explorer.serve.use_system_allocator). Closed sessions are discarded 2-2.5 s after they close (the
+# main server's session lifetime), their memory released 1 s later.
+RSS_BACK = 1.10
+RELEASE_WAIT_S = 15.0  # at most this long after the sessions closed
+
+
+def wait_released(server: Server, since: int, timeout: float) -> re.Match[str]:
+    """The server's log line saying it released the memory of closed sessions and none is live."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(r"memory of \d+ closed session\(s\) released: 0 live, RSS (\d+) MB", server.log(since))
+        if found or time.monotonic() > deadline:
+            assert found, f"no release of the closed sessions' memory logged:\n{server.log(since)[-3000:]}"
+            return found
+        time.sleep(0.2)
 
 
 def test_twenty_sessions_hover_at_once(main, stores):
+    """The issue's overload (#17): 20 sessions each move 15 times a second for 30 s; every
+    session's last move is drawn within 2 s of it, and once they have closed the server's RSS is
+    back within 10% of what it was after a warm-up session."""
     import psutil
 
     mark = main.mark()
     server = psutil.Process(main.proc.pid)
 
-    async def warm_up():  # the process-wide caches (readers, stats, search) fill with the first session
+    async def warm_up():  # the process-wide caches (readers, indexes, stats, search) fill with a first session
         async with session(main.url) as s:
-            await s.hover(1, 1, 1)
+            await rest_and_topk(s, 1, 1, 1)
 
+    t0 = time.perf_counter()
     run(warm_up())
-    rss_before = server.memory_info().rss
+    wait_released(main, main.mark(), RELEASE_WAIT_S)  # "0 live" is logged once the warm-up session is gone too
+    rss_before, after_warm_up = server.memory_info().rss, main.mark()
 
     async def go():
-        t0 = time.perf_counter()
-        sessions = await asyncio.gather(*(BokehSession.open(main.url) for _ in range(N_SESSIONS)))
-        opened = time.perf_counter() - t0
+        t = time.perf_counter()
+        gate = asyncio.Semaphore(OPENING)
+
+        async def open_one() -> BokehSession:
+            async with gate:
+                return await BokehSession.open(main.url)
+
+        sessions = await asyncio.gather(*(open_one() for _ in range(N_SESSIONS)))
+        opened = time.perf_counter() - t
+
         async def user(i: int, s: BokehSession):
-            await asyncio.sleep(random.Random(i).uniform(0, 2.0))  # users do not start in step
+            await asyncio.sleep(random.Random(i).uniform(0, 1.0))  # users do not start in step
             return await hover_like_a_user(s, i, drain=DRAIN, **LOAD)
 
         try:
-            t1 = time.perf_counter()
+            t = time.perf_counter()
             runs = await asyncio.gather(*(user(i, s) for i, s in enumerate(sessions)))
-            hovering = time.perf_counter() - t1
-            await asyncio.sleep(0.3)
-            return sessions, runs, opened, hovering, [s.tile_maps("fine", S) for s in sessions]
+            hovering = time.perf_counter() - t
+            return runs, opened, hovering, [s.tile_maps("fine", S) for s in sessions]
         finally:
             await asyncio.gather(*(s.close() for s in sessions))
 
-    sessions, runs, opened, hovering, final = run(go())
-    # reported, not asserted: RSS is not back within 10% after the sessions close (issue 17; Bokeh
-    # discards closed sessions after 15-32 s, then a collection and malloc_trim run)
-    closed, rss_after = time.perf_counter(), server.memory_info().rss
-    while rss_after > RSS_BACK * rss_before and time.perf_counter() - closed < RSS_WAIT_S:
-        time.sleep(0.5)
+    runs, opened, hovering, final = run(go())
+    closed = time.perf_counter()
+    wait_released(main, after_warm_up, RELEASE_WAIT_S)
+    rss_after = server.memory_info().rss
+    while rss_after > RSS_BACK * rss_before and time.perf_counter() - closed < RELEASE_WAIT_S:
+        time.sleep(0.25)
         rss_after = server.memory_info().rss
-    print(f"server RSS {rss_before / 2**20:.0f} MB before the sessions, {rss_after / 2**20:.0f} MB "
-          f"{time.perf_counter() - closed:.1f} s after they closed")
+    back = time.perf_counter() - closed
+
     p = percentiles(runs)
-    print(f"\n{N_SESSIONS} sessions opened in {opened:.1f} s; {sum(len(r.got) for r in runs)} hovers and "
-          f"{sum(r.topk for r in runs)} top-k in {hovering:.1f} s: pointer move -> overlays p50 {p['p50_ms']:.0f} ms, "
-          f"p95 {p['p95_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms, max {p['max_ms']:.0f} ms")
-    moving = max(r.sent[-1] for r in runs) - min(r.sent[0] for r in runs)
-    assert moving <= HOVERING
+    finals = [r.final_answer for r in runs]
+    worst = max(x if x is not None else float("inf") for x in finals)
+    print(f"\n{N_SESSIONS} sessions opened in {opened:.1f} s, {OPENING} at a time; each sent {len(runs[0].sent)} "
+          f"moves in {np.mean([r.sent[-1] - r.sent[0] for r in runs]):.1f} s, hovering took {hovering:.1f} s in all; "
+          f"{np.mean([len(r.got) for r in runs]):.0f} draws per session (superseded moves are dropped)\n"
+          f"move -> the first overlays after it: p50 {p['p50_ms']:.0f} ms, p95 {p['p95_ms']:.0f} ms, "
+          f"p99 {p['p99_ms']:.0f} ms, max {p['max_ms']:.0f} ms; last move -> its overlays: max {worst:.2f} s\n"
+          f"server RSS {rss_before / 2**20:.0f} MB after the warm-up, {rss_after / 2**20:.0f} MB {back:.1f} s after "
+          f"the sessions closed; the test took {time.perf_counter() - t0:.0f} s")
     assert not errors_in(main.log(mark)), main.log(mark)
-    last = [r.last_answer for r in runs]
-    print(f"last move -> its overlays: max {max(x or float('inf') for x in last):.2f} s; draws per session "
-          f"{np.mean([len(r.got) for r in runs]):.1f} for {len(runs[0].sent)} moves (superseded moves are dropped)")
     for i, r in enumerate(runs):
-        # the latest move wins: superseded moves may be dropped, the last one is answered in time
-        assert r.last_answer is not None and r.last_answer <= LAST_ANSWER_S, (i, r.last_answer)
-        assert r.topk, f"session {i} never got its top-k"
+        assert len(r.sent) == LOAD["moves"] and r.sent[-1] - r.sent[0] <= HOVER_S + 0.5, (i, r.sent[-1] - r.sent[0])
+        # the latest move wins: superseded moves may be dropped, the last one is drawn in time
+        assert r.final_answer is not None and r.final_answer <= LAST_ANSWER_S, (i, r.final_answer)
         tile, y, x = r.cells[-1]
         ids = list(range(PAGE_SIZE))
         np.testing.assert_allclose(final[i], expected_maps(stores["a"], "fine", ids, ids[tile], y, x), atol=2e-3,
-                                   err_msg=f"session {i} shows overlays of another patch")
+                                   err_msg=f"session {i} shows overlays of another patch than its last")
+        assert r.topk, f"session {i} never got its top-k"
+    assert rss_after <= RSS_BACK * rss_before, (rss_before / 2**20, rss_after / 2**20)
