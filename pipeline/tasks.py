@@ -175,8 +175,9 @@ def process_partition(store: StoreRef, start: int, items: list[TaskItem], model:
     ``on_batch(n)`` (in-process schedulers only: a progress bar) hears of each forward batch of
     ``n`` images, and of the images that failed to decode once they are known."""
     clock = PhaseClock()
-    adapter = model_for(model)
-    writer = block_writer(store)
+    with clock("open"):  # cached per process: ~0 unless it waits (it once waited on forwards)
+        adapter = model_for(model)
+        writer = block_writer(store)
     n = len(items)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     rows: list[dict[str, Any]] = []
