@@ -29,8 +29,11 @@ demo: $(STAMP)
 demo-build: $(STAMP)
 	$(BIN)/hoverlay demo --store demo-store --images demo-images --no-serve
 
+# Two worker processes (most tests wait on browsers, servers and subprocesses), then, alone, the
+# tests that measure time or load.
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m serial
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ui"

@@ -41,7 +41,7 @@ from hoverlay.cli import main  # noqa: E402
 from hoverlay.errors import EXIT_CODES, EXIT_ERROR  # noqa: E402
 from hoverlay.stores import open_store  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 N_IMAGES = 6
 MODEL = ["--model", "python:test_cluster:counted_tiny_model", "--layers", "3", "--size", "64",

@@ -19,7 +19,7 @@ import pytest
 from hoverlay.stores import StoreLockedError
 from hoverlay.stores.lock import LOCK_NAME, STALE_BEATS, StoreLock
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 #: seconds between the holders' heartbeats: the stale bound is STALE_BEATS of them (4 s). Not
 #: less: on a loaded 2-core machine (load 10) a 0.5 s heartbeat's write was seen 3 s late

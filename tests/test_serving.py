@@ -584,6 +584,7 @@ def wait_released(server: Server, since: int, timeout: float) -> re.Match[str]:
         time.sleep(0.2)
 
 
+@pytest.mark.serial
 def test_twenty_sessions_hover_at_once(main, stores):
     """The issue's overload (#17): 20 sessions each move 15 times a second for 30 s; every
     session's last move is drawn within 2 s of it, and once they have closed the server's RSS is
