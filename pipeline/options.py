@@ -96,7 +96,8 @@ BUILD_OPTIONS = OptionSet((
     Option("index", Switch(), "build or extend the FAISS indexes", default=True,
            negative_flag="--no-index", negative_help="skip building and extending the FAISS indexes"),
     Option("index_memory", ByteSize(), "memory budget per FAISS index, e.g. 8G (default 40% of RAM): "
-           "the most exact codes that fit", metavar="BYTES"),
+           "the most exact codes that fit; a budget below a layer's smallest index is refused before "
+           "anything is written", metavar="BYTES"),
     Option("rebuild_index", Switch(), "retrain the indexes from scratch instead of extending them",
            default=False),
     Option("recall_k", Integer(), "k of the recall measured after each index build", default=10,

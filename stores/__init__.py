@@ -12,6 +12,7 @@ from .errors import (
     BadURLError,
     CorruptStoreError,
     FormatVersionError,
+    IndexBudgetError,
     NotAStoreError,
     OutOfRangeError,
     StoreError,
@@ -30,7 +31,7 @@ from .vectors import normalize_patches
 from .writer import StoreWriter, create_store
 
 __all__ = [
-    "BadURLError", "CorruptStoreError", "IndexMeta", "filesystem", "is_local", "normalize_url",
+    "BadURLError", "CorruptStoreError", "IndexBudgetError", "IndexMeta", "filesystem", "is_local", "normalize_url",
     "FORMAT_VERSION", "STATUS_FAILED", "STATUS_OK", "FormatVersionError", "ImageTable",
     "LayerGeometry", "NotAStoreError", "OutOfRangeError", "PatchIndex", "StoreAttrs",
     "StoreError", "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter",

@@ -34,6 +34,12 @@ class OutOfRangeError(StoreError, IndexError):
     """An image id, patch id or (y, x) coordinate outside the committed store."""
 
 
+class IndexBudgetError(StoreError, ValueError):
+    """An index memory budget (``--index-memory``) below the smallest index the ladder can build
+    for a layer; the message names the budget and the smallest one that works. Raised by
+    ``hoverlay build`` before its first write."""
+
+
 class StoreMismatchError(StoreError, ValueError):
     """An append whose model, preprocessing or layers differ from the store's."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import StoreError
+from .errors import IndexBudgetError, StoreError
 from .format import INDEX_DIR, encode_layer
 from .index_meta import INDEX_META_VERSION, IndexMeta
 from .kmeans import TWO_LEVEL_FROM, CentroidGroups, ivf_centroids
@@ -257,11 +257,6 @@ def index_ladder(n_vectors: int, dim: int, rerank_rows: int | None = None) -> li
     if not small:
         add("IDMap,SQfp16", "exact scan of fp16 copies: nothing smaller fits")
     return out
-
-
-class IndexBudgetError(StoreError, ValueError):
-    """An index memory budget (``--index-memory``) below the smallest index the ladder can build
-    for a layer; the message names the budget and the smallest one that works."""
 
 
 def smallest_index(n_vectors: int, dim: int, rerank_rows: int | None = None) -> IndexChoice:

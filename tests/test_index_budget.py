@@ -15,11 +15,10 @@ from hoverlay.cli import main
 from hoverlay.errors import EXIT_INPUT
 from hoverlay.pipeline.build import build
 from hoverlay.pipeline.indexing import update_index
-from hoverlay.stores import LayerGeometry, PatchIndex, open_store
+from hoverlay.stores import IndexBudgetError, LayerGeometry, PatchIndex, open_store
 from hoverlay.stores.errors import StoreError
 from hoverlay.stores.index import (
     FLAT_MAX_VALUES,
-    IndexBudgetError,
     check_index_budget,
     choose_index,
     estimate_index_bytes,
