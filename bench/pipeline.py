@@ -211,17 +211,11 @@ def _cpu_phases(small: str, large: str, store: str, model: str, batch_size: int,
     finally:
         phases.CLOCK = time.perf_counter
     out = {p: (s_large.phases.get(p, 0.0) - s_small.phases.get(p, 0.0)) / (n_l - n_s) * 1e3
-           for p in (*phases.PHASES, *TASK_EXTRA_PHASES) if p not in ("dask", "hash", "table")}
+           for p in phases.PHASES if p not in ("dask", "hash", "table")}
     out["whole build"] = ((c2 - c1) - (c1 - c0)) / (n_l - n_s) * 1e3
     out["other (hash, table, commit, Python)"] = out["whole build"] - sum(
         v for k, v in out.items() if k != "whole build")
     return out
-
-
-#: Phases a task clocks beyond :data:`~hoverlay.pipeline.phases.PHASES`: ``open``, its model and
-#: the store's arrays (cached per process, so ~0 unless a task waits there: it waited for the
-#: other thread's forwards, issue #16, and that showed only as ``dask``).
-TASK_EXTRA_PHASES = ("open",)
 
 
 def marginal(work: str, model: str, batch_size: int, small_n: int, large_n: int, repeats: int,
@@ -238,7 +232,7 @@ def marginal(work: str, model: str, batch_size: int, small_n: int, large_n: int,
     store = os.path.join(work, "marginal.zarr")
     _build_once(small, store, model, batch_size, **build_kw)  # warm: model, tracing, imports
     rows: list[dict[str, Any]] = []
-    phase_ms: dict[str, list[float]] = {p: [] for p in (*PHASES, *TASK_EXTRA_PHASES)}
+    phase_ms: dict[str, list[float]] = {p: [] for p in PHASES}
     d = large_n - small_n
     for r in range(repeats):
         load = os.getloadavg()[0]

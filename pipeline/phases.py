@@ -19,6 +19,8 @@ CLOCK: Callable[[], float] = time.perf_counter
 #: The phases, in the order a task meets them (docs/performance.md, "Where a build's time goes").
 PHASES = (
     "hash",           # reading every file once and its sha256 (the phase before embedding)
+    "open",           # a task's model and the store's arrays: cached per process, ~0 unless it
+                      # waits (it waited for the other thread's forwards: issue #16)
     "read",           # the file's bytes (local file or fsspec URL)
     "decode",         # JPEG/PNG/… -> RGB (draft-mode JPEG decoding for large photos)
     "resize",         # shorter side to S (bicubic), centre crop
