@@ -35,6 +35,7 @@ from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns
 from .js import GRID_HOVER_JS
 from .kernels import SIMILARITY_FUNCTIONS, QueryVector
 from .options import DEFAULT_BROWSER_HOVER_BUDGET
+from .wasm_dot import dot_module_base64
 
 #: Default byte budget of a page's vectors for the browser path (``--browser-hover-budget``).
 DEFAULT_BUDGET = ByteSize().from_value(DEFAULT_BROWSER_HOVER_BUDGET)
@@ -118,7 +119,7 @@ class BrowserHover:
         self._page: np.ndarray | None = None
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
                 "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
-                "link": self.link.source, "key": prefix}
+                "link": self.link.source, "key": prefix, "wasm": dot_module_base64()}
         for i, fig in enumerate(self.figures):
             fig.source.syncable = False  # the browser writes the mosaic in place; nothing to send back
             fig.add_outline(self.hover, "#ffffff")

@@ -100,14 +100,16 @@ requestAnimationFrame(() => {
 #: synced), ``qsrc`` (the server's query vectors: the pinned query, or the last rested one),
 #: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
 #: source the browser writes in place), ``link`` (the session's hover link, shared with the other
-#: browser-path views: the query tile), ``key`` (this view's name on the link) and ``me`` (this
+#: browser-path views: the query tile), ``key`` (this view's name on the link), ``wasm`` (the
+#: SIMD kernel's module, base64: :mod:`explorer.wasm_dot`) and ``me`` (this
 #: figure's row; -1 for a data change, -2 for a change of the link).
 #:
 #: On a pointer move to another patch: outline it in every figure, compute cosine / dot / RBF
 #: of its vector in every layer against the page's vectors of that layer (vectors arrive as
 #: float16 bits, norms as float32; the same arithmetic as :func:`explorer.kernels.similarity_map`,
-#: accumulated in float64), write the maps into the mosaics and repaint — all in this event, no
-#: message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
+#: products summed by explorer/wasm_dot.py's SIMD kernel in float32, or, without WebAssembly
+#: SIMD or for a dimension that is not a multiple of 8, by a scalar loop in float64), write the
+#: maps into the mosaics and repaint — all in this event, no message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
 #: a tap goes at once (pin / unpin). Rows with ``mode`` 0 (page vectors over the byte budget)
 #: send every patch change at once instead, and the server draws the maps, as before.
 #:
@@ -121,7 +123,7 @@ GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
 if (E === undefined) {
-  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0};
+  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), kern: new WeakMap(), frame: 0};
 }
 const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
 
@@ -137,13 +139,38 @@ function table() {  // float16 bits -> float32, built once per page load
   }
   return E.table;
 }
-function decoded(bits) {  // once per page and layer
+function dots_module() {  // explorer/wasm_dot.py's SIMD kernel, compiled once per window (null: none)
+  if (window.hoverlay_dots_module === undefined) {
+    let m = null;
+    try {
+      const raw = atob(wasm), b = new Uint8Array(raw.length);
+      for (let i = 0; i < raw.length; i++) b[i] = raw.charCodeAt(i);
+      if (typeof WebAssembly === "object" && WebAssembly.validate(b)) m = new WebAssembly.Module(b);
+    } catch (err) { m = null; }
+    window.hoverlay_dots_module = m;
+  }
+  return window.hoverlay_dots_module;
+}
+function kernel_for(n, D) {  // a kernel instance whose memory holds a layer's page: F | q | out
+  const mod = D % 8 === 0 ? dots_module() : null;
+  if (mod === null) return null;
+  try {
+    const inst = new WebAssembly.Instance(mod, {}), mem = inst.exports.memory, P = n / D;
+    const more = Math.ceil(4 * (n + D + P) / 65536) - mem.buffer.byteLength / 65536;
+    if (more > 0) mem.grow(more);  // once: views of the memory stay valid as it never grows again
+    return {dots: inst.exports.dots, P: P, D: D, F: new Float32Array(mem.buffer, 0, n),
+            q: new Float32Array(mem.buffer, 4 * n, D), out: new Float32Array(mem.buffer, 4 * (n + D), P)};
+  } catch (err) { return null; }
+}
+function decoded(bits, D) {  // once per page and layer; in a kernel's memory where one runs
   let out = E.dec.get(bits);
   if (out === undefined) {
-    const t = table();
-    out = new Float32Array(bits.length);
+    const t = table(), K = kernel_for(bits.length, D);
+    out = K !== null ? K.F : new Float32Array(bits.length);
     for (let i = 0; i < bits.length; i++) out[i] = t[bits[i]];
     E.dec.set(bits, out);
+    E.kern.set(bits, K);
+    window.hoverlay_kernel = K !== null ? "wasm-simd" : "js";
   }
   return out;
 }
@@ -158,7 +185,7 @@ function hovered_query(h) {  // the hovered patch's vector in every layer, from 
     const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
     const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
     const p = (h.t * Hi + yi) * Wi + xi;
-    const V = decoded(vecs[i].data.v[0]);
+    const V = decoded(vecs[i].data.v[0], D);
     Q.push({q: V.subarray(p * D, (p + 1) * D), qn: vecs[i].data.norm[0][p]});
   }
   return Q;
@@ -214,21 +241,30 @@ function paint(Q) {
     const V = vecs[i].data.v[0], N = vecs[i].data.norm[0];
     const q = Q === null ? null : Q[i];
     if (q !== null && img.length === rows * cols && V.length === n * Hi * Wi * D) {
-      const F = decoded(V), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
+      const F = decoded(V, D), K = E.kern.get(V), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
+      let S = null;
+      if (K) {  // every patch's dot product at once, four lanes at a time (explorer/wasm_dot.py)
+        K.q.set(qv);
+        K.dots(0, 4 * F.length, 4 * (F.length + D), K.P, D);
+        S = K.out;
+      }
       for (let t = 0, p = 0; t < n; t++) {
         const top = Math.floor(t / NC) * (Hi + gy + band) + band, left = (t % NC) * (Wi + gx);
         for (let y = 0; y < Hi; y++) {
           const base = (rows - 1 - top - y) * cols + left;
           for (let x = 0; x < Wi; x++, p++) {
-            // four accumulators: independent adds keep the CPU's pipelines full (2x on D >= 240)
-            let s0 = 0, s1 = 0, s2 = 0, s3 = 0, d = 0;
-            const o = p * D;
-            for (; d + 3 < D; d += 4) {
-              s0 += F[o + d] * qv[d]; s1 += F[o + d + 1] * qv[d + 1];
-              s2 += F[o + d + 2] * qv[d + 2]; s3 += F[o + d + 3] * qv[d + 3];
+            let s;
+            if (S !== null) s = S[p];
+            else {  // four accumulators: independent adds keep the CPU's pipelines full (2x on D >= 240)
+              let s0 = 0, s1 = 0, s2 = 0, s3 = 0, d = 0;
+              const o = p * D;
+              for (; d + 3 < D; d += 4) {
+                s0 += F[o + d] * qv[d]; s1 += F[o + d + 1] * qv[d + 1];
+                s2 += F[o + d + 2] * qv[d + 2]; s3 += F[o + d + 3] * qv[d + 3];
+              }
+              for (; d < D; d++) s0 += F[o + d] * qv[d];
+              s = (s0 + s1) + (s2 + s3);
             }
-            for (; d < D; d++) s0 += F[o + d] * qv[d];
-            let s = (s0 + s1) + (s2 + s3);
             if (fn === "dot") s = s * N[p] * qn;
             else if (fn === "rbf") s = Math.exp(Math.max(0, N[p] * N[p] + qn * qn - 2 * qn * N[p] * s) * k);
             img[base + x] = s;

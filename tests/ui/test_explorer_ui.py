@@ -209,6 +209,20 @@ def test_browser_computes_every_layer_map_for_every_function(page, server, reade
             np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, rtol=2e-3,
                                        err_msg=f"{function} {layer} after hovering {tile} {cell}")
     assert page.evaluate("window.hoverlay_browser_paints") >= 2
+    assert page.evaluate("window.hoverlay_kernel") == "wasm-simd"  # explorer/wasm_dot.py's kernel ran
+
+
+def test_without_webassembly_the_browser_maps_come_from_its_scalar_loop(page, server, reader, store):
+    """A browser without WebAssembly (or SIMD) draws the same maps with the JavaScript loop."""
+    page.add_init_script("Object.defineProperty(window, 'WebAssembly', {value: undefined})")
+    open_app(page, server, "?function=dot")
+    page.get_by_text("hover maps computed in this browser").first.wait_for()
+    ids = page_ids(page)
+    hover_cell(page, 6, (0, 7))
+    for layer in ("fine", "coarse"):
+        want = expected_function_maps(reader, store, ids[6], (0, 7), layer, ids, "dot")
+        np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, rtol=2e-3, err_msg=layer)
+    assert page.evaluate("window.hoverlay_kernel") == "js"
 
 
 def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, server):
