@@ -109,9 +109,10 @@ requestAnimationFrame(() => {
 #: float16 bits, norms as float32; the same arithmetic as :func:`explorer.kernels.similarity_map`,
 #: products summed by explorer/wasm_dot.py's SIMD kernel in float32, or, without WebAssembly
 #: SIMD or for a dimension that is not a multiple of 8, by a scalar loop in float64), write the
-#: maps into the mosaics and repaint — all in this event, no message. When the pointer rests ``rest`` ms, one row goes to the server (layer view, top-k);
-#: a tap goes at once (pin / unpin). Rows with ``mode`` 0 (page vectors over the byte budget)
-#: send every patch change at once instead, and the server draws the maps, as before.
+#: maps into the mosaics and repaint — all in this event, no message. When the pointer rests
+#: ``rest`` ms, one row goes to the server (layer view, top-k); a tap goes at once (pin / unpin).
+#: Rows with ``mode`` 0 (page vectors over the byte budget) send every patch change at once
+#: instead, and the server draws the maps, as before.
 #:
 #: The hovered patch's vectors also go on the link (``link._hoverlay``: owner, layer names, one
 #: vector and norm per layer, and the owner's vectors it was cut from) and a counter in its data
@@ -123,7 +124,7 @@ GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
 if (E === undefined) {
-  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), kern: new WeakMap(), frame: 0};
+  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0};
 }
 const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
 
@@ -158,18 +159,18 @@ function kernel_for(n, D) {  // a kernel instance whose memory holds a layer's p
     const inst = new WebAssembly.Instance(mod, {}), mem = inst.exports.memory, P = n / D;
     const more = Math.ceil(4 * (n + D + P) / 65536) - mem.buffer.byteLength / 65536;
     if (more > 0) mem.grow(more);  // once: views of the memory stay valid as it never grows again
-    return {dots: inst.exports.dots, P: P, D: D, F: new Float32Array(mem.buffer, 0, n),
+    return {dots: inst.exports.dots, P: P, F: new Float32Array(mem.buffer, 0, n),
             q: new Float32Array(mem.buffer, 4 * n, D), out: new Float32Array(mem.buffer, 4 * (n + D), P)};
   } catch (err) { return null; }
 }
-function decoded(bits, D) {  // once per page and layer; in a kernel's memory where one runs
+function decoded(bits, D) {  // once per page and layer: {F: float32, K: its kernel, or null}
   let out = E.dec.get(bits);
   if (out === undefined) {
     const t = table(), K = kernel_for(bits.length, D);
-    out = K !== null ? K.F : new Float32Array(bits.length);
-    for (let i = 0; i < bits.length; i++) out[i] = t[bits[i]];
+    const F = K !== null ? K.F : new Float32Array(bits.length);  // in the kernel's memory where one runs
+    for (let i = 0; i < bits.length; i++) F[i] = t[bits[i]];
+    out = {F: F, K: K};
     E.dec.set(bits, out);
-    E.kern.set(bits, K);
     window.hoverlay_kernel = K !== null ? "wasm-simd" : "js";
   }
   return out;
@@ -185,7 +186,7 @@ function hovered_query(h) {  // the hovered patch's vector in every layer, from 
     const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
     const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
     const p = (h.t * Hi + yi) * Wi + xi;
-    const V = decoded(vecs[i].data.v[0], D);
+    const V = decoded(vecs[i].data.v[0], D).F;
     Q.push({q: V.subarray(p * D, (p + 1) * D), qn: vecs[i].data.norm[0][p]});
   }
   return Q;
@@ -241,9 +242,9 @@ function paint(Q) {
     const V = vecs[i].data.v[0], N = vecs[i].data.norm[0];
     const q = Q === null ? null : Q[i];
     if (q !== null && img.length === rows * cols && V.length === n * Hi * Wi * D) {
-      const F = decoded(V, D), K = E.kern.get(V), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
+      const {F, K} = decoded(V, D), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
       let S = null;
-      if (K) {  // every patch's dot product at once, four lanes at a time (explorer/wasm_dot.py)
+      if (K !== null) {  // every patch's dot product at once, four lanes at a time (explorer/wasm_dot.py)
         K.q.set(qv);
         K.dots(0, 4 * F.length, 4 * (F.length + D), K.P, D);
         S = K.out;

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 # ``make test`` runs the suite in two pytest-xdist worker processes on a 2-core machine: each
-# worker's torch (and its subprocesses') then use one core, as two 2-thread OpenMP teams on two
-# cores spin against each other (a feature-visualisation test took 93 s instead of 7).
+# worker's torch (and its subprocesses') then use one core: with two 2-thread OpenMP teams on
+# two cores a feature-visualisation test took 93 s instead of 7 (taken to be the teams spinning).
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 #: Debian's chromium drives the browser tests (playwright cannot download browsers offline).
