@@ -63,6 +63,19 @@ def counted_tiny_model() -> Any:
     return tiny_model()
 
 
+#: what each forward of ``slow_counted_tiny_model`` sleeps: the lock test's build must hold its
+#: lock well past the STALE_BEATS * HEARTBEAT it takes to go stale, however fast the rest became
+SLOW_FORWARD_S = 1.0
+
+
+def slow_counted_tiny_model() -> Any:
+    """``counted_tiny_model`` whose every forward takes SLOW_FORWARD_S longer (same outputs). The
+    sleep is a pre-hook on the first conv, so it survives the feature extractor's tracing."""
+    model = counted_tiny_model()
+    model[0].register_forward_pre_hook(lambda module, args: time.sleep(SLOW_FORWARD_S))
+    return model
+
+
 def loads_here() -> int:
     return LOADS.count(os.getpid())
 
@@ -258,7 +271,7 @@ def test_cluster_build_equals_the_local_build_loads_the_model_once_per_worker_an
     monkeypatch.setenv(HEARTBEAT_ENV, str(HEARTBEAT))
     t0 = time.time()
     try:
-        assert main(cluster.args(url, "-q")) == 0
+        assert main(cluster.args(url, "-q", "--model", "python:test_cluster:slow_counted_tiny_model")) == 0
     finally:
         t1 = time.time()
         stop.touch()
