@@ -110,6 +110,7 @@ class ExplorerApp(pn.viewable.Viewer):
     def on_load(self) -> None:
         """Once the browser is connected (a server session and a notebook cell alike)."""
         self.grid.on_load()
+        self.query_view.prepare_later()
 
 
 def create_app(stores: Sequence[str] | str, **options: Any) -> pn.viewable.Viewable:

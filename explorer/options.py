@@ -14,6 +14,11 @@ from hoverlay.options import STORAGE_OPTIONS, ByteSize
 DEFAULT_BROWSER_HOVER_BUDGET = "32M"
 
 
+#: Default of ``--read-cache``: decoded image rows each store's reader keeps (~270 images of the
+#: default model's three layers with their pixels).
+DEFAULT_READ_CACHE = "256M"
+
+
 def browser_hover_budget(text: str) -> int:
     """``--browser-hover-budget``: a size such as 32M, or 0 for the server path always."""
     if text.strip() == "0":
@@ -22,6 +27,11 @@ def browser_hover_budget(text: str) -> int:
         return ByteSize().from_value(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes such as 32M, or 0") from None
+
+def read_cache_bytes(text: str) -> int:
+    """``--read-cache``: a size such as 256M, or 0 for none."""
+    return browser_hover_budget(text)
+
 
 def upload_bytes(text: str) -> int:
     """``--upload-max-bytes``: a size such as 32M."""
@@ -59,6 +69,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="pages whose shown layers' vectors fit in BYTES are hovered in the browser, "
                              "with no message per pointer move; larger pages, or 0, use the server "
                              f"(default {DEFAULT_BROWSER_HOVER_BUDGET})")
+    parser.add_argument("--read-cache", type=read_cache_bytes, default=None, metavar="BYTES",
+                        help="decoded image rows (vectors, norms, pixels) each store keeps in memory for "
+                             "re-reads: a pointer rest reads images its page was just sent, and sessions "
+                             f"share them; 0: none (default {DEFAULT_READ_CACHE})")
     parser.add_argument("--no-live-topk", dest="live_topk", action="store_false", default=None,
                         help="search top-k only on pin / button, not whenever the pointer rests "
                              "(for large stores without an index)")

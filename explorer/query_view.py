@@ -1,8 +1,10 @@
 """The query-patch view: the settled query's image in every shown layer, the mapped cell outlined.
 
-It follows :attr:`ExplorerState.settled` (the pointer rested, or a pin), not every move, and is
-built with the first query: a session that never hovers pays nothing for it, and no empty
-colour bars stand on the page before there is anything to show.
+It follows :attr:`ExplorerState.settled` (the pointer rested, or a pin), not every move. Its
+figures are built hidden once the page has loaded and the session is idle (:meth:`prepare`), and
+shown with the first query: no empty colour bars stand on the page before there is anything to
+show, and the first rest does not pay for building them (~0.3 s of the server's loop per session,
+which made the first rests of 50 sessions opened together wait for each other's builds).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from .figures import (
     palette,
     restyle,
 )
+from .session import Scheduler
 from .state import ExplorerState
 from .text import as_plain_markdown
 
 HINT = "**Query patch in every shown layer**: hover a patch"
+#: how long after the page loaded the hidden figures are built (a busy loop defers it further)
+PREPARE_DELAY_MS = 1000
 
 
 class QueryPatchView(pn.viewable.Viewer):
@@ -64,6 +69,17 @@ class QueryPatchView(pn.viewable.Viewer):
                 self.head.object = HINT
             return
         self.show(query)
+
+    def prepare_later(self, delay_ms: int = PREPARE_DELAY_MS) -> None:
+        """Build the figures (hidden) once the session has been idle for a while after loading."""
+        Scheduler(self._doc).later(self.prepare, delay_ms)
+
+    def prepare(self) -> None:
+        """Build the figures for the current view now, hidden until the first query is shown."""
+        if self.figures or self.state.view is None:
+            return
+        with pn.io.hold(self._doc):
+            self._build()
 
     def _drop(self) -> None:
         self.figures, self._built_for, self._image = [], None, -1

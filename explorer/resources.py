@@ -17,8 +17,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from hoverlay.options import ByteSize
 from hoverlay.stores import StoreReader, open_store
 from hoverlay.stores.search import LayerSearch
+
+from .options import DEFAULT_READ_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +94,22 @@ def evict(name: str, **match: Hashable) -> int:
 
 #: fsspec options per store URL, set once by :func:`set_storage_options` before serving.
 _STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+#: Bytes of decoded image rows each store's reader keeps for re-reads (``--read-cache``):
+#: every pointer rest re-reads the images its session's page was just sent
+_READ_CACHE = {"bytes": ByteSize().from_value(DEFAULT_READ_CACHE)}
 
 
 def set_storage_options(url: str, options: dict[str, Any] | None) -> None:
     """Remember the fsspec options (credentials, endpoint) a remote store is opened with."""
     if options:
         _STORAGE_OPTIONS[str(url)] = dict(options)
+
+
+def set_read_cache(nbytes: int) -> None:
+    """Bytes of decoded rows per store reader (0: none), for readers opened after this call."""
+    if nbytes < 0:
+        raise ValueError(f"a read cache of {nbytes} bytes")
+    _READ_CACHE["bytes"] = int(nbytes)
 
 
 def storage_options_of(url: str) -> dict[str, Any] | None:
@@ -111,7 +124,7 @@ def get_reader(url: str) -> StoreReader:
 
 
 def _open_reader(url: str) -> StoreReader:
-    return open_store(url, storage_options=_STORAGE_OPTIONS.get(url))
+    return open_store(url, storage_options=_STORAGE_OPTIONS.get(url), row_cache_bytes=_READ_CACHE["bytes"])
 
 
 #: Name of the cache entries :func:`get_search` creates (:func:`evict` them to reopen an index).

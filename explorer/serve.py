@@ -329,6 +329,10 @@ def main_serve(args: argparse.Namespace) -> int:
     if getattr(args, "query_folder", None):
         options["query_folders"] = [str(f) for f in args.query_folder]
     configure_shared_worker(QueryWorkerConfig.from_args(args))
+    if getattr(args, "read_cache", None) is not None:
+        from .resources import set_read_cache
+
+        set_read_cache(args.read_cache)
     try:
         extra = server_options(args)
         check_auth(extra)

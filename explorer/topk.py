@@ -61,7 +61,9 @@ def crop_png(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes
     draw.rectangle(box, outline=(0, 0, 0), width=3)
     draw.rectangle(box, outline=(255, 255, 255), width=1)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    # zlib level 1: a 96 px crop encodes in ~0.8 ms instead of ~2.3 ms at PIL's default (6), for
+    # ~15% more bytes; eight crops a rest, every rest of every session
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

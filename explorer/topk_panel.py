@@ -55,7 +55,8 @@ class TopKPanel(pn.viewable.Viewer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self._scheduler = Scheduler(pn.state.curdoc)
+        self._doc = pn.state.curdoc
+        self._scheduler = Scheduler(self._doc)
         self._busy = False
         self._pending = False
         self._searched: tuple[Query, int, str] | None = None
@@ -144,5 +145,7 @@ class TopKPanel(pn.viewable.Viewer):
                 f"({query.y},{query.x}) in `{query.layer}` — cosine, {how}")
         if warning:
             head += f"  \n⚠ {warning}"
-        self.head.object = head
-        self.cards.show([{**c, "extra": self.state.card_extra(int(c["image"]))} for c in cards])
+        with pn.io.hold(self._doc):  # heading and cards in one message
+            self.head.object = head
+            self.cards.show([{**c, "extra": self.state.card_extra(int(c["image"]))}
+                             for c in cards])

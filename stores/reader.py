@@ -19,6 +19,7 @@ from ._zarr import array, open_root, read_attrs
 from .errors import CorruptStoreError, OutOfRangeError, UnknownLayerError
 from .format import INDEX_DIR, PIXELS, StoreAttrs, layer_path
 from .geometry import LayerGeometry, patch_coords, patch_id
+from .row_cache import RowCache
 from .table import ImageTable, read_column, store_columns
 from .urls import filesystem, is_local, normalize_url
 
@@ -58,8 +59,12 @@ def _is_shutdown(exc: RuntimeError) -> bool:
 class StoreReader:
     """Read-only view of the committed part of a store."""
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 row_cache_bytes: int = 0):
         self.url = normalize_url(url)
+        #: decoded rows of single images and small selections kept for the next read (a server's
+        #: sessions re-read the same images; see :mod:`stores.row_cache`); None: every read decodes
+        self.rows: RowCache | None = RowCache(row_cache_bytes) if row_cache_bytes > 0 else None
         self._storage_options = storage_options
         self.group = open_root(self.url, mode="r", storage_options=storage_options)
         self.attrs: StoreAttrs = read_attrs(self.group, self.url)
@@ -129,6 +134,8 @@ class StoreReader:
             self.group, self.attrs = group, attrs
             self._arrays.clear()  # shapes grew; reopen lazily
             self._table = None
+            if self.rows is not None:  # a retried image's row may have been rewritten
+                self.rows.clear()
         return changed
 
     # ------------------------------------------------------------------ arrays
@@ -161,21 +168,59 @@ class StoreReader:
         ids = np.asarray(sel)
         return ids.reshape(-1).astype(np.int64), ids.ndim == 0
 
-    def _read(self, path: str, images: ImageSelection) -> np.ndarray:
+    def _read(self, path: str, images: ImageSelection, check: bool = False) -> np.ndarray:
+        """The selected rows of one array; ``check``: an ok row read as all zeros is a missing
+        shard (:meth:`_check_present`). Single images and small selections go through the row
+        cache when there is one; slices and large selections (bulk reads) never do."""
         sel = self._check_images(images)
+        if self.rows is not None and not isinstance(sel, slice):
+            cached = self._read_through_cache(path, np.asarray(sel), check)
+            if cached is not None:
+                return cached
+        data = self._decode(path, sel)
+        return self._check_present(path, sel, data) if check else data
+
+    def _read_through_cache(self, path: str, sel: np.ndarray, check: bool) -> np.ndarray | None:
+        """Rows of ``sel`` from the cache, the missing ones decoded (and checked) first; None
+        for a selection too large to cache (it would only push out what sessions re-read)."""
+        rows = self.rows
+        assert rows is not None
+        arr = self._array(path)
+        row_shape = tuple(arr.shape[1:])
+        if sel.size * arr.dtype.itemsize * int(np.prod(row_shape)) > rows.max_bytes // 4:
+            return None
+        ids = [int(i) for i in sel.reshape(-1)]
+        found = {i: rows.get(path, i) for i in dict.fromkeys(ids)}
+        missing = np.array([i for i, row in found.items() if row is None], dtype=np.int64)
+        if missing.size:
+            fresh = self._decode(path, missing)
+            if check:
+                self._check_present(path, missing, fresh)
+            for k, i in enumerate(missing.tolist()):
+                found[i] = rows.put(path, i, fresh[k])
+        if sel.ndim == 0:
+            return found[ids[0]]
+        out = np.empty((len(ids), *row_shape), dtype=arr.dtype)
+        for k, i in enumerate(ids):
+            out[k] = found[i]
+        return out.reshape(*sel.shape, *row_shape)
+
+    def _decode(self, path: str, sel: ImageSelection) -> np.ndarray:
+        """Read and decode the rows of a checked selection from the array."""
         arr = self._array(path)
         try:
-            if isinstance(sel, np.ndarray):
+            if isinstance(sel, np.ndarray) and sel.ndim > 0:
                 if sel.size == 0:
                     return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
                 flat = sel.reshape(-1)
                 parts = [np.asarray(arr[start:stop]) for start, stop in consecutive_runs(flat)]
                 return np.concatenate(parts).reshape(*sel.shape, *arr.shape[1:])
-            return np.asarray(arr[sel])  # type: ignore[index]
+            return np.asarray(arr[int(sel) if isinstance(sel, np.ndarray) else sel])  # type: ignore[index]
         except (ValueError, RuntimeError) as exc:  # a shard that does not decode (truncated, bit rot)
             if isinstance(exc, RuntimeError) and _is_shutdown(exc):
                 raise  # the interpreter is exiting under a reading thread: nothing is damaged
-            raise self._corrupt(path, self.image_ids(images)[0], f"does not decode ({exc})") from None
+            ids = np.arange(self.n_images)[sel] if isinstance(sel, slice) else np.asarray(sel).reshape(-1)
+            raise self._corrupt(path, ids, f"does not decode ({exc})") from None
 
     def _shard_file(self, path: str, image: int) -> str:
         ndim = len(self._array(path).shape)
@@ -192,6 +237,8 @@ class StoreReader:
         """Rows of images marked ok are never all zero (the build refuses such rows), so an
         all-zero ok row is a shard that is missing — Zarr reads it as fill values — never data."""
         ids, scalar = self.image_ids(images)
+        if ids.size == 0:
+            return data
         rows = np.ascontiguousarray(data).reshape(len(ids), -1) if not scalar else data.reshape(1, -1)
         ok = self.table().ok[ids]
         missing = ok & ~np.any(rows.view(np.uint8), axis=1)  # bytes: ~4x faster than float16
@@ -210,13 +257,13 @@ class StoreReader:
         images and the file, never zeros."""
         self.geometry(layer)
         path = layer_path(layer, "vectors")
-        return self._check_present(path, images, self._read(path, images))
+        return self._read(path, images, check=True)
 
     def norms(self, layer: str, images: ImageSelection) -> np.ndarray:
         """float32 original activation norms (…, H, W) (missing shards raise, as for vectors)."""
         self.geometry(layer)
         path = layer_path(layer, "norms")
-        return self._check_present(path, images, self._read(path, images))
+        return self._read(path, images, check=True)
 
     def vectors_dask(self, layer: str) -> dask.array.Array:
         """All committed vectors of a layer as a lazy dask array chunked by shard."""
@@ -235,7 +282,7 @@ class StoreReader:
             return np.empty((0, g.dim), dtype=np.float16)
         uniq, inverse = np.unique(image, return_inverse=True)
         path = layer_path(layer, "vectors")
-        blocks = self._check_present(path, uniq, self._read(path, uniq))  # (u, H, W, D), a chunk each
+        blocks = self._read(path, uniq, check=True)  # (u, H, W, D), a chunk each
         return blocks[inverse, y, x]
 
     def patch_id(self, layer: str, image: int, y: int, x: int) -> int:
@@ -264,6 +311,8 @@ def _stat(path: str) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> StoreReader:
-    """Open a store read-only by local path or fsspec URL."""
-    return StoreReader(url, storage_options=storage_options)
+def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+               row_cache_bytes: int = 0) -> StoreReader:
+    """Open a store read-only by local path or fsspec URL (``row_cache_bytes``: keep up to that
+    many bytes of decoded image rows for re-reads, as a server does; 0: none)."""
+    return StoreReader(url, storage_options=storage_options, row_cache_bytes=row_cache_bytes)
