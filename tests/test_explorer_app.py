@@ -502,6 +502,7 @@ def test_the_query_view_is_built_hidden_once_the_page_has_loaded_and_shown_with_
     built = list(view.figures)
     assert [f.layer for f in built] == list(browser_app.state.view.layers)
     assert not view._row.visible and view.head.object == HINT
+    assert [pane.object for pane in view._row.objects] == [f.plot for f in built]  # sent, hidden
     browser_app.grid._on_pointer("data", None, {"tile": [1], "y": [2], "x": [5], "click": [0]})  # a rest
     assert view.figures == built and view._row.visible  # the same figures, now shown
     assert view.head.object != HINT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_models import model_data
+from browser_models import model_data, wait_for_prepared_query_view
 from conftest import CHROMIUM
 from mosaics import tiles_from_sources
 
@@ -229,6 +229,7 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
     sent: list[tuple[float, str]] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append((time.monotonic(), payload))))
     open_app(page, server)
+    wait_for_prepared_query_view(page)
     settle(page, 500)
     ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-pointer').id")
     cells = [(i % PAGE_SIZE, ((3 * i) % FINE[0], (5 * i) % FINE[1])) for i in range(50)]  # all different
@@ -293,7 +294,9 @@ def test_topk_panel_lists_k_hits_led_by_the_hovered_patch(page, server):
     assert scores == sorted(scores, reverse=True)
     # opening a hit that is not on this page brings its image onto the page
     images = [int(items.nth(i).get_attribute("data-image")) for i in range(K)]
-    assert page.get_by_text("index + exact re-rank").count() == 1  # "fine" has a FAISS index
+    heading = page.get_by_text("index + exact re-rank")  # "fine" has a FAISS index
+    heading.wait_for()  # the heading and the cards come in one message; either may render first
+    assert heading.count() == 1
     target = next((i for i in images if i >= PAGE_SIZE), None)
     assert target is not None, f"all hits {images} on the first page: pick another query"
     page.get_by_role("button", name=f"open #{target}").first.click()
