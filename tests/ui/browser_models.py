@@ -34,12 +34,3 @@ def model_data(page, name: str) -> dict:
         }
         return out;
     }""", name)
-
-
-def wait_for_prepared_query_view(page, quiet_ms: int = 500) -> None:
-    """The query view's figures are sent hidden about a second after the page loaded
-    (explorer.query_view.QueryPatchView.prepare), and their layout then reports its size to the
-    server once: tests that count the browser's frames during moves start after that."""
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('query-mapped') != null",
-                           timeout=30_000)
-    page.wait_for_timeout(quiet_ms)

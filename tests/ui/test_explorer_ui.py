@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_models import model_data, wait_for_prepared_query_view
+from browser_models import model_data
 from conftest import CHROMIUM
 from mosaics import tiles_from_sources
 
@@ -229,7 +229,6 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
     sent: list[tuple[float, str]] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append((time.monotonic(), payload))))
     open_app(page, server)
-    wait_for_prepared_query_view(page)
     settle(page, 500)
     ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-pointer').id")
     cells = [(i % PAGE_SIZE, ((3 * i) % FINE[0], (5 * i) % FINE[1])) for i in range(50)]  # all different

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_models import model_data, wait_for_prepared_query_view
+from browser_models import model_data
 from conftest import CHROMIUM, write_generated_images
 from mosaics import tiles_from_sources
 from PIL import Image
@@ -154,7 +154,6 @@ def test_hovering_the_query_tile_draws_the_page_in_the_browser_with_no_message(b
     try:
         upload(page, built["query"])
         page.get_by_text("hover maps computed in this browser").wait_for()
-        wait_for_prepared_query_view(page)
         ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('upload-pointer').id")
         rest_ms = model_data(page, "upload-config")["rest"][0]
         cells = [((3 * i + 1) % 16, (5 * i + 2) % 16) for i in range(12)]  # all different
