@@ -293,7 +293,8 @@ class LayerFigure:
 
     def __init__(self, layer: str, spec: GridSpec, shared: SharedSources, *, index: int,
                  palette: Sequence[str], clim: tuple[float, float], alpha: float, title: str,
-                 prefix: str = "grid", hover: bool = True, outline_source: ColumnDataSource | None = None):
+                 prefix: str = "grid", hover: bool = True, outline_source: ColumnDataSource | None = None,
+                 pin: bool = True):
         self.layer, self.spec, self.shared = layer, spec, shared
         self.hw = spec.hw
         scale = spec.tile_px / spec.image_size
@@ -329,7 +330,8 @@ class LayerFigure:
                                                     text_color="#333333"))
         if hover:
             self.add_outline(shared.pointer, "#ffffff")
-        self.add_outline(shared.pin, "#ff3b30")
+        if pin:  # views that never show a pin (the query view) skip its four models per figure
+            self.add_outline(shared.pin, "#ff3b30")
         if outline_source is not None:
             self.add_outline(outline_source, "#ffffff")
         # The colour bar gets a twin of the mapper: BokehJS re-lays-out a colour bar whenever its

@@ -98,7 +98,7 @@ class QueryPatchView(pn.viewable.Viewer):
         pal = palette(state.cmap)
         self.figures = [
             LayerFigure(name, self.specs[name], self.shared, index=i, palette=pal, clim=state.clim(name),
-                        alpha=state.alpha, title=name, prefix="query", hover=False,
+                        alpha=state.alpha, title=name, prefix="query", hover=False, pin=False,
                         outline_source=self.mapped_source)
             for i, name in enumerate(view.layers)]
         self.engine = OverlayEngine(state.reader, list(view.layers), external=state.external)

@@ -444,3 +444,11 @@ def test_numbers_of_the_option_kinds():
         with pytest.raises(ValueError):
             kind.from_value(bad)
     assert np.isfinite(Number().from_value(1e-3))
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "1.5X"])
+def test_a_bad_read_cache_size_is_refused_before_the_server_starts(tmp_path, value, capsys):
+    assert main(["serve", str(tmp_path / "no-store"), f"--read-cache={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--read-cache: {value!r} is not a size in bytes" in err and "Traceback" not in err, err
+    assert not (tmp_path / "no-store").exists()
