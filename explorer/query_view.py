@@ -36,7 +36,7 @@ from .state import ExplorerState
 from .text import as_plain_markdown
 
 HINT = "**Query patch in every shown layer**: hover a patch"
-#: how long after the page loaded the hidden figures are built (a busy loop defers it further)
+#: how long after the page loaded the figures' models are made (a busy loop defers it further)
 PREPARE_DELAY_MS = 1000
 
 
