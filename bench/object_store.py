@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         start_s3 = time.perf_counter() - t0
         start_requests = moto.requests(mark)
         res = asyncio.run(measure(servers, moto, a.opens, a.rests, a.seed))
-        errors = {c: s.log().count("Traceback") + s.log().count("ERROR") for c, s in servers.items()}
+        errors = {c: s.errors() for c, s in servers.items()}
     finally:
         for s in servers.values():
             s.stop()

@@ -3,71 +3,50 @@
     python -m bench.rests [--images 200] [--sessions 10 49] [--seconds 40] [--read-cache 256M]
 
 On the browser path the server hears a session only when its pointer rests: then it draws the
-query-patch view, searches the top-k and crops the hits. Each session here is a Bokeh-protocol
-client (:mod:`bench.wsclient`) doing what a hovering user does in :mod:`bench.browser_hover`: a
-stroke of 15 moves at 15/s (nothing sent), one rest (the one message), a wait for that rest's
-top-k (at most 10 s), a 0.6 s pause. Unlike that benchmark's ~7 s window, which holds mostly each
-session's first rests, this one runs ``--seconds`` after every session has opened and the server
-is idle, so it measures steady rests. Reported per row: rests sent and answered within 10 s, rest
--> top-k p50 / p90, and the server's CPU per rest. Results: ``bench/results/rests.json``.
+query-patch view, searches the top-k and crops the hits. The sessions are
+:class:`bench.browser_hover.Background`'s Bokeh-protocol clients, each doing what a hovering user
+does there: a stroke of 15 moves at 15/s (nothing sent), one rest (the one message), a wait for
+that rest's top-k (at most 10 s), a 0.6 s pause. Unlike that benchmark's ~7 s window, which holds
+mostly each session's first rests, this one runs ``--seconds`` after every session has opened and
+the server is idle, so it measures steady rests. Reported per row: rests sent and answered within
+10 s, rest -> top-k p50 / p90, and the server's CPU per rest. Results: ``bench/results/rests.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import random
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from bench.browser_hover import MOVE_RATE, REST_S, SNAP, STROKE, settle
+from bench.browser_hover import ANSWER_S, Background, settle
 from bench.common import report
 from bench.hover import LAYERS, PAGE, build_index, make_store, use_geometry
-from bench.servers import serve_explorer
+from bench.servers import Server, serve_explorer
 from bench.serving import cpu_seconds
-from bench.wsclient import BokehSession
 
-ANSWER_S = 10.0
-
-
-async def _user(seed: int, s: BokehSession, stop_at: float, stats: dict[str, Any]) -> None:
-    rng = random.Random(seed)
-    h, w = LAYERS[SNAP][:2]
-    await asyncio.sleep(rng.uniform(0, 1.0))  # users do not start in step
-    while time.perf_counter() < stop_at:
-        cell = (0, 0, 0)
-        for _ in range(STROKE):
-            cell = (rng.randrange(PAGE), rng.randrange(h), rng.randrange(w))
-            await asyncio.sleep(1 / MOVE_RATE)
-        s.pointer(*cell)
-        sent = time.perf_counter()
-        stats["rests"] += 1
-        want = f"#{s.page_image_ids()[cell[0]]} ({cell[1]},{cell[2]})"
-        try:
-            await s.wait_for(lambda want=want: want in s.texts(), ANSWER_S)
-            stats["latency"].append(time.perf_counter() - sent)
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        await asyncio.sleep(REST_S)
+#: how long opening the sessions may take (49 took 80 s on the project's 2-core machine)
+OPEN_TIMEOUT_S = 600
 
 
-async def _run(url: str, pid: int, n: int, seconds: float) -> dict[str, Any]:
-    sessions = [await BokehSession.open(url) for _ in range(n)]
+def measure(server: Server, n: int, seconds: float) -> dict[str, Any]:
+    """``n`` sessions resting for ``seconds`` once they have opened and the server is idle."""
+    pid = server.proc.pid
+    bg = Background(server.url, n, browser_path=True).start(OPEN_TIMEOUT_S)
     settle(pid)  # opening sessions is not rest load
-    stats: dict[str, Any] = {"rests": 0, "latency": []}
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    await asyncio.gather(*(_user(i, s, t0 + seconds, stats) for i, s in enumerate(sessions)))
+    bg.go()
+    time.sleep(seconds)
+    bg.stop()  # each session finishes the rest it waits for
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    await asyncio.gather(*(s.close() for s in sessions))
-    lat = np.array(stats["latency"]) * 1000
-    p50, p90 = (np.percentile(lat, [50, 90]) if lat.size else (float("nan"), float("nan")))
-    return {"sessions": n, "rests": stats["rests"], "answered": int(lat.size), "wall_s": wall,
+    lat = np.array(bg.latencies) * 1000
+    p50, p90 = np.percentile(lat, [50, 90]) if lat.size else (float("nan"), float("nan"))
+    return {"sessions": n, "rests": bg.rests, "answered": bg.answered, "wall_s": wall,
             "rest_p50_ms": float(p50), "rest_p90_ms": float(p90),
-            "server_cpu_ms_per_rest": 1000 * cpu / max(1, stats["rests"])}
+            "server_cpu_ms_per_rest": 1000 * cpu / max(1, bg.rests), "session_failures": bg.failures}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,11 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         server = serve_explorer([store], "--page-size", str(PAGE), "--tile-px", "110", "-k", "8", *extra,
                                 log_dir=logs, name=f"rests-{n}")
         try:
-            row = asyncio.run(_run(server.url, server.proc.pid, n, args.seconds))
+            row = measure(server, n, args.seconds)
         finally:
             server.stop()
-        text = server.log()
-        row["server_errors"] = text.count("ERROR") + text.count("Traceback")
+        row["server_errors"] = server.errors()
         rows.append(row)
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     path = report(args.name, rows, extra={"page": PAGE, "layers": LAYERS, "answer_within_s": ANSWER_S,

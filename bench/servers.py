@@ -43,6 +43,11 @@ class Server:
     def log(self, since: int = 0) -> str:
         return self.log_path.read_text(errors="replace")[since:]
 
+    def errors(self) -> int:
+        """ERROR lines and tracebacks in its log so far (what every benchmark row reports)."""
+        text = self.log()
+        return text.count("ERROR") + text.count("Traceback")
+
     def mark(self) -> int:
         """The log's length now: ``log(since=mark)`` is what was written after this call."""
         return len(self.log_path.read_text(errors="replace"))

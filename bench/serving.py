@@ -164,8 +164,7 @@ def bench_load(store: str, sessions: list[int], strokes: int, rate: float, workd
                 row["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu0
             finally:
                 server.stop()
-            text = server.log()
-            row.update(live_topk=live, server_errors=text.count("ERROR") + text.count("Traceback"))
+            row.update(live_topk=live, server_errors=server.errors())
             rows.append(row)
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return rows
