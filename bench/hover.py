@@ -191,7 +191,7 @@ def bench_server(url: str, hovers: int = 300, seed: int = 1) -> dict[str, Any]:
 def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[str, Any]:
     from hoverlay.explorer.engine import OverlayEngine, Query
     from hoverlay.explorer.kernels import QueryVector
-    from hoverlay.explorer.topk import card_data, crop_png, search_hits
+    from hoverlay.explorer.topk import card_data, crop_jpeg, search_hits
     from hoverlay.stores import open_store
     from hoverlay.stores.search import LayerSearch
 
@@ -209,7 +209,7 @@ def bench_topk(url: str, layer: str, repeats: int = 30, seed: int = 2) -> dict[s
         times32.append(time.perf_counter() - t)
         t = time.perf_counter()
         hits, _ = search_hits(search, qv, 8)
-        [card_data(h, crop_png(reader, layer, h)) for h in hits]
+        [card_data(h, crop_jpeg(reader, layer, h)) for h in hits]
         times_app.append(time.perf_counter() - t)
         if len(times32) >= 5 and sum(times32) > 20:  # exact scans of big stores: enough samples
             break

@@ -60,6 +60,9 @@ class _LRU:
             self._items.move_to_end(key)
         return value
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def put(self, key: Hashable, value: Any) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
@@ -172,10 +175,22 @@ class OverlayEngine:
         out = {}
         for layer in layers or self._layers:
             y, x = self.mapped(query, layer)
-            blk = self.image_block(query.image, layer)
-            row = y * blk.shape[2] + x
-            out[layer] = QueryVector(blk.vectors[row], float(blk.norms[row]))
+            out[layer] = self._patch_vector(query.image, y, x, layer)
         return out
+
+    def _patch_vector(self, image: int, y: int, x: int, layer: str) -> QueryVector:
+        """One patch's vector: from a block already made when there is one, else from the
+        reader's (cached) row — not by making the whole image's float32 block, which every rest
+        would otherwise pay for a patch's 1/(H·W) of it."""
+        in_block = int(image) in self.external or (int(image), layer) in self._image_blocks \
+            or (layer in self._blocks and bool(np.any(self._page == image)))
+        if in_block:
+            blk = self.image_block(image, layer)
+            row = y * blk.shape[2] + x
+            return QueryVector(blk.vectors[row], float(blk.norms[row]))
+        ids = np.array([int(image)])
+        unit = np.asarray(self.reader.vectors(layer, ids)[0, y, x], dtype=np.float32)
+        return QueryVector(unit, float(self.reader.norms(layer, ids)[0, y, x]))
 
     def page_maps(self, query: Query, function: str = "cosine",
                   sigmas: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:

@@ -56,7 +56,7 @@ silence(FIXED_WIDTH_POLICY, True)
 silence(FIXED_HEIGHT_POLICY, True)
 
 #: Columns of the pointer source (written by the browser) and of the outline sources.
-POINTER_COLUMNS = ("fig", "tile", "y", "x", "cx", "cy", "w", "h", "click", "seq")
+POINTER_COLUMNS = ("fig", "tile", "y", "x", "cx", "cy", "w", "h", "click", "seq", "drawn")
 OUTLINE_COLUMNS = ("fig", "tile", "y", "x", "cx", "cy", "w", "h")
 CONFIG_COLUMNS = ("fig", "H", "W", "selected", "n", "px", "py", "ncols", "nrows", "S")
 

@@ -317,6 +317,8 @@ class GridView(pn.viewable.Viewer):
             return
         if self.state.query:
             return
+        if self.path.browser and _flag(new.get("drawn")):  # the browser drew this query and keeps
+            self._drawn_query = (hovered, False)  # it (js.py: E.rested): it is not sent back
         self.state.hover(hovered)
         # the browser path's message is already a rest; the server path waits for one
         self._after_rest(0 if self.path.browser else self.state.topk_delay_ms)
@@ -378,3 +380,9 @@ class GridView(pn.viewable.Viewer):
                                state.tile_captions(ids), function=state.valid_function,
                                group_colors=GROUP_PALETTE, legend=legend)
         return io.BytesIO(png)
+
+
+def _flag(column: Any) -> bool:
+    """A pointer row's 0/1 column (client data: anything else is 0)."""
+    return isinstance(column, (list, tuple)) and len(column) > 0 and column[0] == 1 \
+        and not isinstance(column[0], str)

@@ -33,7 +33,7 @@ from hoverlay.stores.groups import NO_GROUP, read_group_meta, read_group_weights
 
 from .resources import get_reader, sample_ids
 from .state import ExplorerState
-from .topk import Hit, crop_png
+from .topk import Hit, crop_jpeg, crop_uri
 from .widgets import labelled
 
 if TYPE_CHECKING:
@@ -143,14 +143,12 @@ def scan_top_patches(reader: StoreReader, layer: str, m: int = LEGEND_PATCHES,
 
 def legend_html(layer: str, group: int, size: int | None, crops: Sequence[tuple[GroupPatch, bytes]]) -> str:
     """One group's legend card: swatch, name, size, crops; data-* attributes for browser tests."""
-    import base64
-
     color = GROUP_PALETTE[group % len(GROUP_PALETTE)]
     imgs = "".join(
         f'<img class="group-patch" data-image="{p.image}" data-y="{p.y}" data-x="{p.x}" '
         f'data-weight="{p.weight:.6f}" width="56" height="56" style="image-rendering:pixelated" '
         f'title="#{p.image} ({p.y},{p.x}) weight {p.weight:.3f}" '
-        f'src="data:image/png;base64,{base64.b64encode(png).decode()}"/>' for p, png in crops)
+        f'src="{crop_uri(jpeg)}"/>' for p, jpeg in crops)
     count = f" · {size} patches" if size is not None else ""
     return (f'<div class="group-legend-item" data-layer="{html.escape(layer)}" data-group="{group}" '
             f'data-color="{color}" style="font-size:11px;line-height:1.3">'
@@ -167,7 +165,7 @@ def _legend_cards(url: str, layer: str, n_images: int) -> list[str]:
     sizes = list(meta.get("group_sizes", []))
     cards = []
     for g, patches in enumerate(scan_top_patches(reader, layer)):
-        crops = [(p, crop_png(reader, layer, Hit(p.image, p.y, p.x, p.weight, ""), size=56)) for p in patches]
+        crops = [(p, crop_jpeg(reader, layer, Hit(p.image, p.y, p.x, p.weight, ""), size=56)) for p in patches]
         cards.append(legend_html(layer, g, int(sizes[g]) if g < len(sizes) else None, crops))
     return cards
 

@@ -38,13 +38,16 @@ if (ev.event_name !== "mouseleave" && c.fig.length > me) {
 #: outline of the mapped cell in every figure of the config columns ``c``; one "left" row for null.
 #: ``seq`` numbers the writes: the server drops a write equal to the source's data, and the same
 #: cell after a new page (or a new upload on the query tile) is another patch, so every write differs.
+#: ``drawn`` 1: the browser drew this query's maps itself and keeps them (no need to send it back).
 ROWS_FOR_JS = """
-function rows_for(c, h, click) {
-  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: [], seq: []};
+function rows_for(c, h, click, drawn) {
+  const out = {fig: [], tile: [], y: [], x: [], cx: [], cy: [], w: [], h: [], click: [], seq: [], drawn: []};
+  const dr = drawn ? 1 : 0;
   const seq = window.hoverlay_pointer_seq = (window.hoverlay_pointer_seq || 0) + 1;
   if (h === null) {
     out.fig.push(""); out.tile.push(-1); out.y.push(-1); out.x.push(-1);
     out.cx.push(0); out.cy.push(0); out.w.push(0); out.h.push(0); out.click.push(click); out.seq.push(seq);
+    out.drawn.push(0);
     return out;
   }
   for (let i = 0; i < c.fig.length; i++) {
@@ -54,7 +57,7 @@ function rows_for(c, h, click) {
     const x0 = h.col * c.px[i], ytop = (c.nrows[i] - 1 - h.row) * c.py[i] + S;
     out.fig.push(c.fig[i]); out.tile.push(h.t); out.y.push(h.y); out.x.push(h.x);
     out.cx.push(x0 + (xi + 0.5) * S / Wi); out.cy.push(ytop - (yi + 0.5) * S / Hi);
-    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click); out.seq.push(seq);
+    out.w.push(S / Wi); out.h.push(S / Hi); out.click.push(click); out.seq.push(seq); out.drawn.push(dr);
   }
   return out;
 }
@@ -97,7 +100,8 @@ requestAnimationFrame(() => {
 #: args: ``cfg`` (config: one row per figure, with the hover columns of
 #: :data:`explorer.browser_hover.HOVER_COLUMNS`), ``ptr`` (the synced pointer source: written only
 #: when the pointer rests on a patch, or on a click), ``hov`` (the hovered patch's outlines, not
-#: synced), ``qsrc`` (the server's query vectors: the pinned query, or the last rested one),
+#: synced), ``qsrc`` (the server's query vectors: the pinned query, or one this view cannot know —
+#: after a page change, from the query tile; this view's own rests it keeps itself, ``E.rested``),
 #: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
 #: source the browser writes in place), ``link`` (the session's hover link, shared with the other
 #: browser-path views: the query tile), ``key`` (this view's name on the link), ``wasm`` (the
@@ -124,7 +128,7 @@ GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
 if (E === undefined) {
-  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0};
+  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0, rested: null};
 }
 const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
 
@@ -193,6 +197,9 @@ function hovered_query(h) {  // the hovered patch's vector in every layer, from 
 }
 function server_query() {
   const s = qsrc.data;
+  // this view's own last rest, kept here: the server learns it from the rest and does not send
+  // it back; any query the server sends later (a page, a pin, the query tile) replaces it
+  if (E.rested !== null && E.rested.data === s && !pinned()) return E.rested.Q;
   if (s.fig.length === 0) return null;
   const Q = [];
   for (let i = 0; i < c.fig.length; i++) {
@@ -289,9 +296,9 @@ function paint(Q) {
     for (const ov of ovs) paints[ov.name] = t;
   });
 }
-function send(h, click) {  // the only messages of the hover path
+function send(h, click, drawn) {  // the only messages of the hover path
   if (E.timer !== null) { clearTimeout(E.timer); E.timer = null; }
-  ptr.data = rows_for(cfg.data, h, click);
+  ptr.data = rows_for(cfg.data, h, click, drawn);
 }
 const clicks = () => ptr.data.click.length ? ptr.data.click[0] : 0;
 
@@ -331,6 +338,7 @@ E.hover = hit;
 const out = rows_for(c, hit, 0);
 delete out.click;
 delete out.seq;
+delete out.drawn;
 hov.data = out;
 if (!browser) {
   send(hit, clicks());
@@ -341,6 +349,12 @@ if (!pinned()) {
   paint(Q);
   publish(Q);
   if (E.timer !== null) clearTimeout(E.timer);
-  E.timer = setTimeout(() => { E.timer = null; if (!pinned()) send(E.hover, clicks()); }, c.rest[me]);
+  E.timer = setTimeout(() => {
+    E.timer = null;
+    if (pinned()) return;
+    const fresh = own_fresh();  // not when the page's vectors changed since this move
+    E.rested = fresh ? {data: qsrc.data, Q: hovered_query(E.hover).map(r => ({q: r.q.slice(), qn: r.qn}))} : null;
+    send(E.hover, clicks(), fresh);
+  }, c.rest[me]);
 }
 """

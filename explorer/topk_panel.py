@@ -23,7 +23,7 @@ from .resources import get_search
 from .session import Scheduler
 from .state import ExplorerState
 from .text import as_plain_markdown, client_message
-from .topk import card_data, crop_png, search_hits
+from .topk import card_data, crop_jpeg, search_hits
 from .topk_view import TopKCards
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def compute_topk(store: str, reader: StoreReader, query: Query, qv: QueryVector,
     """Runs in a worker thread: search, then crops (only the shared reader and index)."""
     search = get_search(store, query.layer)
     hits, how = search_hits(search, qv, k)
-    cards = [card_data(h, crop_png(reader, query.layer, h)) for h in hits]
+    cards = [card_data(h, crop_jpeg(reader, query.layer, h)) for h in hits]
     return store, query, cards, search.warning, how
 
 

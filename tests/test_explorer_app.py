@@ -105,7 +105,7 @@ def test_pointer_event_updates_overlays_in_place(app):
     assert (cards[0]["image"], cards[0]["y"], cards[0]["x"]) == (4, 2, 5)
     assert cards[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert [c["score"] for c in cards] == sorted((c["score"] for c in cards), reverse=True)
-    assert all(c["src"].startswith("data:image/png;base64,") for c in cards)
+    assert all(c["src"].startswith("data:image/jpeg;base64,") for c in cards)
 
 
 def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes(browser_app):
@@ -122,19 +122,28 @@ def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes
     assert app.grid.browser.hover.syncable is False and all(not f.source.syncable for f in app.grid.figures)
     before = [np.array(f.source.data["image"][0]) for f in app.grid.figures]
     vectors_model = app.grid.browser.vectors["fine"].data["v"][0]
-    # a pointer rest: the server learns the query (layer view, top-k) but draws no map
-    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0]})
+    # a pointer rest: the server learns the query (layer view, top-k) but draws no map, and does
+    # not send the query back: the browser rested there and keeps it (js.py's E.rested)
+    query_data = app.grid.browser.query.data
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0], "drawn": [1]})
     assert app.state.current == Query(4, 2, 5, "fine")
     for fig, old in zip(app.grid.figures, before, strict=True):
         np.testing.assert_array_equal(fig.source.data["image"][0], old)  # still all transparent
+    assert app.grid.browser.query.data is query_data and app.grid.browser.query.data["fig"] == []
+    # a rest the browser could not draw (the page's vectors arrived after the move): sent back
+    for drawn in ([0], ["1"], [], None):
+        app.grid._on_pointer("data", None, {"tile": [1], "y": [0], "x": [3], "click": [0], "drawn": drawn})
+        sent = dict(zip(app.grid.browser.query.data["fig"], app.grid.browser.query.data["q"], strict=True))
+        np.testing.assert_allclose(sent["fine"], reader.vectors("fine", 1)[0, 3].astype(np.float32))
+        app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [0], "drawn": [1]})
+    assert app.topk.cards.cards[0]["image"] == 4  # the rest ran the top-k search
+    # a pin flags the query and sends it (the browser draws the pin whatever it hovers next);
+    # the page's vectors are not sent again
+    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [1]})
+    assert app.grid.browser.query.data["pinned"] == [1, 1]
     q = dict(zip(app.grid.browser.query.data["fig"], app.grid.browser.query.data["q"], strict=True))
     np.testing.assert_allclose(q["fine"], reader.vectors("fine", 4)[2, 5].astype(np.float32))
     np.testing.assert_allclose(q["coarse"], reader.vectors("coarse", 4)[0, 1].astype(np.float32))
-    assert app.grid.browser.query.data["pinned"] == [0, 0]
-    assert app.topk.cards.cards[0]["image"] == 4  # the rest ran the top-k search
-    # a pin flags the query; the page's vectors are not sent again
-    app.grid._on_pointer("data", None, {"tile": [4], "y": [2], "x": [5], "click": [1]})
-    assert app.grid.browser.query.data["pinned"] == [1, 1]
     assert app.grid.browser.vectors["fine"].data["v"][0] is vectors_model
     # function and sigma reach the browser through the config; a new page sends new vectors
     app.state.function = "rbf"
@@ -418,7 +427,8 @@ def test_switching_to_a_store_with_other_layers_shows_its_own_layers_with_a_mess
     assert [f.layer for f in app.grid.figures] == ["b1", "b2"]
     app.grid._on_pointer("data", None, {"tile": [2], "y": [3], "x": [1], "click": [0]})
     assert app.state.current == Query(2, 3, 1, "b1")
-    assert app.grid.browser.query.data["fig"] == ["b1", "b2"]
+    app.grid._on_pointer("data", None, {"tile": [2], "y": [3], "x": [1], "click": [1]})  # a pin: sent
+    assert app.grid.browser.query.data["fig"] == ["b1", "b2"] and app.state.pinned
     app.state.store = store  # and back
     assert app.state.layers_shown == ["fine", "coarse"] and layers_widget.value == ["fine", "coarse"]
 
@@ -507,3 +517,49 @@ def test_the_query_view_is_made_once_the_page_has_loaded_and_joins_it_with_the_f
     assert view.figures == built and view._row.visible  # the same figures, now on the page
     assert [pane.object for pane in view._row.objects] == [f.plot for f in built]
     assert view.head.object != HINT
+
+
+def test_a_crop_is_a_jpeg_of_the_hits_neighbourhood_with_the_patch_outlined(store):
+    """Crops are JPEG (a fraction of PNG's encode time and bytes): the decoded crop still shows
+    the store's pixels around the patch and the white-on-black outline where the cell is."""
+    from PIL import Image
+
+    from hoverlay.explorer.kernels import cell_bounds, crop_box
+    from hoverlay.explorer.topk import Hit, crop_jpeg, crop_uri
+
+    reader = open_store(store)
+    hit = Hit(5, 4, 3, 0.9, "x")
+    jpeg = crop_jpeg(reader, "fine", hit, size=96)
+    assert crop_uri(jpeg).startswith("data:image/jpeg;base64,")
+    crop = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
+    assert crop.shape == (96, 96, 3)
+    x0, y0, x1, y1 = crop_box(4, 3, (8, 8), S)
+    scale = 96 / (x1 - x0)
+    bx0, by0, bx1, by1 = cell_bounds(4, 3, (8, 8), S)
+    top, left = round((by0 - y0) * scale), round((bx0 - x0) * scale)
+    right = round((bx1 - x0) * scale) - 1
+    assert crop[top, left + 5:right - 5].mean() > 200  # the outline's white line
+    assert crop[top + 2, left + 5:right - 5].mean() < 60  # inside it, the black one
+    # away from the outline, the store's pixels (nearest-neighbour scaled) within JPEG's error
+    source = np.asarray(reader.pixels(5))[y0:y1, x0:x1].astype(np.float64)
+    expected = np.asarray(Image.fromarray(source.astype(np.uint8)).resize((96, 96), Image.Resampling.NEAREST))
+    far = np.ones((96, 96), bool)
+    far[max(0, top - 6):round((by1 - y0) * scale) + 6, max(0, left - 6):right + 7] = False
+    assert np.abs(crop[far] - expected[far]).mean() < 4
+
+
+def test_a_query_vector_off_the_page_is_the_stored_patch_without_making_its_image_block(store):
+    """A rest's query vectors come from the reader's row, not from a float32 block of the
+    whole image (which every rest paid for, three layers deep)."""
+    reader = open_store(store)
+    engine = OverlayEngine(reader, ["fine", "coarse"])
+    engine.set_page([0, 1, 2])
+    q = Query(9, 6, 1, "fine")
+    vecs = engine.query_vectors(q)
+    np.testing.assert_array_equal(vecs["fine"].unit, reader.vectors("fine", 9)[6, 1].astype(np.float32))
+    assert vecs["fine"].norm == pytest.approx(float(reader.norms("fine", 9)[6, 1]))
+    np.testing.assert_array_equal(vecs["coarse"].unit, reader.vectors("coarse", 9)[1, 0].astype(np.float32))
+    assert (9, "fine") not in engine._image_blocks and (9, "coarse") not in engine._image_blocks
+    on_page = engine.query_vectors(Query(1, 2, 2, "fine"))  # on the page: from its block, same values
+    engine.block("fine")
+    np.testing.assert_array_equal(engine.query_vectors(Query(1, 2, 2, "fine"))["fine"].unit, on_page["fine"].unit)

@@ -303,6 +303,29 @@ def test_topk_panel_lists_k_hits_led_by_the_hovered_patch(page, server):
         .data.text.some(t => t.startsWith('#{target} '))""")
 
 
+def test_the_rested_query_keeps_drawing_after_the_pointer_left_without_being_sent_back(page, server, reader,
+                                                                                     store):
+    """The server does not send a rest's query back to the page that rested (it knows it): after
+    the pointer left the grid, a repaint (here a new function) still draws the rested patch."""
+    frames: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda p: frames.append(
+        p if isinstance(p, str) else p.decode("utf-8", "replace"))))
+    open_app(page, server)
+    ids = page_ids(page)
+    qsrc_id = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-query').id")
+    frames.clear()
+    hover_cell(page, 3, (2, 5))
+    page.locator(f".topk-item[data-image='{ids[3]}'][data-y='2'][data-x='5']").first.wait_for()
+    assert not any(qsrc_id in f for f in frames), "the rest's query came back to the page"
+    page.mouse.move(2, 2)  # off the grid
+    page.locator("select:has(option[value='rbf'])").first.select_option("dot")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-config').data.fn[0] === 'dot'")
+    settle(page)
+    for layer in ("fine", "coarse"):
+        want = expected_function_maps(reader, store, ids[3], (2, 5), layer, ids, "dot")
+        np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, rtol=2e-3, err_msg=layer)
+
+
 def test_click_pins_and_unpins_the_query(page, server, reader):
     open_app(page, server)
     hover_cell(page, 1, (2, 3))
