@@ -110,7 +110,7 @@ class Background:
                     s.pointer(*cell)
                 await asyncio.sleep(1 / MOVE_RATE)
             if self.browser_path:  # the one message of a stroke on the browser path
-                s.pointer(*cell)
+                s.pointer(*cell, drawn=1)
             self.rests += 1
             rested = time.perf_counter()
             image = s.page_image_ids()[cell[0]]

@@ -308,12 +308,14 @@ class BokehSession:
         raise KeyError(f"no button labelled {label!r}")
 
     # ---------------------------------------------------------------- the hover path
-    def pointer(self, tile: int, y: int, x: int, click: int = 0, layers: list[str] | None = None) -> str:
-        """Write the pointer source as :mod:`explorer.js` does after a move to (tile, y, x)."""
+    def pointer(self, tile: int, y: int, x: int, click: int = 0, layers: list[str] | None = None,
+                drawn: int = 0) -> str:
+        """Write the pointer source as :mod:`explorer.js` does after a move to (tile, y, x);
+        ``drawn`` 1 as a browser-path page's rest does (it drew the maps and keeps the query)."""
         figs = layers or [name.split(":", 1)[1] for name in self.named("grid-overlay:")]
         n = len(figs)
         data = {"fig": figs, "tile": [tile] * n, "y": [y] * n, "x": [x] * n, "cx": [0.0] * n,
-                "cy": [0.0] * n, "w": [1.0] * n, "h": [1.0] * n, "click": [click] * n}
+                "cy": [0.0] * n, "w": [1.0] * n, "h": [1.0] * n, "click": [click] * n, "drawn": [drawn] * n}
         return self.change(self.by_name("grid-pointer"), "data", data)
 
     def overlay_ids(self) -> set[str]:

@@ -341,7 +341,13 @@ class GridView(pn.viewable.Viewer):
         """(Re)start the rest timer; the state's settled query follows when it fires."""
         self._scheduler.cancel(self._rest_timeout)
         self._rest_timeout = None
-        self._rest_timeout = self._scheduler.later(self._on_rest, delay_ms)
+        if self.path.browser:
+            # the browser's message is the rest: no move will follow to cancel it and none is
+            # waiting to go first, so a busy loop must not defer it (the server path's timer
+            # yields to moves; here that only made rests wait, seconds at 50 sessions)
+            self._rest_timeout = self._scheduler.soon(self._on_rest, 0)
+        else:
+            self._rest_timeout = self._scheduler.later(self._on_rest, delay_ms)
 
     def _on_rest(self) -> None:
         self._rest_timeout = None

@@ -13,6 +13,7 @@ move took 232 ms to paint (p99 of one session; 21 ms without).
 
 from __future__ import annotations
 
+from html import escape
 from typing import Any
 
 import panel as pn
@@ -33,9 +34,8 @@ from .figures import (
 )
 from .session import Scheduler
 from .state import ExplorerState
-from .text import as_plain_markdown
 
-HINT = "**Query patch in every shown layer**: hover a patch"
+HINT = "<b>Query patch in every shown layer</b>: hover a patch"
 #: how long after the page loaded the figures' models are made (a busy loop defers it further)
 PREPARE_DELAY_MS = 1000
 
@@ -52,7 +52,7 @@ class QueryPatchView(pn.viewable.Viewer):
         self._built_for: tuple[Any, ...] | None = None
         self._image = -1
         self.mapped_source = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name="query-mapped")
-        self.head = pn.pane.Markdown(HINT, margin=(10, 10, 0, 10))
+        self.head = pn.pane.HTML(HINT, margin=(10, 10, 0, 10))  # HTML: no Markdown render a rest
         self._row = pn.Row(styles={"flex-wrap": "wrap", "gap": "4px 12px"}, sizing_mode="stretch_width",
                            visible=False)
         self._layout = pn.Column(self.head, self._row, margin=0, sizing_mode="stretch_width")
@@ -127,8 +127,8 @@ class QueryPatchView(pn.viewable.Viewer):
                 y, x = cells[fig.layer]
                 fig.title.text = f"{fig.layer} ({y},{x})"  # short: the figure is one tile wide
             self.mapped_source.data = outline_rows((fig, 0, *cells[fig.layer]) for fig in self.figures)
-            self.head.object = (f"**Query patch in every shown layer**: "
-                                f"{as_plain_markdown(state.image_name(query.image))} "
+            self.head.object = (f"<b>Query patch in every shown layer</b>: "
+                                f"{escape(state.image_name(query.image))} "
                                 f"(outline: the cell it maps to in each layer)")
             self._row.visible = True
 

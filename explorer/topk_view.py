@@ -2,8 +2,9 @@
 
 Building the panel from Panel layouts (a Column, an HTML pane and a Button per hit, each a
 Bokeh model with its own stylesheets) took 0.15-0.3 s of the server's event loop per search,
-during which every other session's hover waited. Here a search result is a list of small dicts sent as one
-property; the browser draws the cards, and a click on a card's button comes back as one message.
+during which every other session's hover waited. Here a search result is a list of small dicts
+sent as one JSON string property; the browser draws the cards, and a click on a card's button
+comes back as one message.
 
 Beside the cards a download button serves the shown hits as CSV: the rows of
 ``hoverlay export hits`` (``stores.exports.hit_columns``: layer, image, source, label, y, x,
@@ -16,6 +17,7 @@ the browser gets carry only what it draws.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,13 +54,13 @@ function card(c, rank) {
 export function render({ model, el }) {
   const box = document.createElement('div');
   box.className = 'topk-panel';
-  const draw = () => box.replaceChildren(...model.cards.map(card));
+  const draw = () => box.replaceChildren(...JSON.parse(model.payload).map(card));
   box.addEventListener('click', (ev) => {
     const button = ev.target.closest('button.topk-open');
     if (button) model.send_msg({open: Number(button.parentElement.dataset.image)});
   });
   draw();
-  model.on('cards', draw);
+  model.on('payload', draw);
   el.append(model.get_child('download'), box);
 }
 """
@@ -75,8 +77,12 @@ class TopKCards(JSComponent):
     """Cards of the current top-k hits; ``on_open(image)`` runs when a card's button is clicked."""
 
     cards = param.List(default=[], item_type=dict, doc="One dict per hit, best first (see card_data).")
+    payload = param.String(default="[]", doc="``cards`` as JSON: what the browser gets.")
     download = Child(doc="The button that downloads the shown hits as CSV.")
 
+    # The cards travel as one JSON string: as a list of dicts Panel walked every value for
+    # models to reference (``_patch_datamodel_ref``), ~13% of a loaded server's GIL time a rest.
+    _rename = {"cards": None}
     _esm = _ESM
     _stylesheets = [_CSS]
 
@@ -95,12 +101,16 @@ class TopKCards(JSComponent):
         """Draw these cards; their ``row`` (the exported row, see ``card_data``) stays here."""
         self._rows = [dict(c.get("row") or {k: c[k] for k in ("image", "y", "x", "score", "label") if k in c})
                       for c in cards]
-        self.cards = [{k: v for k, v in c.items() if k != "row"} for c in cards]
+        self._set_cards([{k: v for k, v in c.items() if k != "row"} for c in cards])
         self.download.disabled = not self._rows
+
+    def _set_cards(self, cards: list[dict[str, Any]]) -> None:
+        self.cards = cards
+        self.payload = json.dumps(cards, separators=(",", ":"))
 
     def set_extra(self, extra: Callable[[int], list[str]]) -> None:
         """New extra caption lines (chosen metadata columns) for the cards shown, by image id."""
-        self.cards = [{**c, "extra": extra(int(c["image"]))} for c in self.cards]
+        self._set_cards([{**c, "extra": extra(int(c["image"]))} for c in self.cards])
 
     def csv_columns(self) -> dict[str, list[Any]]:
         """The shown hits as columns: ``rank`` (1 = best) and each row's fields."""

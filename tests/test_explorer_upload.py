@@ -81,7 +81,8 @@ def test_an_upload_is_the_query_tile_and_queries_every_tile_of_the_page(tiny_sto
     assert own[3, 5] == pytest.approx(1.0, abs=1e-3)
     # a rest: the top-k of the whole store for the upload's patch, headed by its (escaped) name
     cards = app.topk.cards.cards
-    assert len(cards) == 3 and "the upload" in app.topk.head.object and "<b>" not in app.topk.head.object
+    assert len(cards) == 3 and "the upload" in app.topk.head.object \
+        and "rotated &lt;b&gt;cat&lt;/b&gt;.png" in app.topk.head.object and "<b>cat" not in app.topk.head.object
     scores = [c["score"] for c in cards]
     assert scores == sorted(scores, reverse=True)
     # the tile's pointer rows are client input: anything no page writes is dropped
