@@ -222,3 +222,7 @@ def test_top_k_cards_show_the_chosen_columns(meta_store):
     assert cards and cards[0]["image"] == 2 and cards[0]["extra"] == ["site: <script>x</script>"]
     app.state.captions = ["site", "depth"]
     assert app.topk.cards.cards[0]["extra"] == ["site: <script>x</script>", "depth: 2"]
+    # what the browser gets: the same cards as one JSON string (drawn there as text nodes)
+    import json
+
+    assert json.loads(app.topk.cards.payload) == app.topk.cards.cards
