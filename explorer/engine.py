@@ -135,20 +135,28 @@ class OverlayEngine:
 
     def image_block(self, image: int, layer: str) -> PageBlock:
         """One image's patches of one layer (for queries and the layer view), memoised."""
+        blk = self._block_at_hand(image, layer)
+        if blk is None:
+            ids = np.array([int(image)])
+            blk = page_block(self.reader.vectors(layer, ids), self.reader.norms(layer, ids))
+            self._image_blocks.put((int(image), layer), blk)
+        return blk
+
+    def _block_at_hand(self, image: int, layer: str) -> PageBlock | None:
+        """The image's block without reading: an upload's, a memoised one, or a slice of the
+        page's block (memoised); None when it would have to be read and converted."""
         if int(image) in self.external:
             return self.external[int(image)][layer]
         key = (int(image), layer)
         blk = self._image_blocks.get(key)
         if blk is None:
             hit = np.flatnonzero(self._page == image)
-            if hit.size and layer in self._blocks:
-                n, h, w = self._blocks[layer].shape
-                lo = int(hit[0]) * h * w
-                full = self._blocks[layer]
-                blk = PageBlock(full.vectors[lo:lo + h * w], full.norms[lo:lo + h * w], (1, h, w))
-            else:
-                ids = np.array([int(image)])
-                blk = page_block(self.reader.vectors(layer, ids), self.reader.norms(layer, ids))
+            if not (hit.size and layer in self._blocks):
+                return None
+            full = self._blocks[layer]
+            n, h, w = full.shape
+            lo = int(hit[0]) * h * w
+            blk = PageBlock(full.vectors[lo:lo + h * w], full.norms[lo:lo + h * w], (1, h, w))
             self._image_blocks.put(key, blk)
         return blk
 
@@ -182,10 +190,8 @@ class OverlayEngine:
         """One patch's vector: from a block already made when there is one, else from the
         reader's (cached) row — not by making the whole image's float32 block, which every rest
         would otherwise pay for a patch's 1/(H·W) of it."""
-        in_block = int(image) in self.external or (int(image), layer) in self._image_blocks \
-            or (layer in self._blocks and bool(np.any(self._page == image)))
-        if in_block:
-            blk = self.image_block(image, layer)
+        blk = self._block_at_hand(image, layer)
+        if blk is not None:
             row = y * blk.shape[2] + x
             return QueryVector(blk.vectors[row], float(blk.norms[row]))
         ids = np.array([int(image)])

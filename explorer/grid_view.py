@@ -41,7 +41,7 @@ from .figures import (
 )
 from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .prefetch import PagePrefetch
-from .session import Scheduler, pointer_cell, set_nodelay
+from .session import Scheduler, pointer_cell, pointer_flag, set_nodelay
 from .state import ExplorerState, PageView
 from .widgets import button, colored
 
@@ -317,11 +317,11 @@ class GridView(pn.viewable.Viewer):
             return
         if self.state.query:
             return
-        if self.path.browser and _flag(new.get("drawn")):  # the browser drew this query and keeps
+        if self.path.browser and pointer_flag(new, "drawn"):  # the browser drew this query and keeps
             self._drawn_query = (hovered, False)  # it (js.py: E.rested): it is not sent back
         self.state.hover(hovered)
         # the browser path's message is already a rest; the server path waits for one
-        self._after_rest(0 if self.path.browser else self.state.topk_delay_ms)
+        self._after_rest(self.state.topk_delay_ms)
         self._read_ahead()  # a user who looks at the page is likely to page on (the first switch)
 
     def _queue_hover(self) -> None:
@@ -338,7 +338,8 @@ class GridView(pn.viewable.Viewer):
         self._show_overlays(self.state.current)
 
     def _after_rest(self, delay_ms: int) -> None:
-        """(Re)start the rest timer; the state's settled query follows when it fires."""
+        """(Re)start the rest timer (``delay_ms`` on the server path; at once on the browser
+        path, whose message is the rest); the state's settled query follows when it fires."""
         self._scheduler.cancel(self._rest_timeout)
         self._rest_timeout = None
         if self.path.browser:
@@ -386,9 +387,3 @@ class GridView(pn.viewable.Viewer):
                                state.tile_captions(ids), function=state.valid_function,
                                group_colors=GROUP_PALETTE, legend=legend)
         return io.BytesIO(png)
-
-
-def _flag(column: Any) -> bool:
-    """A pointer row's 0/1 column (client data: anything else is 0)."""
-    return isinstance(column, (list, tuple)) and len(column) > 0 and column[0] == 1 \
-        and not isinstance(column[0], str)

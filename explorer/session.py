@@ -495,6 +495,15 @@ def _as_int(value: Any) -> int | None:
     return int(f) if f.is_integer() else None
 
 
+def pointer_flag(data: Mapping[str, Any], column: str) -> bool:
+    """A pointer row's 0/1 column (``drawn``) is 1: client data, so anything but the integer 1
+    (a string, a bool, a missing or empty column) is 0."""
+    try:
+        return _as_int(data[column][0]) == 1
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
 def pointer_cell(data: Mapping[str, Sequence[Any]], n_tiles: int,
                  grid: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """``(tile, y, x, click)`` of the pointer row a page wrote, or None for anything else.
