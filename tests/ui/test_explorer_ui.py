@@ -418,8 +418,12 @@ def test_a_url_with_the_whole_view_restores_it_and_a_reload_keeps_it(page, serve
 
     query = ('?store=store&layers=["coarse"]&layer=fine&query=13,5,2&qlayer=fine&page=2&page_size=6'
              '&ncols=3&function=dot&range=symmetric&label=dog&order=index&seed=0&tab=0')
+    whole_view = "() => ['filter', 'show', 'tab'].every(k => new URLSearchParams(location.search).has(k))"
     open_app(page, server, query)
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+    # the app writes the whole view back once the page reports the address it opened with; the
+    # opening URL lacks 'filter' and 'show', so their arrival says the write-back has happened
+    page.wait_for_function(whole_view)
 
     def state() -> dict:
         got = {k: v[0] for k, v in parse_qs(urlsplit(page.url).query).items()}
@@ -440,6 +444,7 @@ def test_a_url_with_the_whole_view_restores_it_and_a_reload_keeps_it(page, serve
     page.reload()
     open_app(page, server, "?" + urlsplit(page.url).query)
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+    page.wait_for_function(whole_view)
     assert state() == first
 
 
