@@ -7,13 +7,19 @@ computes every shown layer's map on each pointer move and only tells the server 
 pointer rests (layer view, top-k) or was clicked (pin). A page whose vectors exceed the byte
 budget keeps the server path: every patch change is a message and the server draws the maps.
 
+A page arrives in two messages: first its images, captions and config (the page is shown), then
+its vectors (the page becomes hoverable); a page's vectors are 3–4× its images' bytes, and the
+browser receives them at tens of MB/s. Both carry the page's number (``page`` in the config and in
+every vectors source), and the browser computes a layer's maps only from vectors of the page the
+config names: between the two messages the overlays are empty, never the last page's maps.
+
 Sources (names are what browser tests and benchmarks read):
 
 - ``grid-hover``: the hovered patch's outline in every figure, written by the browser, never
   synced (``syncable=False``);
 - ``grid-query``: ``fig``, ``q`` (float32 unit vector), ``qn`` (norm), ``pinned`` per layer;
-- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat) and
-  ``norm`` (float32, one per patch);
+- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat),
+  ``norm`` (float32, one per patch) and ``page`` (the page number they belong to);
 - ``hover-link`` (never synced): what every browser-path view of a page shares, so that hovering
   one (the query tile of an upload) draws the others (the grid) in the same event, and the
   reverse. The hovered query's vectors ride on it as a JS property; a counter in its data wakes
@@ -41,7 +47,7 @@ from .wasm_dot import dot_module_base64
 DEFAULT_BUDGET = ByteSize().from_value(DEFAULT_BROWSER_HOVER_BUDGET)
 
 #: Per-figure columns of the config source the browser path adds to :data:`figures.CONFIG_COLUMNS`.
-HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest")
+HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest", "page")
 
 
 def page_vector_bytes(n_images: int, geometries: Mapping[str, tuple[int, int, int]]) -> int:
@@ -113,10 +119,12 @@ class BrowserHover:
         self.link = link if link is not None else HoverLink()
         self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
         self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
-        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "norm": [np.zeros(0, np.float32)]},
-                                                    name=f"{prefix}-vectors:{fig.layer}")
+        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "norm": [np.zeros(0, np.float32)],
+                                                     "page": [0]}, name=f"{prefix}-vectors:{fig.layer}")
                         for fig in self.figures}
         self._page: np.ndarray | None = None
+        #: the number of the page last announced: the config carries it, and so will its vectors
+        self.page_number = 0
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
                 "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
                 "link": self.link.source, "key": prefix, "wasm": dot_module_base64()}
@@ -135,22 +143,32 @@ class BrowserHover:
     def _query_columns() -> dict[str, list]:
         return {"fig": [], "q": [], "qn": [], "pinned": []}
 
-    def set_page(self, ids: np.ndarray, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
-        """Send the page's vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}``; None: the
-        server path (nothing sent; what the browser had is dropped)."""
-        if vectors is None:
-            ids = np.empty(0, np.int64)
+    def announce(self, ids: np.ndarray | None) -> bool:
+        """A page is about to be shown (None: the server path): True when its vectors must be
+        delivered — another page than the last one announced, under a new :attr:`page_number`."""
+        ids = np.empty(0, np.int64) if ids is None else np.asarray(ids)
         if self._page is not None and np.array_equal(ids, self._page):
-            return
-        self._page = np.asarray(ids).copy()
+            return False
+        self._page = ids.copy()
+        self.page_number += 1
+        return True
+
+    def deliver(self, number: int, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None) -> bool:
+        """Send page ``number``'s vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}`` (None or
+        an empty page: none, the server path); False, sending nothing, when another page was
+        announced since (its own vectors follow)."""
+        if number != self.page_number:
+            return False
+        n = 0 if self._page is None else len(self._page)
         for layer, src in self.vectors.items():
-            if vectors is None or not len(ids):
+            if vectors is None or not n:
                 bits, norms = np.zeros(0, np.uint16), np.zeros(0, np.float32)
             else:
                 vec, nrm = vectors[layer]
                 bits = np.ascontiguousarray(vec, dtype=np.float16).reshape(-1).view(np.uint16)
                 norms = np.ascontiguousarray(nrm, dtype=np.float32).reshape(-1)
-            src.data = {"v": [bits], "norm": [norms]}
+            src.data = {"v": [bits], "norm": [norms], "page": [number]}
+        return True
 
     def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:
         """The query the browser draws when pinned, or after a page change (None: no query yet)."""
@@ -165,8 +183,9 @@ class BrowserHover:
     @staticmethod
     def config_columns(path: HoverPath, layers: Sequence[str], dims: Mapping[str, int],
                        gaps: Mapping[str, tuple[int, int, int]], function: str,
-                       sigmas: Mapping[str, float], rest_ms: int) -> dict[str, list]:
-        """The hover columns of the config source, one row per figure (in ``layers`` order)."""
+                       sigmas: Mapping[str, float], rest_ms: int, page: int) -> dict[str, list]:
+        """The hover columns of the config source, one row per figure (in ``layers`` order);
+        ``page``: the page number the browser may compute maps from (:meth:`announce`)."""
         if function not in SIMILARITY_FUNCTIONS:
             raise ValueError(f"unknown similarity function {function!r}")
         return {
@@ -178,4 +197,5 @@ class BrowserHover:
             "fn": [function] * len(layers),
             "sigma": [float(sigmas.get(name, 1.0)) for name in layers],
             "rest": [int(rest_ms)] * len(layers),
+            "page": [int(page)] * len(layers),
         }

@@ -118,6 +118,11 @@ requestAnimationFrame(() => {
 #: Rows with ``mode`` 0 (page vectors over the byte budget) send every patch change at once
 #: instead, and the server draws the maps, as before.
 #:
+#: A page's vectors come in a message after its images and config: a figure computes maps only
+#: from vectors whose ``page`` is the config's (until they come its overlay is empty, never the
+#: last page's maps), and a move made meanwhile is drawn, and passed to the other views, when
+#: they arrive.
+#:
 #: The hovered patch's vectors also go on the link (``link._hoverlay``: owner, layer names, one
 #: vector and norm per layer, and the owner's vectors it was cut from) and a counter in its data
 #: wakes the other views, which draw their maps for it in the same event; a view's own hover wins over the link's, the link's
@@ -128,9 +133,20 @@ GRID_HOVER_JS = ROWS_FOR_JS + """
 const c = cfg.data;
 let E = cfg._hoverlay;
 if (E === undefined) {
-  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0, rested: null};
+  E = cfg._hoverlay = {hover: null, timer: null, table: null, dec: new WeakMap(), frame: 0, rested: null,
+                       redraw: null};
 }
 const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
+const page_now = c.page !== undefined && c.page.length > 0 ? c.page[0] : -1;
+
+function ready(i) {  // figure i holds the vectors of the page the config shows (they come after it)
+  const p = vecs[i].data.page;
+  return p !== undefined && p.length > 0 && p[0] === page_now;
+}
+function all_ready() {
+  for (let i = 0; i < c.fig.length; i++) if (!ready(i)) return false;
+  return c.fig.length > 0;
+}
 
 function table() {  // float16 bits -> float32, built once per page load
   if (E.table === null) {
@@ -186,6 +202,7 @@ function pinned() {
 function hovered_query(h) {  // the hovered patch's vector in every layer, from the page's vectors
   const Q = [];
   for (let i = 0; i < c.fig.length; i++) {
+    if (!ready(i)) { Q.push(null); continue; }  // this page's vectors have not arrived yet
     const Hi = c.H[i], Wi = c.W[i], D = c.D[i];
     const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
     const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
@@ -208,12 +225,14 @@ function server_query() {
   }
   return Q;
 }
-function own_fresh() {
-  return E.hover !== null && c.fig.length > 0 && vecs[0].data.v[0] === E.hover.bits;
+function own_fresh() {  // the hovered patch is on the page shown, whose vectors are here
+  return E.hover !== null && E.hover.page === page_now && all_ready();
 }
 function linked() {  // another view's hovered query, per figure of this one (null: none, or stale)
   const L = link._hoverlay;
-  if (L === undefined || L === null || L.owner === key || L.vsrc.data.v[0] !== L.bits) return null;
+  if (L === undefined || L === null || L.owner === key) return null;
+  const owner_page = L.csrc.data.page;
+  if (owner_page === undefined || owner_page[0] !== L.page) return null;  // the owner shows another page
   const Q = [];
   for (let i = 0; i < c.fig.length; i++) {
     const j = L.fig.indexOf(c.fig[i]);
@@ -227,7 +246,7 @@ function publish(Q) {  // this view's hovered query, for the others (null: no lo
     if (L !== undefined && L !== null && L.owner === key) link._hoverlay = null;
     return;
   }
-  link._hoverlay = {owner: key, fig: c.fig.slice(), Q: Q, vsrc: vecs[0], bits: vecs[0].data.v[0]};
+  link._hoverlay = {owner: key, fig: c.fig.slice(), Q: Q, csrc: cfg, page: page_now};
   link.data = {n: [(link.data.n !== undefined && link.data.n.length ? link.data.n[0] : 0) + 1]};
 }
 function current() {
@@ -248,7 +267,7 @@ function paint(Q) {
     const rows = NR * (Hi + gy + band) - gy, cols = NC * (Wi + gx) - gx;
     const V = vecs[i].data.v[0], N = vecs[i].data.norm[0];
     const q = Q === null ? null : Q[i];
-    if (q !== null && img.length === rows * cols && V.length === n * Hi * Wi * D) {
+    if (q !== null && ready(i) && img.length === rows * cols && V.length === n * Hi * Wi * D) {
       const {F, K} = decoded(V, D), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
       let S = null;
       if (K !== null) {  // every patch's dot product at once, four lanes at a time (explorer/wasm_dot.py)
@@ -311,8 +330,16 @@ if (me === -2) {  // another view hovered a patch: draw its maps now, in the sam
   return;
 }
 if (me < 0) {  // page vectors, query vectors or config changed: repaint once, next frame
+  // the frame draws with the latest change's view of the sources (several may come in one message)
+  E.redraw = !browser ? null : () => {
+    if (E.hover !== null && !E.hover.ready && own_fresh()) {  // a move made before the page's vectors came
+      E.hover.ready = true;
+      if (!pinned()) publish(hovered_query(E.hover));
+    }
+    paint(current());
+  };
   if (browser && E.frame === 0) {
-    E.frame = requestAnimationFrame(() => { E.frame = 0; paint(current()); });
+    E.frame = requestAnimationFrame(() => { E.frame = 0; if (E.redraw !== null) E.redraw(); });
   }
   return;
 }
@@ -328,12 +355,13 @@ if (hit === null) {  // off the tiles: the server's query (a rest, a pin, the qu
   publish(null);
   return;
 }
-if (last !== null && last.bits === (c.fig.length ? vecs[0].data.v[0] : null)
+if (last !== null && last.page === page_now && last.ready === all_ready()
     && hit.t === last.t && hit.y === last.y && hit.x === last.x && hov.data.fig.length) {
   return;
 }
 window.hoverlay_last_move = performance.now();
-hit.bits = c.fig.length ? vecs[0].data.v[0] : null;
+hit.page = page_now;
+hit.ready = all_ready();
 E.hover = hit;
 const out = rows_for(c, hit, 0);
 delete out.click;

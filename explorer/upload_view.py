@@ -228,11 +228,6 @@ class UploadView(pn.viewable.Viewer):
         assert view is not None
         layers = list(self.specs)
         path = HoverPath(self.link.browser, 0, state.browser_hover_budget)
-        extra = BrowserHover.config_columns(
-            path, layers, {n: state.reader.geometry(n).dim for n in layers},
-            {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in layers},
-            view.function, state.sigmas(layers), state.topk_delay_ms)
-        self.shared.set_config(self.specs, view.active_layer, 1, extra)
         vectors = None
         if path.browser:
             blocks = state.external[self._uid]
@@ -241,7 +236,14 @@ class UploadView(pn.viewable.Viewer):
                 n, h, w = blocks[name].shape
                 vectors[name] = (blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
                                  blocks[name].norms.reshape(n, h, w))
-        self.browser.set_page(np.array([self._uid], dtype=np.int64), vectors)
+        new = self.browser.announce(np.array([self._uid], dtype=np.int64) if vectors is not None else None)
+        extra = BrowserHover.config_columns(
+            path, layers, {n: state.reader.geometry(n).dim for n in layers},
+            {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in layers},
+            view.function, state.sigmas(layers), state.topk_delay_ms, self.browser.page_number)
+        self.shared.set_config(self.specs, view.active_layer, 1, extra)
+        if new:  # one tile: its vectors go in the same message
+            self.browser.deliver(self.browser.page_number, vectors)
 
     @param.depends("state.cmap", "state.alpha", watch=True)
     def _on_colors(self) -> None:

@@ -148,8 +148,13 @@ def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes
     # function and sigma reach the browser through the config; a new page sends new vectors
     app.state.function = "rbf"
     assert app.grid.shared.config.data["fn"] == ["rbf", "rbf"]
+    number = app.grid.shared.config.data["page"][0]
+    assert all(src.data["page"] == [number] for src in app.grid.browser.vectors.values())
     app.state.page = 2
     assert app.grid.browser.vectors["fine"].data["v"][0] is not vectors_model
+    # the config names the new page, and so do its vectors (the browser draws only from those)
+    assert app.grid.shared.config.data["page"] == [number + 1] * 2
+    assert all(src.data["page"] == [number + 1] for src in app.grid.browser.vectors.values())
 
 
 def test_a_page_over_the_byte_budget_takes_the_server_path_and_says_so(store):

@@ -326,6 +326,79 @@ def test_the_rested_query_keeps_drawing_after_the_pointer_left_without_being_sen
         np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, rtol=2e-3, err_msg=layer)
 
 
+#: Holds back, from the moment ``window.__gate_on`` is set, every Bokeh message whose content
+#: names one of ``window.__gate_ids`` (and all messages after it, to keep their order) until
+#: ``window.__gate_release()``: a page switch's later message made as late as a test needs.
+MESSAGE_GATE_JS = """
+(() => {
+  const desc = Object.getOwnPropertyDescriptor(WebSocket.prototype, 'onmessage');
+  window.__gate_on = false; window.__gate_ids = []; window.__gate_held = 0;
+  Object.defineProperty(WebSocket.prototype, 'onmessage', {configurable: true,
+    get() { return desc.get.call(this); },
+    set(handler) {
+      // a message is a header (saying how many buffers follow), metadata, content, and two
+      // frames per buffer; its content says which models it changes
+      let queue = [], holding = false, pending = [], count = 0, expected = 0, decided = false;
+      const frame = (e) => {
+        if (holding) { queue.push(e); return; }
+        if (count === 0) expected = 3 + 2 * (JSON.parse(e.data).num_buffers || 0);
+        count += 1;
+        if (decided) handler(e);
+        else {
+          pending.push(e);
+          if (count === 3) {
+            decided = true;
+            if (window.__gate_on && window.__gate_ids.some(id => e.data.includes('"' + id + '"'))) {
+              holding = true; window.__gate_held += 1; queue = pending;
+            } else pending.forEach(handler);
+            pending = [];
+          }
+        }
+        if (count === expected) { count = 0; decided = false; }
+      };
+      window.__gate_release = () => {
+        window.__gate_on = false; holding = false; count = 0; decided = false;
+        const q = queue; queue = []; q.forEach(frame);
+      };
+      desc.set.call(this, frame);
+    }});
+})();
+"""
+
+
+def test_a_page_shows_before_its_vectors_arrive_and_a_move_meanwhile_is_drawn_when_they_do(page, server, reader):
+    """A page switch sends the images first and the vectors in a later message: held back here,
+    the new page shows, its overlays stay empty (never the last page's maps), and a patch
+    hovered meanwhile gets its maps when the vectors come, without another move."""
+    page.add_init_script(MESSAGE_GATE_JS)
+    open_app(page, server)
+    hover_cell(page, 2, (1, 1))
+    assert np.isfinite(overlays(page, "fine")).all()
+    page.evaluate("""() => { const d = Bokeh.documents[0];
+        window.__gate_ids = ['fine', 'coarse'].map(l => d.get_model_by_name('grid-vectors:' + l).id);
+        window.__gate_on = true; }""")
+    first = model_data(page, "grid-labels")["text"][0]
+    page.get_by_role("button", name="next ▶").click()
+    page.wait_for_function("(first) => Bokeh.documents[0].get_model_by_name('grid-labels').data.text[0] !== first",
+                           arg=first)
+    page.wait_for_function("() => window.__gate_held === 1")  # the vectors' message, held
+    ids = page_ids(page)
+    assert ids == list(range(PAGE_SIZE, 2 * PAGE_SIZE))
+    cfg_page = model_data(page, "grid-config")["page"][0]
+    assert all(model_data(page, f"grid-vectors:{layer}")["page"][0] != cfg_page for layer in ("fine", "coarse"))
+    hover_cell(page, 5, (3, 6))  # the page shows and outlines the patch; no vectors to draw with yet
+    for layer in ("fine", "coarse"):
+        assert np.isnan(overlays(page, layer)).all(), layer
+    before = page.evaluate("window.hoverlay_updates")
+    page.evaluate("window.__gate_release()")
+    page.wait_for_function(f"() => window.hoverlay_updates > {before}")
+    settle(page)
+    assert model_data(page, "grid-vectors:fine")["page"][0] == cfg_page
+    for layer in ("fine", "coarse"):
+        want = expected_maps(reader, ids[5], (3, 6), layer, ids)
+        np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, err_msg=layer)
+
+
 def test_click_pins_and_unpins_the_query(page, server, reader):
     open_app(page, server)
     hover_cell(page, 1, (2, 3))
