@@ -189,8 +189,10 @@ def measure_moves(page: Any, moves: int, seed: int) -> list[float]:
 #: The page shown is hoverable on the browser path: every grid layer holds the vectors of the
 #: page its config names (they come in a message after the page's images).
 PAGE_HOVERABLE = """() => {
-    const d = Bokeh.documents[0], cfg = d.get_model_by_name('grid-config').data;
-    if (cfg.page === undefined || !cfg.fig.length) return false;
+    if (!(window.Bokeh && Bokeh.documents.length > 0)) return false;
+    const d = Bokeh.documents[0], m = d.get_model_by_name('grid-config');
+    if (m === null || m.data.page === undefined || !m.data.fig.length) return false;
+    const cfg = m.data;
     return cfg.fig.every(l => { const v = d.get_model_by_name('grid-vectors:' + l).data;
                                return v.page[0] === cfg.page[0] && v.v[0].length > 0; }); }"""
 
@@ -263,7 +265,8 @@ def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: st
                     row.update(open_and_switch(browser, server.url, 3, path == "browser"))
                 page = browser.new_page(viewport={"width": 1600, "height": 1300})
                 page.goto(server.url)
-                page.wait_for_function(PAGE_READY, timeout=60_000, polling="raf")
+                page.wait_for_function(PAGE_READY if path == "server" else PAGE_HOVERABLE, timeout=60_000,
+                                       polling="raf")
                 page.wait_for_timeout(500)
                 bg = Background(server.url, n - 1, path == "browser").start()
                 settle(server.proc.pid)  # the sessions' own start-up work is not hover load

@@ -15,9 +15,10 @@ alternates between them, so the machine's load hits both alike.
 
 - **page open**: GET the page (creates the session), open ``/ws``, pull the document, until the
   document holds the first page: the 16 tiles' pixels (``grid-rgb``) and every layer's page
-  vectors (``grid-vectors:*``, which the browser hovers with). These travel in the pulled
-  document itself, so the client can tell when they have arrived without a browser (no
-  Chromium: its drawing would cost both cases the same). The first open of each process is
+  vectors (``grid-vectors:*``, which the browser hovers with). The pixels travel in the pulled
+  document and the vectors in a message after the page announced itself ready (as a browser
+  does), so the client can tell when both have arrived without a browser (no Chromium: its
+  drawing would cost both cases the same). The first open of each process is
   reported apart (it reads the layer statistics); p50/p90 over the ``--opens`` after it, each
   a new session.
 - **top-k**: in one open session per server, a pointer row on a new patch (the message a page
@@ -182,12 +183,12 @@ def index_facts(store: str, storage_options: dict[str, Any] | None) -> dict[str,
 
 # ---------------------------------------------------------------------- measurements
 def page_ready(s: BokehSession) -> bool:
-    """The first page as the pulled document holds it: every tile's pixels and page vectors."""
+    """The first page as the client's document holds it: every tile's pixels and page vectors."""
     rgb = s.by_name("grid-rgb").attributes.get("data") or {}
     vectors = s.named("grid-vectors:")
     tiles = len(rgb.get("image") or [])
     return tiles > 0 and bool(vectors) and all(
-        any(np.size(v) > 0 for v in (m.attributes.get("data") or {}).values()) for m in vectors.values())
+        np.size((m.attributes.get("data") or {}).get("v", [])) > 0 for m in vectors.values())
 
 
 async def page_open(url: str) -> float:
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         "how_built": "two real build() calls from the same local JPEGs: one into a folder, one into "
                      "s3://bench/store on moto through storage_options (the builder's own bytes, not a copy)",
         "page_open": "GET page + websocket + PULL-DOC until grid-rgb (16 tiles' pixels) and every "
-                     "grid-vectors:* source are in the client's document (bench.wsclient, no browser)",
+                     "grid-vectors:* source (sent after document_ready) are in the client's document "
+                     "(bench.wsclient, no browser)",
         "topk": "pointer row on a new patch (browser path: the page sends it after its 120 ms rest, "
                 "not included) -> the top-k heading naming that patch and its cards arrived",
         "index_source": index_source,

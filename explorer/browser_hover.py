@@ -18,8 +18,10 @@ Sources (names are what browser tests and benchmarks read):
 - ``grid-hover``: the hovered patch's outline in every figure, written by the browser, never
   synced (``syncable=False``);
 - ``grid-query``: ``fig``, ``q`` (float32 unit vector), ``qn`` (norm), ``pinned`` per layer;
-- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat),
-  ``norm`` (float32, one per patch) and ``page`` (the page number they belong to);
+- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat; the
+  non-zero ones only where ``mask``, a bitmask of the non-zero values, is not empty:
+  :mod:`explorer.sparse_fp16`), ``norm`` (float32, one per patch) and ``page`` (the page number
+  they belong to);
 - ``hover-link`` (never synced): what every browser-path view of a page shares, so that hovering
   one (the query tile of an upload) draws the others (the grid) in the same event, and the
   reverse. The hovered query's vectors ride on it as a JS property; a counter in its data wakes
@@ -37,6 +39,7 @@ from bokeh.models import ColumnDataSource, CustomJS
 
 from hoverlay.options import ByteSize
 
+from . import sparse_fp16
 from .figures import OUTLINE_COLUMNS, LayerFigure, SharedSources, empty_columns
 from .js import GRID_HOVER_JS
 from .kernels import SIMILARITY_FUNCTIONS, QueryVector
@@ -51,7 +54,8 @@ HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest", "page")
 
 
 def page_vector_bytes(n_images: int, geometries: Mapping[str, tuple[int, int, int]]) -> int:
-    """Bytes the browser path sends for a page: float16 vectors and float32 norms of every layer."""
+    """Bytes the browser path sends for a page at most: float16 vectors and float32 norms of every
+    layer (fewer where zeros are left out: :mod:`explorer.sparse_fp16`)."""
     return sum(n_images * h * w * (2 * d + 4) for h, w, d in geometries.values())
 
 
@@ -119,8 +123,9 @@ class BrowserHover:
         self.link = link if link is not None else HoverLink()
         self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
         self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
-        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "norm": [np.zeros(0, np.float32)],
-                                                     "page": [0]}, name=f"{prefix}-vectors:{fig.layer}")
+        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "mask": [np.zeros(0, np.uint8)],
+                                                     "norm": [np.zeros(0, np.float32)], "page": [0]},
+                                                    name=f"{prefix}-vectors:{fig.layer}")
                         for fig in self.figures}
         self._page: np.ndarray | None = None
         #: the number of the page last announced: the config carries it, and so will its vectors
@@ -162,12 +167,12 @@ class BrowserHover:
         n = 0 if self._page is None else len(self._page)
         for layer, src in self.vectors.items():
             if vectors is None or not n:
-                bits, norms = np.zeros(0, np.uint16), np.zeros(0, np.float32)
+                bits, mask, norms = np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(0, np.float32)
             else:
                 vec, nrm = vectors[layer]
-                bits = np.ascontiguousarray(vec, dtype=np.float16).reshape(-1).view(np.uint16)
+                bits, mask = sparse_fp16.pack(vec)
                 norms = np.ascontiguousarray(nrm, dtype=np.float32).reshape(-1)
-            src.data = {"v": [bits], "norm": [norms], "page": [number]}
+            src.data = {"v": [bits], "mask": [mask], "norm": [norms], "page": [number]}
         return True
 
     def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:

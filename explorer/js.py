@@ -110,7 +110,8 @@ requestAnimationFrame(() => {
 #:
 #: On a pointer move to another patch: outline it in every figure, compute cosine / dot / RBF
 #: of its vector in every layer against the page's vectors of that layer (vectors arrive as
-#: float16 bits, norms as float32; the same arithmetic as :func:`explorer.kernels.similarity_map`,
+#: float16 bits — the non-zero ones and a bitmask where that is smaller, decoded once per page:
+#: explorer/sparse_fp16.py — norms as float32; the same arithmetic as :func:`explorer.kernels.similarity_map`,
 #: products summed by explorer/wasm_dot.py's SIMD kernel in float32, or, without WebAssembly
 #: SIMD or for a dimension that is not a multiple of 8, by a scalar loop in float64), write the
 #: maps into the mosaics and repaint — all in this event, no message. When the pointer rests
@@ -183,12 +184,20 @@ function kernel_for(n, D) {  // a kernel instance whose memory holds a layer's p
             q: new Float32Array(mem.buffer, 4 * n, D), out: new Float32Array(mem.buffer, 4 * (n + D), P)};
   } catch (err) { return null; }
 }
-function decoded(bits, D) {  // once per page and layer: {F: float32, K: its kernel, or null}
+function decoded(v, D) {  // once per page and layer: {F: float32, K: its kernel, or null}
+  const bits = v.v[0], mask = v.mask !== undefined ? v.mask[0] : null;
   let out = E.dec.get(bits);
   if (out === undefined) {
-    const t = table(), K = kernel_for(bits.length, D);
-    const F = K !== null ? K.F : new Float32Array(bits.length);  // in the kernel's memory where one runs
-    for (let i = 0; i < bits.length; i++) F[i] = t[bits[i]];
+    const t = table(), n = v.norm[0].length * D, K = kernel_for(n, D);
+    const F = K !== null ? K.F : new Float32Array(n);  // in the kernel's memory where one runs
+    if (mask === null || mask.length === 0) {
+      for (let i = 0; i < n; i++) F[i] = t[bits[i]];
+    } else {  // explorer/sparse_fp16.py: non-zero values only; bit i % 8 of byte i / 8 marks value i
+      F.fill(0);
+      for (let j = 0, k = 0; j < mask.length; j++) {
+        for (let b = mask[j]; b !== 0; b &= b - 1) F[8 * j + 31 - Math.clz32(b & -b)] = t[bits[k++]];
+      }
+    }
     out = {F: F, K: K};
     E.dec.set(bits, out);
     window.hoverlay_kernel = K !== null ? "wasm-simd" : "js";
@@ -207,7 +216,7 @@ function hovered_query(h) {  // the hovered patch's vector in every layer, from 
     const yi = Math.min(Hi - 1, Math.floor((h.y + 0.5) * Hi / h.H));
     const xi = Math.min(Wi - 1, Math.floor((h.x + 0.5) * Wi / h.W));
     const p = (h.t * Hi + yi) * Wi + xi;
-    const V = decoded(vecs[i].data.v[0], D).F;
+    const V = decoded(vecs[i].data, D).F;
     Q.push({q: V.subarray(p * D, (p + 1) * D), qn: vecs[i].data.norm[0][p]});
   }
   return Q;
@@ -265,10 +274,10 @@ function paint(Q) {
     const Hi = c.H[i], Wi = c.W[i], D = c.D[i], n = c.n[i];
     const gy = c.gy[i], gx = c.gx[i], band = c.band[i], NC = c.ncols[i], NR = c.nrows[i];
     const rows = NR * (Hi + gy + band) - gy, cols = NC * (Wi + gx) - gx;
-    const V = vecs[i].data.v[0], N = vecs[i].data.norm[0];
+    const N = vecs[i].data.norm[0];
     const q = Q === null ? null : Q[i];
-    if (q !== null && ready(i) && img.length === rows * cols && V.length === n * Hi * Wi * D) {
-      const {F, K} = decoded(V, D), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
+    if (q !== null && ready(i) && img.length === rows * cols && N.length === n * Hi * Wi) {
+      const {F, K} = decoded(vecs[i].data, D), qv = q.q, qn = q.qn, fn = c.fn[i], k = -0.5 / (c.sigma[i] * c.sigma[i]);
       let S = null;
       if (K !== null) {  // every patch's dot product at once, four lanes at a time (explorer/wasm_dot.py)
         K.q.set(qv);

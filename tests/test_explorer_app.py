@@ -13,6 +13,7 @@ import pytest
 from mosaics import tiles_from_sources
 
 from hoverlay.explorer.engine import OverlayEngine, Query, parse_query_text
+from hoverlay.explorer.sparse_fp16 import unpack
 from hoverlay.stores import LayerGeometry, OutOfRangeError, open_store
 from hoverlay.stores.synthetic import make_synthetic_store
 
@@ -115,7 +116,8 @@ def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes
     ids = app.state.page_ids()
     for layer in ("fine", "coarse"):  # float16 bits and float32 norms of the page, flat
         data = app.grid.browser.vectors[layer].data
-        np.testing.assert_array_equal(data["v"][0].view(np.float16), reader.vectors(layer, ids).reshape(-1))
+        want = reader.vectors(layer, ids).reshape(-1)
+        np.testing.assert_array_equal(unpack(data["v"][0], data["mask"][0], want.size), want)
         np.testing.assert_allclose(data["norm"][0], reader.norms(layer, ids).reshape(-1))
     cfg = app.grid.shared.config.data
     assert cfg["mode"] == [1, 1] and cfg["fn"] == ["cosine", "cosine"] and cfg["D"] == [16, 8]
@@ -495,8 +497,8 @@ def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(brows
     app.state.page = 3  # takes it: the request is consumed, page 4 is requested
     assert app.grid._prefetch._key(app.state.reader, nxt, layers) not in app.grid._prefetch._futures
     assert app.grid._prefetch._key(app.state.reader, np.arange(18, 24), layers) in app.grid._prefetch._futures
-    np.testing.assert_array_equal(app.grid.browser.vectors["fine"].data["v"][0].view(np.float16),
-                                  app.state.reader.vectors("fine", nxt).reshape(-1))
+    sent, want = app.grid.browser.vectors["fine"].data, app.state.reader.vectors("fine", nxt).reshape(-1)
+    np.testing.assert_array_equal(unpack(sent["v"][0], sent["mask"][0], want.size), want)
     # a read that fails (here: images past the store's end) is not an empty page, it is read again
     pool = ThreadPoolExecutor(1)
     prefetch = PagePrefetch(lambda: pool)

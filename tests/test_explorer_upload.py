@@ -19,6 +19,7 @@ from mosaics import tiles_from_sources
 from PIL import Image
 
 from hoverlay.explorer.engine import Query
+from hoverlay.explorer.sparse_fp16 import unpack
 from hoverlay.explorer.query_worker import QueryWorkerConfig, configure_shared_worker, shared_worker
 from hoverlay.pipeline.build import build
 from hoverlay.stores import open_store
@@ -111,7 +112,8 @@ def test_on_the_browser_path_the_query_tile_holds_the_uploads_vectors(tiny_store
     for layer in ("1", "3"):
         block = app.state.external[uid][layer]
         sent = app.upload.browser.vectors[layer].data
-        np.testing.assert_array_equal(sent["v"][0].view(np.float16).astype(np.float32), block.vectors.reshape(-1))
+        values = unpack(sent["v"][0], sent["mask"][0], block.vectors.size)
+        np.testing.assert_array_equal(values.astype(np.float32), block.vectors.reshape(-1))
         np.testing.assert_array_equal(sent["norm"][0], block.norms)
     app.grid._on_pointer("data", None, {"tile": [1], "y": [2], "x": [3], "click": [0]})  # a rest on the grid
     q = app.upload.browser.query.data

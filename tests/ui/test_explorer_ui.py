@@ -150,6 +150,10 @@ def test_hover_updates_every_overlay_to_the_true_similarities(page, server, read
     open_app(page, server)
     ids = page_ids(page)
     assert ids == list(range(PAGE_SIZE))
+    for layer in ("fine", "coarse"):  # ~10% zeros here: the vectors come without them (sparse_fp16)
+        page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('grid-vectors:{layer}').data.v[0].length > 0")
+        sent = model_data(page, f"grid-vectors:{layer}")
+        assert len(sent["mask"][0]["values"]) > 0 and len(sent["v"][0]["values"]) < reader.vectors(layer, ids).size
     first = None
     for tile, cell in ((2, (1, 6)), (5, (7, 0))):
         hover_cell(page, tile, cell)
