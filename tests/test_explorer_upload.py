@@ -19,8 +19,8 @@ from mosaics import tiles_from_sources
 from PIL import Image
 
 from hoverlay.explorer.engine import Query
-from hoverlay.explorer.sparse_fp16 import unpack
 from hoverlay.explorer.query_worker import QueryWorkerConfig, configure_shared_worker, shared_worker
+from hoverlay.explorer.sparse_fp16 import unpack
 from hoverlay.pipeline.build import build
 from hoverlay.stores import open_store
 
