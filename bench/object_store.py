@@ -15,10 +15,10 @@ alternates between them, so the machine's load hits both alike.
 
 - **page open**: GET the page (creates the session), open ``/ws``, pull the document, until the
   document holds the first page: the 16 tiles' pixels (``grid-rgb``) and every layer's page
-  vectors (``grid-vectors:*``, which the browser hovers with). The pixels travel in the pulled
-  document and the vectors in a message after the page announced itself ready (as a browser
-  does), so the client can tell when both have arrived without a browser (no Chromium: its
-  drawing would cost both cases the same). The first open of each process is
+  vectors (``grid-vectors:*``, which the browser hovers with). These travel in the pulled
+  document (the vectors, set just after the session was created, in a later message when the
+  server was slower than the page), so the client can tell when they have arrived without a
+  browser (no Chromium: its drawing would cost both cases the same). The first open of each process is
   reported apart (it reads the layer statistics); p50/p90 over the ``--opens`` after it, each
   a new session.
 - **top-k**: in one open session per server, a pointer row on a new patch (the message a page
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         "how_built": "two real build() calls from the same local JPEGs: one into a folder, one into "
                      "s3://bench/store on moto through storage_options (the builder's own bytes, not a copy)",
         "page_open": "GET page + websocket + PULL-DOC until grid-rgb (16 tiles' pixels) and every "
-                     "grid-vectors:* source (sent after document_ready) are in the client's document "
+                     "grid-vectors:* source are in the client's document "
                      "(bench.wsclient, no browser)",
         "topk": "pointer row on a new patch (browser path: the page sends it after its 120 ms rest, "
                 "not included) -> the top-k heading naming that patch and its cards arrived",

@@ -160,16 +160,6 @@ class Scheduler:
         fn()
         return None
 
-    def after_load(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` soon, but in a session whose page has not loaded yet, once it has: what it
-        sends then follows the document instead of growing it (the page shows sooner)."""
-        import panel as pn
-
-        if self.doc is not None and not pn.state.loaded:
-            pn.state.onload(in_document(self.doc, fn))
-        else:
-            self.soon(fn)
-
     def cancel(self, handle: Any) -> None:
         if handle is None:
             return
