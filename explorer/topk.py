@@ -7,8 +7,6 @@ patch outlined, and into the card data the panel (explorer.topk_view) draws.
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ from hoverlay.stores import StoreReader
 from hoverlay.stores.exports import hit_columns, rows_of
 from hoverlay.stores.search import LayerSearch
 
+from . import jpeg
 from .kernels import QueryVector, cell_bounds, crop_box
 
 
@@ -46,12 +45,10 @@ def search_hits(search: LayerSearch, query: QueryVector, k: int) -> tuple[list[H
     return hits, top.method
 
 
-#: JPEG at this quality, chroma not subsampled (the outline stays crisp): a 96 px crop encodes in
-#: ~0.08 ms and ~3 KB where PNG at zlib level 1 took ~1.5 ms and ~17 KB (measured with Pillow).
-#: Eight crops a rest, every rest of every session, were the largest part of a rest's server CPU.
-CROP_JPEG_QUALITY = 90
-
-
+# Crops are explorer/jpeg.py's (chroma not subsampled: the outline stays crisp): a 96 px crop
+# encodes in ~0.08 ms and ~3 KB where PNG at zlib level 1 took ~1.5 ms and ~17 KB (measured with
+# Pillow). Eight crops a rest, every rest of every session, were the largest part of a rest's
+# server CPU.
 def crop_jpeg(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> bytes:
     """JPEG of the neighbourhood of a hit's patch, scaled to ``size`` px, patch outlined."""
     g = reader.geometry(layer)
@@ -66,14 +63,12 @@ def crop_jpeg(reader: StoreReader, layer: str, hit: Hit, size: int = 96) -> byte
     draw = ImageDraw.Draw(img)
     draw.rectangle(box, outline=(0, 0, 0), width=3)
     draw.rectangle(box, outline=(255, 255, 255), width=1)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=CROP_JPEG_QUALITY, subsampling=0)
-    return buf.getvalue()
+    return jpeg.encode(img)
 
 
-def crop_uri(jpeg: bytes) -> str:
+def crop_uri(data: bytes) -> str:
     """A crop from :func:`crop_jpeg` as a data URI for an ``<img>``."""
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    return jpeg.data_uri(data)
 
 
 def card_data(hit: Hit, jpeg: bytes) -> dict[str, Any]:

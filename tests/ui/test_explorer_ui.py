@@ -259,6 +259,31 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
     assert ptr_id in after  # the one message: the rest, on the pointer source
 
 
+def test_the_tiles_on_screen_are_the_stores_images(page, server, reader):
+    """Tiles travel as JPEG (explorer/jpeg.py): what the page paints is each image, in place and
+    upright — the middle of every tile on a screenshot against the stored pixels there."""
+    import io
+
+    from PIL import Image as PILImage
+
+    open_app(page, server)
+    ids = page_ids(page)
+    page.wait_for_timeout(300)  # the images decode after the data arrived
+    shot = np.asarray(PILImage.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(np.float64)
+    pixels = reader.pixels(np.asarray(ids)).astype(np.float64)
+    errors, if_flipped = [], []
+    for tile in range(len(ids)):
+        (x0, y0), (x1, y1) = tile_point(page, tile, 0, 0), tile_point(page, tile, S, S)
+        w, h = x1 - x0, y1 - y0
+        for top, bottom in ((0.1, 0.45), (0.55, 0.9)):  # the upper and the lower half: upright, in place
+            got = shot[round(y0 + top * h):round(y0 + bottom * h), round(x0 + 0.2 * w):round(x0 + 0.8 * w)]
+            rows, cols = slice(round(top * S), round(bottom * S)), slice(round(0.2 * S), round(0.8 * S))
+            errors.append(np.abs(got.mean(axis=(0, 1)) - pixels[tile, rows, cols].mean(axis=(0, 1))).max())
+            if_flipped.append(np.abs(got.mean(axis=(0, 1)) - pixels[tile, ::-1][rows, cols].mean(axis=(0, 1))).max())
+    assert max(errors) < 12, errors  # JPEG and the screen's resampling of sharp stripes: < 9 seen
+    assert sum(errors) < 0.5 * sum(if_flipped), (errors, if_flipped)
+
+
 def test_layer_view_outlines_the_mapped_patch(page, server, reader):
     open_app(page, server)
     hover_cell(page, 3, (5, 2))
