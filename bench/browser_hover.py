@@ -46,9 +46,17 @@ STROKE = 15  # moves per stroke, then a rest
 REST_S = 0.6
 ANSWER_S = 10.0  # a rest counts as answered when its top-k arrives within this
 
+#: Every grid figure's tiles are decoded and drawn: they are JPEG data URIs that an ``ImageURL``
+#: glyph loads asynchronously once their data arrived (a loader per tile until it has loaded).
+TILES_LOADED = """(() => { const views = [...Bokeh.index.query(v => typeof v.model.name === 'string'
+                                                             && v.model.name.startsWith('grid:'))];
+    return views.length > 0 && views.every(pv => [...pv.renderer_views.values()].some(rv =>
+        rv.glyph !== undefined && rv.glyph.loaders !== undefined && rv.glyph.image.length > 0
+        && rv.glyph.loaders.every(l => l === null))); })()"""
+
 PAGE_READY = f"""() => window.Bokeh && Bokeh.documents.length > 0
     && Bokeh.index.query_one(v => v.model.name === 'grid:{SNAP}') != null
-    && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0"""
+    && Bokeh.documents[0].get_model_by_name('grid-rgb').data.image.length > 0 && {TILES_LOADED}"""
 
 
 def _pct(values: list[float]) -> tuple[float, float]:
@@ -232,7 +240,8 @@ def open_and_switch(browser: Any, url: str, repeats: int, browser_path: bool) ->
         page.get_by_role("button", name="next ▶").click()
         page.wait_for_function("""(first) => {
             const t = Bokeh.documents[0].get_model_by_name('grid-labels').data.text;
-            return t.length > 0 && t[0] !== first; }""", arg=first, timeout=30_000, polling="raf")
+            return t.length > 0 && t[0] !== first && """ + TILES_LOADED + "; }", arg=first, timeout=30_000,
+                               polling="raf")
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
         times["switch"].append(since(t1))
         hoverable(page, "switch_hoverable", t1)

@@ -66,10 +66,14 @@ class HoverPath:
     browser: bool
     page_bytes: int
     budget: int
+    sent_bytes: int | None = None  # what the page's vectors took once sent (zeros left out)
 
     def describe(self) -> str:
         size = _megabytes(self.page_bytes)
         if self.browser:
+            if self.sent_bytes is not None and self.sent_bytes < self.page_bytes:
+                return (f"hover maps computed in this browser ({_megabytes(self.sent_bytes)} of page vectors; "
+                        f"{size} with their zeros)")
             return f"hover maps computed in this browser ({size} of page vectors)"
         if self.budget <= 0:
             return "hover maps computed by the server (browser path switched off)"
@@ -130,6 +134,8 @@ class BrowserHover:
         self._page: np.ndarray | None = None
         #: the number of the page last announced: the config carries it, and so will its vectors
         self.page_number = 0
+        #: bytes of the vectors last delivered
+        self.sent_bytes = 0
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
                 "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
                 "link": self.link.source, "key": prefix, "wasm": dot_module_base64()}
@@ -165,6 +171,7 @@ class BrowserHover:
         if number != self.page_number:
             return False
         n = 0 if self._page is None else len(self._page)
+        self.sent_bytes = 0
         for layer, src in self.vectors.items():
             if vectors is None or not n:
                 bits, mask, norms = np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(0, np.float32)
@@ -173,6 +180,7 @@ class BrowserHover:
                 bits, mask = sparse_fp16.pack(vec)
                 norms = np.ascontiguousarray(nrm, dtype=np.float32).reshape(-1)
             src.data = {"v": [bits], "mask": [mask], "norm": [norms], "page": [number]}
+            self.sent_bytes += bits.nbytes + mask.nbytes + norms.nbytes
         return True
 
     def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:

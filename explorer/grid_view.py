@@ -17,6 +17,7 @@ pointer back to it; it decides nothing about what is shown. The hover path:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +188,11 @@ class GridView(pn.viewable.Viewer):
             fig.title.text = self._title(fig.layer, view)
         self._show_overlays(state.current, force=True)
         self._show_pin()
-        self.page_info.object = f"{view.describe()}  \n{self.path.describe()}"
+        self._show_page_info()
+
+    def _show_page_info(self) -> None:
+        if self._view is not None:
+            self.page_info.object = f"{self._view.describe()}  \n{self.path.describe()}"
 
     def _read_ahead(self) -> None:
         """Read the next page while this one is looked at (browser path: with its vectors), once
@@ -238,6 +243,8 @@ class GridView(pn.viewable.Viewer):
         with pn.io.hold(self._doc):
             browser.deliver(number, vectors)
             self._mark_damaged()
+            self.path = dataclasses.replace(self.path, sent_bytes=browser.sent_bytes)
+            self._show_page_info()
 
     def _send_config(self) -> None:
         """Grids, snapping layer, page size and — for the browser path — function, sigmas, timing."""

@@ -113,6 +113,10 @@ def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes
     app = browser_app
     reader = app.state.reader
     assert app.grid.path.browser and "computed in this browser" in app.grid.page_info.object
+    sent = sum(src.data[k][0].nbytes for src in app.grid.browser.vectors.values() for k in ("v", "mask", "norm"))
+    assert sent < app.grid.path.page_bytes  # the zeros left out, and the page says so
+    shown = f"{sent / 1e6:.1f} MB" if sent >= 100_000 else f"{sent / 1e3:.0f} kB"
+    assert f"({shown} of page vectors; " in app.grid.page_info.object, app.grid.page_info.object
     ids = app.state.page_ids()
     for layer in ("fine", "coarse"):  # float16 bits and float32 norms of the page, flat
         data = app.grid.browser.vectors[layer].data
