@@ -23,7 +23,7 @@ def pack(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     zeros out would not be smaller)."""
     bits = np.ascontiguousarray(values, dtype=np.float16).reshape(-1).view(np.uint16)
     nonzero = bits != 0  # +0.0 only: a -0.0 is kept, as any other value
-    count = int(nonzero.sum())
+    count = int(np.count_nonzero(nonzero))
     if 2 * count + (bits.size + 7) // 8 >= 2 * bits.size:
         return bits, np.zeros(0, np.uint8)
     return bits[nonzero], np.packbits(nonzero, bitorder="little")
