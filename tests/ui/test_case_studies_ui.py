@@ -93,10 +93,17 @@ def page(browser, server):
 
 
 def open_tab(page, title: str, figure: str) -> None:
+    """Open a tab and wait until its figure is laid out and has stayed where it is for 300 ms: the
+    tab's other parts (a chart, a heading) may still arrive and move it (a point computed before
+    that missed the tiles: CI, once)."""
     page.locator(".bk-tab", has_text=title).click()
     page.wait_for_function(f"""() => {{
-        const v = Bokeh.index.query_one(v => v.model.name === '{figure}');
-        return v != null && v.el.getBoundingClientRect().width > 0; }}""")
+        const v = Bokeh.index.query_one(v => v.model.name === '{figure}' && v.el.isConnected);
+        if (v == null) return false;
+        const r = v.el.getBoundingClientRect(), at = [r.left, r.top, r.width, r.height].join();
+        if (r.width === 0) return false;
+        if (window.__tab_at !== at) {{ window.__tab_at = at; window.__tab_t = performance.now(); }}
+        return performance.now() - window.__tab_t > 300; }}""", polling=50)
 
 
 def tile_point(page, figure: str, rgb: str, key: str, tile: int, py: float, px: float) -> tuple[float, float]:
