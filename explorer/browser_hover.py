@@ -9,9 +9,10 @@ budget keeps the server path: every patch change is a message and the server dra
 
 A page switch arrives in two messages: first its images, captions and config (the page is
 shown), then its vectors (the page becomes hoverable); a page's vectors are up to 4× its images'
-bytes, and the browser receives them at tens of MB/s. Both carry the page's number (``page`` in the config and in
-every vectors source), and the browser computes a layer's maps only from vectors of the page the
-config names: between the two messages the overlays are empty, never the last page's maps.
+bytes, and the browser receives them at tens of MB/s. Both carry the page's number (``page`` in
+the config and in every vectors source), and the browser computes a layer's maps only from
+vectors of the page the config names: between the two messages the overlays are empty, never the
+last page's maps.
 
 Sources (names are what browser tests and benchmarks read):
 

@@ -364,7 +364,7 @@ if (hit === null) {  // off the tiles: the server's query (a rest, a pin, the qu
   publish(null);
   return;
 }
-if (last !== null && last.page === page_now && last.ready === all_ready()
+if (last !== null && last.page === page_now
     && hit.t === last.t && hit.y === last.y && hit.x === last.x && hov.data.fig.length) {
   return;
 }

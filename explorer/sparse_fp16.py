@@ -37,8 +37,9 @@ def unpack(bits: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
             raise ValueError(f"dense page vectors hold {bits.size} values, expected {size}")
         return bits.view(np.float16)
     nonzero = np.unpackbits(np.asarray(mask, dtype=np.uint8), count=size, bitorder="little").astype(bool)
-    if int(nonzero.sum()) != bits.size:
-        raise ValueError(f"the mask marks {int(nonzero.sum())} non-zero values, {bits.size} were sent")
+    marked = int(np.count_nonzero(nonzero))
+    if marked != bits.size:
+        raise ValueError(f"the mask marks {marked} non-zero values, {bits.size} were sent")
     out = np.zeros(size, np.uint16)
     out[nonzero] = bits
     return out.view(np.float16)

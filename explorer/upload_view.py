@@ -228,21 +228,21 @@ class UploadView(pn.viewable.Viewer):
         assert view is not None
         layers = list(self.specs)
         path = HoverPath(self.link.browser, 0, state.browser_hover_budget)
-        vectors = None
-        if path.browser:
-            blocks = state.external[self._uid]
-            vectors = {}
-            for name in layers:
-                n, h, w = blocks[name].shape
-                vectors[name] = (blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
-                                 blocks[name].norms.reshape(n, h, w))
-        new = self.browser.announce(np.array([self._uid], dtype=np.int64) if vectors is not None else None)
+        new = self.browser.announce(np.array([self._uid], dtype=np.int64) if path.browser else None)
         extra = BrowserHover.config_columns(
             path, layers, {n: state.reader.geometry(n).dim for n in layers},
             {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in layers},
             view.function, state.sigmas(layers), state.topk_delay_ms, self.browser.page_number)
         self.shared.set_config(self.specs, view.active_layer, 1, extra)
-        if new:  # one tile: its vectors go in the same message
+        if new:  # one tile: its vectors (converted once per upload) go in the same message
+            vectors = None
+            if path.browser:
+                blocks = state.external[self._uid]
+                vectors = {}
+                for name in layers:
+                    n, h, w = blocks[name].shape
+                    vectors[name] = (blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
+                                     blocks[name].norms.reshape(n, h, w))
             self.browser.deliver(self.browser.page_number, vectors)
 
     @param.depends("state.cmap", "state.alpha", watch=True)
