@@ -195,7 +195,8 @@ def warm_up(stores: list[str], options: dict[str, Any]) -> None:
     this it is ~0.4 s too (and with ``hoverlay demo`` that first session is the one every new
     user sees). Panel keeps the page it built (its views registry, ~one page of vectors); the
     server's later pages are not affected. A store that cannot be shown is left to the real
-    session, which shows its message.
+    session, which shows its message. Not with ``num_procs`` > 1: the page starts worker threads
+    (its next page read ahead), and a forked child would inherit their pool without the threads.
     """
     from bokeh.document import Document
     from panel.io.state import set_curdoc
@@ -254,7 +255,8 @@ def serve(stores: Sequence[str] | str, port: int = 0, address: str = "127.0.0.1"
     for folder in options.get("query_folders", []):
         if not os.path.isdir(folder):
             raise ServeConfigError(f"--query-folder {folder!r} is not a folder")
-    warm_up(urls, options)
+    if int(kw.get("num_procs") or 1) == 1:  # the page's worker threads must not be forked
+        warm_up(urls, options)
     freeze_startup_heap()
     # torch loads in the worker while the server starts; with --num-procs the children fork
     # first and each starts its own on its first upload (a worker's pipes must not be shared)
