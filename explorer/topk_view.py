@@ -29,41 +29,6 @@ from hoverlay.stores.exports import csv_bytes
 
 from .widgets import colored
 
-_ESM = """
-function card(c, rank) {
-  const item = document.createElement('div');
-  item.className = 'topk-item';
-  Object.assign(item.dataset, {rank: String(rank), image: String(c.image), y: String(c.y),
-                               x: String(c.x), score: c.score.toFixed(6)});
-  const img = document.createElement('img');
-  img.src = c.src; img.width = 96; img.height = 96;
-  img.alt = `image ${c.image} patch ${c.y},${c.x}`;
-  const caption = document.createElement('div');
-  const score = document.createElement('b');
-  score.textContent = c.score.toFixed(3);
-  caption.append(score, ` #${c.image} (${c.y},${c.x})`, document.createElement('br'), c.label);
-  for (const line of (c.extra || [])) caption.append(document.createElement('br'), line);  // text nodes: no HTML
-  const open = document.createElement('button');
-  open.type = 'button';
-  open.className = 'topk-open';
-  open.textContent = `open #${c.image}`;
-  item.append(img, caption, open);
-  return item;
-}
-
-export function render({ model, el }) {
-  const box = document.createElement('div');
-  box.className = 'topk-panel';
-  const draw = () => box.replaceChildren(...JSON.parse(model.payload).map(card));
-  box.addEventListener('click', (ev) => {
-    const button = ev.target.closest('button.topk-open');
-    if (button) model.send_msg({open: Number(button.parentElement.dataset.image)});
-  });
-  draw();
-  model.on('payload', draw);
-  el.append(model.get_child('download'), box);
-}
-"""
 
 _CSS = """
 .topk-panel { display: flex; flex-wrap: wrap; gap: 6px; }
@@ -83,7 +48,10 @@ class TopKCards(JSComponent):
     # The cards travel as one JSON string: as a list of dicts Panel walked every value for
     # models to reference (``_patch_datamodel_ref``), ~13% of a loaded server's GIL time a rest.
     _rename = {"cards": None}
-    _esm = _ESM
+    # A plain ES module in a file beside this one: a served page imports it by URL (cached, shared by
+    # both panels); an inline ``_esm`` is compiled in the browser by sucrase once per component.
+    _bundle = "topk_cards.js"
+    _esm = "topk_cards.js"
     _stylesheets = [_CSS]
 
     #: the file name the download button offers

@@ -45,7 +45,8 @@ def test_the_installed_package_has_every_module_and_the_console_script(tmp_path)
     (wheel,) = tmp_path.glob("hoverlay-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     tracked = [f for f in files if f.startswith(("stores/", "pipeline/", "explorer/", "hoverlay/"))]
-    installed = [f if f.startswith("hoverlay/") else "hoverlay/" + f for f in tracked if f.endswith(".py")]
+    installed = [f if f.startswith("hoverlay/") else "hoverlay/" + f for f in tracked
+                 if f.endswith((".py", ".js"))]  # the browser modules Panel serves ship too
     assert tracked and [p for p in installed if p not in names] == []
     assert not [n for n in names if n.split("/")[0] in ("stores", "pipeline", "explorer")]  # no generic names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
