@@ -23,12 +23,16 @@ figure's spacing in the config source and maps positions between figures by tile
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
+from bokeh.core.property.validation import validate
 from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import FIXED_HEIGHT_POLICY, FIXED_WIDTH_POLICY
 from bokeh.models import (
@@ -195,9 +199,26 @@ def tile_uri(pixels: np.ndarray) -> str:
     return jpeg.data_uri(jpeg.encode(pixels))
 
 
-def palette(name: str) -> list[str]:
-    """A colour map's 256 colours (names HoloViews resolves without matplotlib)."""
-    return list(process_cmap(name, 256))
+@functools.cache
+def palette(name: str) -> tuple[str, ...]:
+    """A colour map's 256 colours (names HoloViews resolves without matplotlib), each checked
+    once here to be ``#rrggbb``: the mappers below are built without Bokeh's own check."""
+    colors = tuple(process_cmap(name, 256))
+    bad = [c for c in colors if not isinstance(c, str) or not _HEX_COLOR.fullmatch(c)]
+    if bad:
+        raise ValueError(f"colour map {name!r} gave colours that are not #rrggbb: {bad[:3]}")
+    return colors
+
+
+_HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def color_mapper(colors: Sequence[str], **props: Any) -> LinearColorMapper:
+    """A ``LinearColorMapper`` over ``palette()``'s colours, built without Bokeh's property
+    validation: it checks each of the 256 colours against its colour grammar again, ~3 ms a
+    mapper, and a page has 12 (two per figure), i.e. ~35 ms of every page open."""
+    with validate(False):
+        return LinearColorMapper(palette=list(colors), **props)
 
 
 def restyle(figures: Sequence[LayerFigure], palette: Sequence[str] | None = None,
@@ -317,8 +338,7 @@ class LayerFigure:
                                         "dw": [spec.data_width], "dh": [spec.data_height]},
                                        name=f"{prefix}-overlay:{layer}")
         self.source.js_on_change("data", CustomJS(code=OVERLAY_CHANGED_JS))
-        self.mapper = LinearColorMapper(palette=list(palette), low=clim[0], high=clim[1],
-                                        nan_color="rgba(0, 0, 0, 0)")
+        self.mapper = color_mapper(palette, low=clim[0], high=clim[1], nan_color="rgba(0, 0, 0, 0)")
         self.glyph = Image(image="image", x="x", y="y", dw="dw", dh="dh", color_mapper=self.mapper,
                            global_alpha=alpha)
         # "overlay" level: the browser repaints only the overlay canvas layer when the maps or the
@@ -337,7 +357,7 @@ class LayerFigure:
         # The colour bar gets a twin of the mapper: BokehJS re-lays-out a colour bar whenever its
         # mapper maps data ("metrics changed"), which turned every hover into a full repaint of the
         # figure (image tiles included: ~6 ms of a 9 ms paint per figure, measured in Chromium).
-        self.bar_mapper = LinearColorMapper(palette=list(palette), low=clim[0], high=clim[1])
+        self.bar_mapper = color_mapper(palette, low=clim[0], high=clim[1])
         # compact labels ("12.5k"): a dot product's range reaches thousands, and long labels were
         # cut off at the figure's edge
         self.colorbar = ColorBar(color_mapper=self.bar_mapper, width=8, padding=2, margin=4,
@@ -364,7 +384,8 @@ class LayerFigure:
     def set_colors(self, palette: Sequence[str] | None = None, clim: tuple[float, float] | None = None) -> None:
         for mapper in (self.mapper, self.bar_mapper):
             if palette is not None:
-                mapper.palette = list(palette)
+                with validate(False):  # palette() checked them (see color_mapper)
+                    mapper.palette = list(palette)
             if clim is not None:
                 mapper.update(low=float(clim[0]), high=float(clim[1]))
 

@@ -29,7 +29,6 @@ from hoverlay.stores.exports import csv_bytes
 
 from .widgets import colored
 
-
 _CSS = """
 .topk-panel { display: flex; flex-wrap: wrap; gap: 6px; }
 .topk-item { width: 100px; font-size: 11px; line-height: 1.2; }

@@ -574,3 +574,22 @@ def test_a_query_vector_off_the_page_is_the_stored_patch_without_making_its_imag
     on_page = engine.query_vectors(Query(1, 2, 2, "fine"))  # on the page: from its block, same values
     engine.block("fine")
     np.testing.assert_array_equal(engine.query_vectors(Query(1, 2, 2, "fine"))["fine"].unit, on_page["fine"].unit)
+
+
+def test_every_colour_map_reaches_every_mapper_of_the_page(app):
+    """The mappers are built and restyled without Bokeh's per-colour check (figures.color_mapper):
+    the colours they hold must still be exactly the chosen map's, checked #rrggbb."""
+    import re
+
+    from holoviews.plotting.util import process_cmap
+
+    from hoverlay.explorer.figures import palette
+    from hoverlay.explorer.state import COLORMAPS
+
+    assert app.grid.figures
+    for name in COLORMAPS:
+        app.state.cmap = name
+        want = list(process_cmap(name, 256))
+        assert all(re.fullmatch("#[0-9a-fA-F]{6}", c) for c in palette(name))
+        for fig in app.grid.figures:
+            assert fig.mapper.palette == want and fig.bar_mapper.palette == want
