@@ -165,23 +165,24 @@ class BrowserHover:
         self.page_number += 1
         return True
 
-    def deliver(self, number: int, vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None) -> bool:
-        """Send page ``number``'s vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}`` (None or
-        an empty page: none, the server path); False, sending nothing, when another page was
-        announced since (its own vectors follow)."""
+    def deliver(self, number: int,
+                vectors: Mapping[str, tuple[np.ndarray, np.ndarray] | sparse_fp16.PackedLayer] | None) -> bool:
+        """Send page ``number``'s vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}`` or
+        already packed (:class:`~explorer.sparse_fp16.PackedLayer`); None or an empty page: none,
+        the server path. False, sending nothing, when another page was announced since (its own
+        vectors follow)."""
         if number != self.page_number:
             return False
         n = 0 if self._page is None else len(self._page)
         self.sent_bytes = 0
         for layer, src in self.vectors.items():
             if vectors is None or not n:
-                bits, mask, norms = np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(0, np.float32)
+                packed = sparse_fp16.PackedLayer.empty()
             else:
-                vec, nrm = vectors[layer]
-                bits, mask = sparse_fp16.pack(vec)
-                norms = np.ascontiguousarray(nrm, dtype=np.float32).reshape(-1)
-            src.data = {"v": [bits], "mask": [mask], "norm": [norms], "page": [number]}
-            self.sent_bytes += bits.nbytes + mask.nbytes + norms.nbytes
+                given = vectors[layer]
+                packed = given if isinstance(given, sparse_fp16.PackedLayer) else sparse_fp16.PackedLayer.of(*given)
+            src.data = {"v": [packed.bits], "mask": [packed.mask], "norm": [packed.norms], "page": [number]}
+            self.sent_bytes += packed.nbytes
         return True
 
     def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:

@@ -43,6 +43,7 @@ from .figures import (
 from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .prefetch import PagePrefetch
 from .session import Scheduler, pointer_cell, pointer_flag, set_nodelay
+from .sparse_fp16 import PackedLayer
 from .state import ExplorerState, PageView
 from .widgets import button, colored
 
@@ -208,7 +209,7 @@ class GridView(pn.viewable.Viewer):
         self._scheduler.later(lambda: self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
 
     def _announce_page_vectors(self, ids: np.ndarray,
-                               ahead: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                               ahead: dict[str, PackedLayer] | None = None) -> None:
         """Choose the page's hover path and, on the browser path, send its vectors (``ahead``:
         already read) in a message of their own, after the page's images: a page's vectors are
         up to 4× its images' bytes, and the browser shows the page while they arrive (measured: a
@@ -234,12 +235,12 @@ class GridView(pn.viewable.Viewer):
         self._scheduler.soon(lambda: self._deliver_page_vectors(browser, reader, ids, number, ahead))
 
     def _deliver_page_vectors(self, browser: BrowserHover, reader: Any, ids: np.ndarray, number: int,
-                              ahead: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
+                              ahead: dict[str, PackedLayer] | None) -> None:
         """Page ``number``'s vectors, unless the page, the figures or the store changed since."""
         if browser is not self.browser or reader is not self.state.reader or number != browser.page_number:
             return
         vectors = {name: ahead[name] if ahead is not None and name in ahead
-                   else (reader.vectors(name, ids), reader.norms(name, ids)) for name in browser.vectors}
+                   else PackedLayer.of(reader.vectors(name, ids), reader.norms(name, ids)) for name in browser.vectors}
         with pn.io.hold(self._doc):
             browser.deliver(number, vectors)
             self._mark_damaged()

@@ -19,19 +19,22 @@ import numpy as np
 
 from hoverlay.stores import StoreReader
 
+from .sparse_fp16 import PackedLayer
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PageData:
-    """A page's pixels and, for the browser path, each layer's vectors and norms."""
+    """A page's pixels and, for the browser path, each layer's vectors and norms packed as the
+    browser receives them (packed here, in the worker thread, not on the session's loop)."""
 
     pixels: np.ndarray
-    vectors: dict[str, tuple[np.ndarray, np.ndarray]]
+    vectors: dict[str, PackedLayer]
 
 
 def read_page(reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> PageData:
-    return PageData(reader.pixels(ids), {name: (reader.vectors(name, ids), reader.norms(name, ids))
+    return PageData(reader.pixels(ids), {name: PackedLayer.of(reader.vectors(name, ids), reader.norms(name, ids))
                                          for name in layers})
 
 

@@ -497,7 +497,9 @@ def test_the_next_page_is_read_ahead_and_a_failed_read_ahead_is_read_again(brows
     assert ahead is not None  # once it pages, the page after the shown one is read ahead
     data = ahead.result()
     np.testing.assert_array_equal(data.pixels, app.state.reader.pixels(nxt))
-    np.testing.assert_array_equal(data.vectors["fine"][0], app.state.reader.vectors("fine", nxt))
+    packed, want = data.vectors["fine"], app.state.reader.vectors("fine", nxt)  # packed in the worker thread
+    np.testing.assert_array_equal(unpack(packed.bits, packed.mask, want.size), want.reshape(-1))
+    np.testing.assert_array_equal(packed.norms, app.state.reader.norms("fine", nxt).reshape(-1).astype(np.float32))
     app.state.page = 3  # takes it: the request is consumed, page 4 is requested
     assert app.grid._prefetch._key(app.state.reader, nxt, layers) not in app.grid._prefetch._futures
     assert app.grid._prefetch._key(app.state.reader, np.arange(18, 24), layers) in app.grid._prefetch._futures

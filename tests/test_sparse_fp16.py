@@ -39,3 +39,18 @@ def test_unpack_refuses_a_mask_that_does_not_match_the_values():
         unpack(bits[:1], mask, 10)
     with pytest.raises(ValueError, match="hold 3 values, expected 4"):
         unpack(np.zeros(3, np.uint16), np.zeros(0, np.uint8), 4)
+
+
+def test_a_packed_layer_holds_the_exact_values_and_norms_and_counts_its_bytes():
+    from hoverlay.explorer.sparse_fp16 import PackedLayer
+
+    rng = np.random.default_rng(3)
+    vectors = np.maximum(rng.normal(size=(2, 3, 4, 8)), 0).astype(np.float16)  # rectified: ~half zeros
+    norms = rng.random((2, 3, 4)).astype(np.float64)
+    packed = PackedLayer.of(vectors, norms)
+    assert packed.mask.size  # sparse enough to leave the zeros out
+    np.testing.assert_array_equal(unpack(packed.bits, packed.mask, vectors.size), vectors.reshape(-1))
+    assert packed.norms.dtype == np.float32 and packed.norms.shape == (24,)
+    np.testing.assert_allclose(packed.norms, norms.reshape(-1), rtol=1e-7)
+    assert packed.nbytes == packed.bits.nbytes + packed.mask.nbytes + packed.norms.nbytes < vectors.nbytes + 96
+    assert PackedLayer.empty().nbytes == 0
