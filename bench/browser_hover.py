@@ -195,13 +195,14 @@ def measure_moves(page: Any, moves: int, seed: int) -> list[float]:
 
 
 #: The page shown is hoverable on the browser path: every grid layer holds the vectors of the
-#: page its config names (they come in a message after the page's images).
+#: page its config names, in the slot it names (they come in a message after the page's images,
+#: or were sent ahead).
 PAGE_HOVERABLE = """() => {
     if (!(window.Bokeh && Bokeh.documents.length > 0)) return false;
     const d = Bokeh.documents[0], m = d.get_model_by_name('grid-config');
     if (m === null || m.data.page === undefined || !m.data.fig.length) return false;
-    const cfg = m.data;
-    return cfg.fig.every(l => { const v = d.get_model_by_name('grid-vectors:' + l).data;
+    const cfg = m.data, slot = cfg.slot !== undefined && cfg.slot[0] === 1 ? 'grid-vectors-1:' : 'grid-vectors:';
+    return cfg.fig.every(l => { const v = d.get_model_by_name(slot + l).data;
                                return v.page[0] === cfg.page[0] && v.v[0].length > 0; }); }"""
 
 

@@ -14,15 +14,22 @@ the config and in every vectors source), and the browser computes a layer's maps
 vectors of the page the config names: between the two messages the overlays are empty, never the
 last page's maps.
 
+Paging on, the next page's vectors go ahead: in a session that has switched pages, once the
+next page was read ahead (:mod:`explorer.prefetch`) its vectors are sent into the other of two
+slots per layer, and a switch to it only names that slot and the page's number (a few bytes): the
+page is hoverable as soon as it is shown. Only when two pages' vectors fit the byte budget
+together (the browser then holds both).
+
 Sources (names are what browser tests and benchmarks read):
 
 - ``grid-hover``: the hovered patch's outline in every figure, written by the browser, never
   synced (``syncable=False``);
 - ``grid-query``: ``fig``, ``q`` (float32 unit vector), ``qn`` (norm), ``pinned`` per layer;
-- ``grid-vectors:<layer>``: ``v`` (uint16 bits of the page's float16 unit vectors, flat; the
-  non-zero ones only where ``mask``, a bitmask of the non-zero values, is not empty:
-  :mod:`explorer.sparse_fp16`), ``norm`` (float32, one per patch) and ``page`` (the page number
-  they belong to);
+- ``grid-vectors:<layer>`` and ``grid-vectors-1:<layer>``, two slots: ``v`` (uint16 bits of the
+  page's float16 unit vectors, flat; the non-zero ones only where ``mask``, a bitmask of the
+  non-zero values, is not empty: :mod:`explorer.sparse_fp16`), ``norm`` (float32, one per patch)
+  and ``page`` (the page number they belong to; -1: a page sent ahead, not shown yet). The
+  config's ``slot`` names the one the shown page's vectors are in;
 - ``hover-link`` (never synced): what every browser-path view of a page shares, so that hovering
   one (the query tile of an upload) draws the others (the grid) in the same event, and the
   reverse. The hovered query's vectors ride on it as a JS property; a counter in its data wakes
@@ -51,7 +58,7 @@ from .wasm_dot import dot_module_base64
 DEFAULT_BUDGET = ByteSize().from_value(DEFAULT_BROWSER_HOVER_BUDGET)
 
 #: Per-figure columns of the config source the browser path adds to :data:`figures.CONFIG_COLUMNS`.
-HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest", "page")
+HOVER_COLUMNS = ("D", "gy", "gx", "band", "mode", "fn", "sigma", "rest", "page", "slot")
 
 
 def page_vector_bytes(n_images: int, geometries: Mapping[str, tuple[int, int, int]]) -> int:
@@ -128,17 +135,23 @@ class BrowserHover:
         self.link = link if link is not None else HoverLink()
         self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
         self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
-        self.vectors = {fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "mask": [np.zeros(0, np.uint8)],
-                                                     "norm": [np.zeros(0, np.float32)], "page": [0]},
-                                                    name=f"{prefix}-vectors:{fig.layer}")
-                        for fig in self.figures}
+        #: two slots of page vectors per layer: the shown page's (:attr:`slot`) and one sent ahead
+        self.slots = [{fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "mask": [np.zeros(0, np.uint8)],
+                                                    "norm": [np.zeros(0, np.float32)], "page": [0]},
+                                                   name=f"{prefix}-vectors{suffix}:{fig.layer}")
+                       for fig in self.figures} for suffix in ("", "-1")]
+        #: the slot the shown page's vectors are in (the config tells the browser)
+        self.slot = 0
         self._page: np.ndarray | None = None
+        self._ahead: np.ndarray | None = None  # the images whose vectors the other slot holds
+        self._ahead_bytes = 0
         #: the number of the page last announced: the config carries it, and so will its vectors
         self.page_number = 0
         #: bytes of the vectors last delivered
         self.sent_bytes = 0
         args = {"cfg": shared.config, "ptr": shared.pointer, "hov": self.hover, "qsrc": self.query,
-                "vecs": [self.vectors[f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
+                "vecs0": [self.slots[0][f.layer] for f in self.figures],
+                "vecs1": [self.slots[1][f.layer] for f in self.figures], "ovs": [f.source for f in self.figures],
                 "link": self.link.source, "key": prefix, "wasm": dot_module_base64()}
         for i, fig in enumerate(self.figures):
             fig.source.syncable = False  # the browser writes the mosaic in place; nothing to send back
@@ -147,7 +160,7 @@ class BrowserHover:
             for event in ("mousemove", "tap", "mouseleave"):
                 fig.plot.js_on_event(event, cb)
         refresh = CustomJS(args={**args, "me": -1}, code=GRID_HOVER_JS)
-        for src in (shared.config, self.query, *self.vectors.values()):
+        for src in (shared.config, self.query, *self.slots[0].values(), *self.slots[1].values()):
             src.js_on_change("data", refresh)
         self.link.attach(prefix, CustomJS(args={**args, "me": -2}, code=GRID_HOVER_JS))
 
@@ -155,14 +168,46 @@ class BrowserHover:
     def _query_columns() -> dict[str, list]:
         return {"fig": [], "q": [], "qn": [], "pinned": []}
 
+    @property
+    def vectors(self) -> dict[str, ColumnDataSource]:
+        """The shown page's vectors source per layer (the current slot)."""
+        return self.slots[self.slot]
+
     def announce(self, ids: np.ndarray | None) -> bool:
         """A page is about to be shown (None: the server path): True when its vectors must be
-        delivered — another page than the last one announced, under a new :attr:`page_number`."""
+        delivered — another page than the last one announced, under a new :attr:`page_number`,
+        that was not sent ahead. A page sent ahead becomes the shown one here: its slot is the
+        current one and gets the page's number (the only bytes the switch sends for them)."""
         ids = np.empty(0, np.int64) if ids is None else np.asarray(ids)
         if self._page is not None and np.array_equal(ids, self._page):
             return False
         self._page = ids.copy()
         self.page_number += 1
+        if ids.size and self._ahead is not None and np.array_equal(ids, self._ahead):
+            self.slot, self._ahead = 1 - self.slot, None
+            for src in self.vectors.values():
+                src.data.update(page=[self.page_number])  # only this column travels
+            self.sent_bytes = self._ahead_bytes
+            return False
+        return True
+
+    def deliver_ahead(self, ids: np.ndarray, vectors: Mapping[str, sparse_fp16.PackedLayer]) -> bool:
+        """Send the vectors of page ``ids`` (the next one, packed) into the slot not shown, for a
+        switch to find them there; False, sending nothing, for the shown page or for vectors of
+        other layers than the figures'."""
+        ids = np.asarray(ids)
+        if not ids.size or (self._page is not None and np.array_equal(ids, self._page)) \
+                or set(vectors) != set(self.vectors):
+            return False
+        if self._ahead is not None and np.array_equal(ids, self._ahead):
+            return True  # there already
+        other = self.slots[1 - self.slot]
+        self._ahead_bytes = 0
+        for layer, src in other.items():
+            packed = vectors[layer]
+            src.data = {"v": [packed.bits], "mask": [packed.mask], "norm": [packed.norms], "page": [-1]}
+            self._ahead_bytes += packed.nbytes
+        self._ahead = ids.copy()
         return True
 
     def deliver(self, number: int,
@@ -185,6 +230,10 @@ class BrowserHover:
             self.sent_bytes += packed.nbytes
         return True
 
+    def ahead_fits(self, path: HoverPath) -> bool:
+        """Whether a page may be sent ahead: the browser path, with two pages within the budget."""
+        return path.browser and 2 * path.page_bytes <= path.budget
+
     def set_query(self, queries: Mapping[str, QueryVector] | None, pinned: bool) -> None:
         """The query the browser draws when pinned, or after a page change (None: no query yet)."""
         cols = self._query_columns()
@@ -198,9 +247,10 @@ class BrowserHover:
     @staticmethod
     def config_columns(path: HoverPath, layers: Sequence[str], dims: Mapping[str, int],
                        gaps: Mapping[str, tuple[int, int, int]], function: str,
-                       sigmas: Mapping[str, float], rest_ms: int, page: int) -> dict[str, list]:
+                       sigmas: Mapping[str, float], rest_ms: int, page: int, slot: int = 0) -> dict[str, list]:
         """The hover columns of the config source, one row per figure (in ``layers`` order);
-        ``page``: the page number the browser may compute maps from (:meth:`announce`)."""
+        ``page``: the page number the browser may compute maps from (:meth:`announce`), ``slot``:
+        the vectors slot that page is in."""
         if function not in SIMILARITY_FUNCTIONS:
             raise ValueError(f"unknown similarity function {function!r}")
         return {
@@ -213,4 +263,5 @@ class BrowserHover:
             "sigma": [float(sigmas.get(name, 1.0)) for name in layers],
             "rest": [int(rest_ms)] * len(layers),
             "page": [int(page)] * len(layers),
+            "slot": [int(slot)] * len(layers),
         }

@@ -41,7 +41,7 @@ from .figures import (
     restyle,
 )
 from .groups_view import GROUP_PALETTE, GroupsOverlay
-from .prefetch import PagePrefetch
+from .prefetch import PageData, PagePrefetch
 from .session import Scheduler, pointer_cell, pointer_flag, set_nodelay
 from .sparse_fp16 import PackedLayer
 from .state import ExplorerState, PageView
@@ -204,9 +204,27 @@ class GridView(pn.viewable.Viewer):
         if self._read_ahead_for is not None and np.array_equal(self._read_ahead_for, ids):
             return
         self._read_ahead_for = ids
-        reader, nxt = self.state.reader, self.state.next_page_ids()
-        layers = list(self.browser.vectors) if self.path.browser else []
-        self._scheduler.later(lambda: self._prefetch.request(reader, nxt, layers), PREFETCH_DELAY_MS)
+        reader, nxt, browser = self.state.reader, self.state.next_page_ids(), self.browser
+        layers = list(browser.vectors) if self.path.browser else []
+        # a session that pages gets the next page's vectors ahead (hoverable once shown)
+        ahead = self._pages_shown > 1 and browser.ahead_fits(self.path)
+
+        def request() -> None:
+            future = self._prefetch.request(reader, nxt, layers)
+            if future is not None and ahead:
+                self._scheduler.when_done(future, lambda data, error: self._send_ahead(browser, reader, nxt, data))
+
+        self._scheduler.later(request, PREFETCH_DELAY_MS)
+
+    def _send_ahead(self, browser: BrowserHover, reader: Any, ids: np.ndarray, data: PageData | None) -> None:
+        """The next page's vectors into the browser's other slot, unless the figures, the store or
+        the next page changed since they were read (a failed read sends nothing: the switch reads
+        the page again and reports it)."""
+        if data is None or browser is not self.browser or reader is not self.state.reader \
+                or not self.path.browser or not np.array_equal(ids, self.state.next_page_ids()):
+            return
+        with pn.io.hold(self._doc):
+            browser.deliver_ahead(ids, data.vectors)
 
     def _announce_page_vectors(self, ids: np.ndarray,
                                ahead: dict[str, PackedLayer] | None = None) -> None:
@@ -224,6 +242,8 @@ class GridView(pn.viewable.Viewer):
         self._drawn_query = None
         browser = self.browser
         if not browser.announce(ids if self.path.browser else None):
+            if self.path.browser and ids.size:  # the same page, or one sent ahead: its vectors are there
+                self.path = dataclasses.replace(self.path, sent_bytes=browser.sent_bytes)
             return
         number = browser.page_number
         if not self.path.browser or not ids.size:
@@ -255,7 +275,7 @@ class GridView(pn.viewable.Viewer):
         extra = BrowserHover.config_columns(
             self.path, shown, {n: state.reader.geometry(n).dim for n in shown},
             {n: (*self.specs[n].gap_cells, self.specs[n].band_cells) for n in shown},
-            view.function, state.sigmas(shown), state.topk_delay_ms, self.browser.page_number)
+            view.function, state.sigmas(shown), state.topk_delay_ms, self.browser.page_number, self.browser.slot)
         self.shared.set_config(self.specs, view.active_layer, len(self.shown_images), extra)
 
     def _show_overlays(self, query: Query | None, force: bool = False) -> None:

@@ -102,8 +102,9 @@ requestAnimationFrame(() => {
 #: when the pointer rests on a patch, or on a click), ``hov`` (the hovered patch's outlines, not
 #: synced), ``qsrc`` (the server's query vectors: the pinned query, or one this view cannot know —
 #: after a page change, from the query tile; this view's own rests it keeps itself, ``E.rested``),
-#: ``vecs`` / ``ovs`` (per figure, in ``cfg`` order: the page's vectors, and the overlay mosaic
-#: source the browser writes in place), ``link`` (the session's hover link, shared with the other
+#: ``vecs0`` / ``vecs1`` / ``ovs`` (per figure, in ``cfg`` order: the two slots of page vectors —
+#: the config's ``slot`` names the shown page's, the other may hold the next page's, sent ahead and
+#: decoded here while idle — and the overlay mosaic source the browser writes in place), ``link`` (the session's hover link, shared with the other
 #: browser-path views: the query tile), ``key`` (this view's name on the link), ``wasm`` (the
 #: SIMD kernel's module, base64: :mod:`explorer.wasm_dot`) and ``me`` (this
 #: figure's row; -1 for a data change, -2 for a change of the link).
@@ -139,6 +140,8 @@ if (E === undefined) {
 }
 const browser = c.mode !== undefined && c.mode.length > 0 && c.mode[0] === 1;
 const page_now = c.page !== undefined && c.page.length > 0 ? c.page[0] : -1;
+const slot = c.slot !== undefined && c.slot.length > 0 ? c.slot[0] : 0;
+const vecs = slot === 1 ? vecs1 : vecs0, others = slot === 1 ? vecs0 : vecs1;  // shown page's | ahead
 
 function ready(i) {  // figure i holds the vectors of the page the config shows (they come after it)
   const p = vecs[i].data.page;
@@ -337,6 +340,16 @@ if (me === -2) {  // another view hovered a patch: draw its maps now, in the sam
     if (l !== null) paint(l);
   }
   return;
+}
+if (me < 0 && browser) {  // a page sent ahead: decode it while idle, so that its first hover is not slowed
+  for (let i = 0; i < others.length; i++) {
+    const o = others[i].data;
+    if (o.page !== undefined && o.page.length > 0 && o.page[0] === -1 && o.v[0].length > 0 && !E.dec.has(o.v[0])) {
+      const D = c.D[i];
+      const later = (f) => window.requestIdleCallback !== undefined ? window.requestIdleCallback(f) : setTimeout(f, 0);
+      later(() => { if (others[i].data === o && o.norm[0].length * D > 0) decoded(o, D); });  // one layer per idle slot
+    }
+  }
 }
 if (me < 0) {  // page vectors, query vectors or config changed: repaint once, next frame
   // the frame draws with the latest change's view of the sources (several may come in one message)

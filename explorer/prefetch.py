@@ -50,16 +50,18 @@ class PagePrefetch:
     def _key(reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> tuple:
         return id(reader), reader.n_images, tuple(int(i) for i in ids), tuple(layers)
 
-    def request(self, reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> None:
-        """Start reading a page (nothing for an empty page or one already requested)."""
+    def request(self, reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> Future[PageData] | None:
+        """Start reading a page (nothing for an empty page; a page already requested is not read
+        twice); the read's future (None for an empty page)."""
         if not len(ids):
-            return
+            return None
         key = self._key(reader, ids, layers)
         if key in self._futures:
-            return
+            return self._futures[key]
         while len(self._futures) >= self._keep:
             self._futures.pop(next(iter(self._futures))).cancel()
-        self._futures[key] = self._executor().submit(read_page, reader, np.asarray(ids), list(layers))
+        future = self._futures[key] = self._executor().submit(read_page, reader, np.asarray(ids), list(layers))
+        return future
 
     def take(self, reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> PageData | None:
         """The page if it was requested (waiting for a read under way), else None."""

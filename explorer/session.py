@@ -29,7 +29,7 @@ import numbers
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,11 @@ class Scheduler:
         """``done(result, error)`` back on the loop once ``future`` ends (at once, waiting for it,
         when there is no loop): for futures that another thread resolves (the model worker)."""
         if self.synchronous:
-            exc = future.exception()
-            done(None if exc else future.result(), exc)
+            done(*_outcome(future))
             return
 
         def back() -> None:
-            exc = future.exception()
-            done(None if exc else future.result(), exc)
+            done(*_outcome(future))
 
         if self.doc is not None:
             doc, callback = self.doc, in_document(self.doc, back)
@@ -203,6 +201,15 @@ class Scheduler:
             loop = self.loop
             assert loop is not None
             future.add_done_callback(lambda f: loop.call_soon_threadsafe(back))
+
+
+def _outcome(future: Future[Any]) -> tuple[Any, BaseException | None]:
+    """``(result, None)`` or ``(None, error)`` of an ended future; a cancelled one's error is a
+    ``CancelledError`` (``future.exception()`` would raise it instead)."""
+    if future.cancelled():
+        return None, CancelledError()
+    exc = future.exception()
+    return (None, exc) if exc is not None else (future.result(), None)
 
 
 def _next_tick(doc: Any, callback: Callable[[], None]) -> None:

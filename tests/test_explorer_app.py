@@ -595,3 +595,61 @@ def test_every_colour_map_reaches_every_mapper_of_the_page(app):
         assert all(re.fullmatch("#[0-9a-fA-F]{6}", c) for c in palette(name))
         for fig in app.grid.figures:
             assert fig.mapper.palette == want and fig.bar_mapper.palette == want
+
+
+def test_a_paging_session_gets_the_next_pages_vectors_ahead_and_a_switch_to_it_sends_only_its_number(store):
+    """The read-ahead's vectors go into the slot not shown; a switch to that page makes it the
+    shown slot (config ``slot``, the page's number in its ``page`` column) and delivers nothing;
+    a switch elsewhere delivers into the shown slot and leaves the ahead page where it is."""
+    from hoverlay.explorer.app import create_app
+
+    app = create_app(store, page_size=6, ncols=3, k=4).app
+    grid, reader = app.grid, app.state.reader
+    assert grid.browser.slot == 0 and all(src.data["page"] == [-1] or src.data["v"][0].size == 0
+                                          for src in grid.browser.slots[1].values())
+    app.state.page = 2  # the session pages: page 3 is read ahead and sent into slot 1
+    browser = grid.browser
+    nxt = np.arange(12, 18)
+    for layer, src in browser.slots[1].items():
+        assert src.data["page"] == [-1]
+        want = reader.vectors(layer, nxt).reshape(-1)
+        np.testing.assert_array_equal(unpack(src.data["v"][0], src.data["mask"][0], want.size), want)
+    ahead = {layer: src.data["v"][0] for layer, src in browser.slots[1].items()}
+    app.state.page = 3
+    number = browser.page_number
+    assert browser.slot == 1 and grid.shared.config.data["slot"] == [1] * len(browser.slots[1])
+    assert grid.shared.config.data["page"][0] == number
+    for layer, src in browser.vectors.items():
+        assert src.data["page"] == [number] and src.data["v"][0] is ahead[layer]  # not sent again
+    assert browser.vectors is browser.slots[1] and grid.path.sent_bytes == browser.sent_bytes > 0
+    # page 4 went ahead into slot 0; going back to page 2 instead delivers into the shown slot (1)
+    ahead0 = {layer: src.data["v"][0] for layer, src in browser.slots[0].items()}
+    assert all(src.data["page"] == [-1] for src in browser.slots[0].values())
+    app.state.page = 2
+    assert browser.slot == 1
+    for layer, src in browser.vectors.items():
+        assert src.data["page"] == [browser.page_number]
+        want = reader.vectors(layer, np.arange(6, 12)).reshape(-1)
+        np.testing.assert_array_equal(unpack(src.data["v"][0], src.data["mask"][0], want.size), want)
+    # ... and its own next page (3) replaced page 4 in the other slot
+    for layer, src in browser.slots[0].items():
+        assert src.data["page"] == [-1] and src.data["v"][0] is not ahead0[layer]
+        want = reader.vectors(layer, np.arange(12, 18)).reshape(-1)
+        np.testing.assert_array_equal(unpack(src.data["v"][0], src.data["mask"][0], want.size), want)
+
+
+def test_no_page_goes_ahead_when_two_pages_exceed_the_budget(store):
+    from hoverlay.explorer.app import create_app
+    from hoverlay.explorer.browser_hover import page_vector_bytes
+
+    app = create_app(store, page_size=6, ncols=3, k=4).app
+    reader = app.state.reader
+    reader_geoms = {n: (reader.geometry(n).height, reader.geometry(n).width, reader.geometry(n).dim)
+                    for n in app.grid.browser.vectors}
+    one_page = page_vector_bytes(6, reader_geoms)
+    tight = create_app(store, page_size=6, ncols=3, k=4, browser_hover_budget=int(1.5 * one_page)).app
+    assert tight.grid.path.browser  # one page fits
+    tight.state.page = 2
+    tight.state.page = 3
+    assert tight.grid.browser.slot == 0
+    assert all(src.data["v"][0].size == 0 for src in tight.grid.browser.slots[1].values())

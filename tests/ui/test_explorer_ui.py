@@ -428,6 +428,58 @@ def test_a_page_shows_before_its_vectors_arrive_and_a_move_meanwhile_is_drawn_wh
         np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, err_msg=layer)
 
 
+def next_page(page) -> None:
+    first = model_data(page, "grid-labels")["text"][0]
+    page.get_by_role("button", name="next ▶").click()
+    page.wait_for_function("(first) => Bokeh.documents[0].get_model_by_name('grid-labels').data.text[0] !== first",
+                           arg=first)
+
+
+AHEAD_HELD = """() => { const d = Bokeh.documents[0], cfg = d.get_model_by_name('grid-config').data;
+    const other = cfg.slot[0] === 1 ? 'grid-vectors:' : 'grid-vectors-1:';
+    return ['fine', 'coarse'].every(l => { const v = d.get_model_by_name(other + l).data;
+                                           return v.page[0] === -1 && v.v[0].length > 0; }); }"""
+
+
+def test_paging_on_the_next_pages_vectors_come_ahead_and_a_switch_to_it_sends_none(page, server, reader):
+    """After a session's first switch, the page after the shown one goes into the browser's other
+    vectors slot; switching to it sends no vectors (the browser's arrays stay the same objects),
+    the page is hoverable at once and its maps are the stored vectors' — twice, through both slots."""
+    frames: list[int] = []  # sizes of the binary frames (Bokeh sends each array buffer as one)
+    page.on("websocket", lambda ws: ws.on("framereceived",
+                                          lambda p: frames.append(len(p)) if isinstance(p, bytes) else None))
+    open_app(page, server)
+    frames.clear()
+    next_page(page)  # the session pages: from now on the next page comes ahead
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-vectors:fine').data.page[0]"
+                           " === Bokeh.documents[0].get_model_by_name('grid-config').data.page[0]")
+    sent = page.evaluate("['fine', 'coarse'].map(l => Bokeh.documents[0].get_model_by_name('grid-vectors:' + l).data.v[0].byteLength)")
+    assert set(sent) <= set(frames)  # a switch to a page not sent ahead: its vectors arrive as frames of these sizes
+    for k in range(2):
+        page.wait_for_function(AHEAD_HELD, timeout=15_000)
+        slot = model_data(page, "grid-config")["slot"][0]
+        page.evaluate("""(slot) => { const d = Bokeh.documents[0];
+            window.__ahead = ['fine', 'coarse'].map(l => d.get_model_by_name((slot === 1 ? 'grid-vectors:' : 'grid-vectors-1:') + l).data.v[0]); }""",
+                      slot)
+        ahead_sizes = set(page.evaluate("window.__ahead.map(a => a.byteLength)"))
+        page.wait_for_function("""() => { const E = Bokeh.documents[0].get_model_by_name('grid-config')._hoverlay;
+            return E !== undefined && window.__ahead.every(a => E.dec.has(a)); }""", timeout=10_000)  # decoded while idle
+        frames.clear()
+        next_page(page)
+        ids = page_ids(page)
+        assert ids == list(range((2 + k) * PAGE_SIZE, (3 + k) * PAGE_SIZE))
+        cfg = model_data(page, "grid-config")
+        assert cfg["slot"][0] == 1 - slot
+        assert page.evaluate("""(slot) => { const d = Bokeh.documents[0], cfg = d.get_model_by_name('grid-config').data;
+            return ['fine', 'coarse'].every((l, i) => { const v = d.get_model_by_name((slot === 1 ? 'grid-vectors-1:' : 'grid-vectors:') + l).data;
+                return v.page[0] === cfg.page[0] && v.v[0] === window.__ahead[i]; }); }""", 1 - slot)
+        assert not ahead_sizes & set(frames)  # the switch's messages carry no page vectors
+        hover_cell(page, 3, (2, 5))
+        for layer in ("fine", "coarse"):
+            want = expected_maps(reader, ids[3], (2, 5), layer, ids)
+            np.testing.assert_allclose(overlays(page, layer), want, atol=2e-3, err_msg=f"{layer}, switch {k}")
+
+
 def test_click_pins_and_unpins_the_query(page, server, reader):
     open_app(page, server)
     hover_cell(page, 1, (2, 3))
