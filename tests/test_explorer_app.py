@@ -341,6 +341,30 @@ def test_scheduler_runs_deferred_work_in_a_running_loop_and_inline_without_one()
     assert sorted(asyncio.run(main())) == ["ZeroDivisionError", "timer"]
 
 
+def test_when_done_reports_a_cancelled_future_as_an_error_instead_of_raising():
+    """The read-ahead cancels pages it no longer keeps; whoever waits on one hears CancelledError."""
+    import asyncio
+    from concurrent.futures import CancelledError, Future
+
+    from hoverlay.explorer.session import Scheduler
+
+    got: list = []
+    gone: Future = Future()
+    gone.cancel()
+    Scheduler(None).when_done(gone, lambda r, e: got.append((r, type(e))))
+    assert got == [(None, CancelledError)]
+
+    async def main() -> list:
+        out: list = []
+        later: Future = Future()
+        Scheduler(None).when_done(later, lambda r, e: out.append((r, type(e))))
+        later.cancel()
+        await asyncio.sleep(0.05)
+        return out
+
+    assert asyncio.run(main()) == [(None, CancelledError)]
+
+
 def test_numeric_inputs_pin_an_exact_query(app):
     qimage, qy, qx = app.controls.query_inputs
     qimage.value, qy.value, qx.value = 5, 7, 2
