@@ -63,7 +63,7 @@ class TopKPanel(pn.viewable.Viewer):
         self._searched: tuple[Query, int, str] | None = None
         # HTML, every value escaped: a Markdown pane rendered its text anew on every rest (~4%
         # of a loaded server's GIL time, for two headings)
-        self.head = pn.pane.HTML(HINT, margin=(0, 10))
+        self.head = pn.pane.HTML(HINT, margin=(10, 10, 0, 10))  # as the query view's: clear of its colour bars
         self.cards = TopKCards(on_open=self.state.open_image, sizing_mode="stretch_width")
         self._layout = pn.Column(self.head, self.cards, margin=0, sizing_mode="stretch_width",
                                  visible=self.source == "settled")
