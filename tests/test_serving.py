@@ -252,6 +252,22 @@ def test_liveness_and_the_store_selector(main, stores):
     run(go())
 
 
+def test_the_first_document_holds_the_grid_and_the_views_below_it_join_once_it_is_drawn(main):
+    """The pulled document has the sidebar, the grid and the query view but not the top-k panels
+    or the pair view; ``document_ready`` (what BokehJS sends once it has drawn the page) brings
+    them (the twenty-session test below has their rests answered)."""
+    def topk_cards(s: BokehSession) -> list:
+        return list(s.find(lambda m: m.attributes.get("class_name") == "TopKCards"))
+
+    async def go():
+        async with session(main.url) as s:  # open() sends document_ready last; nothing read since
+            assert s.named("grid-rgb") and s.widget("Store") is not None
+            assert topk_cards(s) == []
+            await s.wait_for(lambda: len(topk_cards(s)) == 2)  # A's panel and B's
+
+    run(go())
+
+
 # ====================================================================== build while serving
 def _append(writer: StoreWriter, start: int, n: int, seed: int) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -233,6 +233,10 @@ def test_pointer_moves_send_no_websocket_frame_until_the_pointer_rests(page, ser
     sent: list[tuple[float, str]] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append((time.monotonic(), payload))))
     open_app(page, server)
+    # the page's one-time messages are done: the views below the grid have joined, and the URL
+    # write-back (which the browser reports) has happened
+    page.wait_for_function("() => [...Bokeh.index.query(v => v.model.class_name === 'TopKCards')].length === 2"
+                           " && location.search.includes('page_size=')")
     settle(page, 500)
     ptr_id = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-pointer').id")
     cells = [(i % PAGE_SIZE, ((3 * i) % FINE[0], (5 * i) % FINE[1])) for i in range(50)]  # all different
@@ -510,6 +514,9 @@ def test_url_state_sets_layer_query_and_page(page, server, reader):
     ids = page_ids(page)
     assert ids == list(range(PAGE_SIZE, 2 * PAGE_SIZE))
     page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2""")
+    # the pin is in the pulled document; its maps are drawn once the server re-sends the query on load
+    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-overlay:coarse').data.image[0]
+                                        .some(v => !Number.isNaN(v))""")
     q = reader.vectors("coarse", 9)[1, 2].astype(np.float64)
     want = np.einsum("nhwd,d->nhw", reader.vectors("coarse", np.asarray(ids)).astype(np.float64), q)
     np.testing.assert_allclose(overlays(page, "coarse"), want, atol=2e-3)
