@@ -100,7 +100,7 @@ class Controls(pn.viewable.Viewer):
                    w.Checkbox.from_param(p.live_topk, **labelled(w.Checkbox, "after each hover"),
                                          margin=(28, 10, 0, 10))),
             topk_b,
-            width=290, name="hoverlay-sidebar",  # the model's name: what tests wait for
+            width=290,
         )
         self._on_message()
         self._sync()
