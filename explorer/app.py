@@ -63,8 +63,8 @@ class ExplorerApp(pn.viewable.Viewer):
         # row and the grid. The views below the grid (the pair view, hidden until a second pin, and
         # both top-k panels, empty until a query) join it once the browser has drawn it
         # (:meth:`on_load`), in their places: nothing above them moves. Measured on a 200-image v2
-        # store (2 cores, A/B): the grid drawn ~90 ms sooner at open (of ~1.4 s), hoverable ~100 ms
-        # sooner. Deferring the sidebar too saved ~0.16 s more but it then appeared ~0.5 s after
+        # store (2 cores, two A/Bs): the grid drawn 70-90 ms sooner at open (of ~1.5 s), hoverable
+        # 80-100 ms sooner. Deferring the sidebar too saved ~0.16 s more but it then appeared ~0.5 s after
         # the grid, later than it does now; the sidebar stays in the first document.
         self._views = [self.controls.message, self.upload, self.grid, self.pair, self.query_view, self.topk,
                        self.topk_b]
