@@ -210,22 +210,16 @@ class BrowserHover:
         self._ahead = ids.copy()
         return True
 
-    def deliver(self, number: int,
-                vectors: Mapping[str, tuple[np.ndarray, np.ndarray] | sparse_fp16.PackedLayer] | None) -> bool:
-        """Send page ``number``'s vectors ``{layer: (float16 (n,H,W,D), float32 (n,H,W))}`` or
-        already packed (:class:`~explorer.sparse_fp16.PackedLayer`); None or an empty page: none,
-        the server path. False, sending nothing, when another page was announced since (its own
-        vectors follow)."""
+    def deliver(self, number: int, vectors: Mapping[str, sparse_fp16.PackedLayer] | None) -> bool:
+        """Send page ``number``'s vectors, packed (:class:`~explorer.sparse_fp16.PackedLayer`); None
+        or an empty page: none, the server path. False, sending nothing, when another page was
+        announced since (its own vectors follow)."""
         if number != self.page_number:
             return False
         n = 0 if self._page is None else len(self._page)
         self.sent_bytes = 0
         for layer, src in self.vectors.items():
-            if vectors is None or not n:
-                packed = sparse_fp16.PackedLayer.empty()
-            else:
-                given = vectors[layer]
-                packed = given if isinstance(given, sparse_fp16.PackedLayer) else sparse_fp16.PackedLayer.of(*given)
+            packed = sparse_fp16.PackedLayer.empty() if vectors is None or not n else vectors[layer]
             src.data = {"v": [packed.bits], "mask": [packed.mask], "norm": [packed.norms], "page": [number]}
             self.sent_bytes += packed.nbytes
         return True

@@ -23,12 +23,11 @@ figure's spacing in the config source and maps positions between figures by tile
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -199,7 +198,7 @@ def tile_uri(pixels: np.ndarray) -> str:
     return jpeg.data_uri(jpeg.encode(pixels))
 
 
-@functools.cache
+@cache
 def palette(name: str) -> tuple[str, ...]:
     """A colour map's 256 colours (names HoloViews resolves without matplotlib), each checked
     once here to be ``#rrggbb``: the mappers below are built without Bokeh's own check."""

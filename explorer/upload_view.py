@@ -42,6 +42,7 @@ from .figures import (
 from .query_worker import QueryWorkerError, shared_worker, shared_worker_config
 from .resources import cached, storage_options_of
 from .session import Scheduler, pointer_cell
+from .sparse_fp16 import PackedLayer
 from .state import ExplorerState
 from .text import as_plain_markdown, client_message
 from .widgets import button, labelled
@@ -241,8 +242,8 @@ class UploadView(pn.viewable.Viewer):
                 vectors = {}
                 for name in layers:
                     n, h, w = blocks[name].shape
-                    vectors[name] = (blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
-                                     blocks[name].norms.reshape(n, h, w))
+                    vectors[name] = PackedLayer.of(blocks[name].vectors.reshape(n, h, w, -1).astype(np.float16),
+                                                   blocks[name].norms.reshape(n, h, w))
             self.browser.deliver(self.browser.page_number, vectors)
 
     @param.depends("state.cmap", "state.alpha", watch=True)

@@ -666,11 +666,9 @@ def test_no_page_goes_ahead_when_two_pages_exceed_the_budget(store):
     from hoverlay.explorer.app import create_app
     from hoverlay.explorer.browser_hover import page_vector_bytes
 
-    app = create_app(store, page_size=6, ncols=3, k=4).app
-    reader = app.state.reader
-    reader_geoms = {n: (reader.geometry(n).height, reader.geometry(n).width, reader.geometry(n).dim)
-                    for n in app.grid.browser.vectors}
-    one_page = page_vector_bytes(6, reader_geoms)
+    reader = open_store(store)
+    geometries = {n: reader.geometry(n) for n in ("fine", "coarse")}  # the layers shown
+    one_page = page_vector_bytes(6, {n: (g.height, g.width, g.dim) for n, g in geometries.items()})
     tight = create_app(store, page_size=6, ncols=3, k=4, browser_hover_budget=int(1.5 * one_page)).app
     assert tight.grid.path.browser  # one page fits
     tight.state.page = 2
