@@ -121,6 +121,13 @@ def hover_cell(page, tile: int, cell: tuple[int, int], grid=FINE, steps: int = 5
     settle(page)
 
 
+def wait_for_url_pin_maps(page, layer: str) -> None:
+    """A URL's pin is in the pulled document; its maps are drawn once the server re-sends the
+    query on load (``GridView.on_load``): wait for them, not for the pin."""
+    page.wait_for_function(f"""() => Bokeh.documents[0].get_model_by_name('grid-overlay:{layer}').data.image[0]
+                                         .some(v => !Number.isNaN(v))""")
+
+
 def settle(page, quiet_ms: int = 250) -> None:
     """Wait until no overlay update arrived for ``quiet_ms`` (intermediate cells of a move also update)."""
     page.wait_for_function(f"""() => {{
@@ -514,9 +521,7 @@ def test_url_state_sets_layer_query_and_page(page, server, reader):
     ids = page_ids(page)
     assert ids == list(range(PAGE_SIZE, 2 * PAGE_SIZE))
     page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2""")
-    # the pin is in the pulled document; its maps are drawn once the server re-sends the query on load
-    page.wait_for_function("""() => Bokeh.documents[0].get_model_by_name('grid-overlay:coarse').data.image[0]
-                                        .some(v => !Number.isNaN(v))""")
+    wait_for_url_pin_maps(page, "coarse")
     q = reader.vectors("coarse", 9)[1, 2].astype(np.float64)
     want = np.einsum("nhwd,d->nhw", reader.vectors("coarse", np.asarray(ids)).astype(np.float64), q)
     np.testing.assert_allclose(overlays(page, "coarse"), want, atol=2e-3)
@@ -568,6 +573,7 @@ def test_plain_panel_serve_of_the_app_module(page, store, reader, tmp_path):
     try:
         open_app(page, plain.url + "app_module", "?query=2,3,1")
         page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('grid-pin').data.fig.length === 2")
+        wait_for_url_pin_maps(page, "fine")
         want = expected_maps(reader, 2, (3, 1), "fine", page_ids(page))
         np.testing.assert_allclose(overlays(page, "fine"), want, atol=2e-3)
     finally:
