@@ -131,6 +131,27 @@ def test_sweep_tab_only_for_stores_with_copies(sweep_store, tmp_path):
     assert list(app.tabs._names) == ["Explorer", "Transform sweep"]
 
 
+def test_every_page_kind_passes_bokehs_integrity_check(sweep_store, tmp_path):
+    """Served sessions skip Bokeh's per-document check (``explorer.serve.skip_session_validation``):
+    here it runs on the page kinds — one store, the sweep store with its tab shown, two stores."""
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    from hoverlay.explorer.app import create_app
+    from hoverlay.explorer.serve import document_errors
+
+    plain = str(tmp_path / "plain")
+    make_synthetic_store(plain, 6, layers={"other": LayerGeometry(4, 4, 8)}, image_size=S, chunk=4)
+    for stores in ([plain], [sweep_store], [sweep_store, plain]):
+        doc = Document()
+        with set_curdoc(doc):
+            layout = create_app(stores)
+            doc.add_root(layout.get_root(doc))
+            if layout.app.tabs is not None:
+                layout.app.tabs.active = 1
+        assert document_errors(doc) == [], stores
+
+
 # ------------------------------------------------------------------------------------ groups
 def test_group_palette_index_and_colours():
     groups = np.array([[0, 1, -1], [2, 21, 3]], dtype=np.int16)

@@ -60,3 +60,40 @@ def test_a_page_that_cannot_be_built_is_left_to_the_session(store, caplog):
     with caplog.at_level(logging.INFO, logger="hoverlay.explorer.serve"):
         serve.warm_up([store], {"page_size": -3})  # no exception: the session shows the message
     assert "warming up a session of" in caplog.text and "page_size" in caplog.text
+
+
+def test_warm_up_reports_a_page_that_fails_bokehs_integrity_check(store, caplog, monkeypatch):
+    """Sessions skip Bokeh's per-document check (``skip_session_validation``); the warm-up page
+    runs it once per start, so a page the app builds wrong still says so in the log."""
+    import panel as pn
+    from bokeh.models import ColumnDataSource, Plot, Scatter
+
+    from hoverlay.explorer import app as app_module
+    from hoverlay.explorer import serve
+
+    def broken(*args, **kw):
+        plot = Plot()
+        plot.add_glyph(ColumnDataSource({"x": [1]}), Scatter(x="x", y="no_such_column"))
+        return pn.pane.Bokeh(plot)
+
+    monkeypatch.setattr(app_module, "create_app", broken)
+    with caplog.at_level(logging.ERROR, logger="hoverlay.explorer.serve"):
+        serve.warm_up([store], {})
+    assert "integrity check" in caplog.text and "no_such_column" in caplog.text
+
+
+def test_sessions_skip_bokehs_document_check_unless_the_environment_asks_for_it(monkeypatch):
+    from bokeh.settings import settings
+
+    from hoverlay.explorer import serve
+
+    try:
+        monkeypatch.delenv("BOKEH_VALIDATE_DOC", raising=False)
+        serve.skip_session_validation()
+        assert settings.perform_document_validation() is False
+        settings.perform_document_validation.unset_value()
+        monkeypatch.setenv("BOKEH_VALIDATE_DOC", "true")
+        serve.skip_session_validation()
+        assert settings.perform_document_validation() is True
+    finally:
+        settings.perform_document_validation.unset_value()
