@@ -133,12 +133,12 @@ class BrowserHover:
         self.figures = list(figures)
         self.shared = shared
         self.link = link if link is not None else HoverLink()
-        self.hover = ColumnDataSource(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
-        self.query = ColumnDataSource(self._query_columns(), name=f"{prefix}-query")
+        self.hover = shared.source(empty_columns(OUTLINE_COLUMNS), name=f"{prefix}-hover", syncable=False)
+        self.query = shared.source(self._query_columns(), name=f"{prefix}-query")
         #: two slots of page vectors per layer: the shown page's (:attr:`slot`) and one sent ahead
-        self.slots = [{fig.layer: ColumnDataSource({"v": [np.zeros(0, np.uint16)], "mask": [np.zeros(0, np.uint8)],
-                                                    "norm": [np.zeros(0, np.float32)], "page": [0]},
-                                                   name=f"{prefix}-vectors{suffix}:{fig.layer}")
+        self.slots = [{fig.layer: shared.source({"v": [np.zeros(0, np.uint16)], "mask": [np.zeros(0, np.uint8)],
+                                                 "norm": [np.zeros(0, np.float32)], "page": [0]},
+                                                name=f"{prefix}-vectors{suffix}:{fig.layer}")
                        for fig in self.figures} for suffix in ("", "-1")]
         #: the slot the shown page's vectors are in (the config tells the browser)
         self.slot = 0

@@ -269,7 +269,8 @@ class CompareView(pn.viewable.Viewer):
             spec = grid_specs({side.key: side.hw}, slots, ncols, s, state.tile_px, label_band=0.16)[side.key]
             specs[side.key] = spec
             own = SharedSources.create(f"compare-{side.key}")
-            shared = SharedSources(rgb=own.rgb, labels=own.labels, pointer=self.pointer, pin=pin, config=config)
+            shared = SharedSources(rgb=own.rgb, labels=own.labels, pointer=self.pointer, pin=pin, config=config,
+                                   selection=own.selection, policy=own.policy)
             shareds.append(shared)
             side.engine = OverlayEngine(side.reader, [side.layer])
             side.engine.set_page(side.page_ids)

@@ -215,9 +215,9 @@ class GroupsOverlay(pn.viewable.Viewer):
         self._figures = [f for f in figures if f.layer in self.layers]
         self._sources, self._renderers, self._page_groups = {}, {}, {}
         for fig in self._figures:
-            src = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)], "x": [0.0], "y": [0.0],
-                                    "dw": [fig.spec.data_width], "dh": [fig.spec.data_height]},
-                                   name=f"grid-groups:{fig.layer}")
+            src = fig.shared.source({"image": [np.zeros((1, 1), np.uint32)], "x": [0.0], "y": [0.0],
+                                     "dw": [fig.spec.data_width], "dh": [fig.spec.data_height]},
+                                    name=f"grid-groups:{fig.layer}")
             groups_r = fig.plot.add_glyph(src, ImageRGBA(image="image", x="x", y="y", dw="dw", dh="dh"),
                                           level="overlay", visible=False)
             similarity_r = next(r for r in fig.plot.renderers if getattr(r, "glyph", None) is fig.glyph)

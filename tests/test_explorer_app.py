@@ -163,6 +163,21 @@ def test_browser_path_sends_page_vectors_once_and_the_query_only_when_it_changes
     assert all(src.data["page"] == [number + 1] for src in app.grid.browser.vectors.values())
 
 
+def test_the_grids_sources_share_one_selection_and_policy(browser_app):
+    """Nothing in the explorer selects, so a grid's sources share one ``Selection`` and one
+    selection policy instead of two models each (``SharedSources.source``)."""
+    from bokeh.models import ColumnDataSource
+
+    grid = browser_app.grid
+    sources = {m for fig in grid.figures for m in fig.plot.references()
+               if isinstance(m, ColumnDataSource) and m.name.startswith("grid-")}
+    sources |= {grid.browser.hover, grid.browser.query, *(s for slot in grid.browser.slots for s in slot.values())}
+    # images, captions, pointer, pin, config; an overlay per figure; hover, query; two vector slots per figure
+    assert len(sources) == 5 + len(grid.figures) + 2 + 2 * len(grid.figures)
+    assert {id(s.selected) for s in sources} == {id(grid.shared.selection)}
+    assert {id(s.selection_policy) for s in sources} == {id(grid.shared.policy)}
+
+
 def test_a_page_over_the_byte_budget_takes_the_server_path_and_says_so(store):
     from hoverlay.explorer.app import create_app
 
