@@ -12,7 +12,8 @@ the event loop. How to "wait" and how to come back depends on where the app live
 
 Under overload a session's pointer moves must not queue: :class:`LatestPointerWins` (the
 server's websocket handler) drops the moves a newer one of the same session supersedes before
-the loop gets to them, and the rest timer does not fire while such input waits.
+the loop gets to them, and the rest timer does not fire while such input waits. It also says
+when a page has pulled its document, for what should follow it at once (:func:`after_pull`).
 
 Process-wide events have to reach sessions too: a new commit of a store (:mod:`explorer.reload`)
 and a client update the app refused (a widget value no real page can send). Served sessions are
