@@ -263,7 +263,8 @@ def open_and_switch(browser: Any, url: str, repeats: int, browser_path: bool) ->
     return out
 
 
-def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: str) -> list[dict[str, Any]]:
+def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: str,
+             repeats: int = 5) -> list[dict[str, Any]]:
     from playwright.sync_api import sync_playwright
 
     budget = "32M" if path == "browser" else "0"
@@ -276,7 +277,7 @@ def run_path(store: str, path: str, sessions: list[int], moves: int, workdir: st
             try:
                 row: dict[str, Any] = {"path": path, "sessions": n}
                 if n == sessions[0]:
-                    row.update(open_and_switch(browser, server.url, 3, path == "browser"))
+                    row.update(open_and_switch(browser, server.url, repeats, path == "browser"))
                 page = browser.new_page(viewport={"width": 1600, "height": 1300})
                 page.goto(server.url)
                 page.wait_for_function(PAGE_READY if path == "server" else PAGE_HOVERABLE, timeout=60_000,
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--moves", type=int, default=150, help="measured pointer moves in Chromium per row")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 20, 50])
+    p.add_argument("--repeats", type=int, default=5,
+                   help="page opens (each with three switches) behind the open and switch p50s")
     p.add_argument("--paths", nargs="+", default=["browser", "server"], choices=["browser", "server"])
     p.add_argument("--stores", default=None, help="folder to keep the synthetic store in")
     p.add_argument("--geometry", default="v2", choices=list(GEOMETRIES),
@@ -325,11 +328,13 @@ def main(argv: list[str] | None = None) -> None:
         if not os.path.exists(os.path.join(store, "index", f"{layer}.faiss")):
             print("index", layer, build_index(store, layer), flush=True)
     workdir = tempfile.mkdtemp(prefix="hoverlay-bench-logs-")
-    rows = [row for path in args.paths for row in run_path(store, path, args.sessions, args.moves, workdir)]
+    rows = [row for path in args.paths
+            for row in run_path(store, path, args.sessions, args.moves, workdir, args.repeats)]
     path = report(args.name, rows, extra={
         "page": PAGE, "layers": LAYERS, "geometry": args.geometry, "targets": {"paint_p50_ms": 16, "paint_p99_ms": 33, "open_ms": 1000,
                                                      "switch_ms": 300},
         "open_and_switch": "shown: the page's images and captions painted; hoverable: its vectors in the browser too",
+        "repeats": args.repeats,
         "peer": "the same server with --browser-hover-budget 0 (the server path: one message per patch change)"})
     print(f"\nwrote {path}")
 
