@@ -33,6 +33,7 @@ from .controls import Controls
 from .grid_view import GridView
 from .pair_view import QueryPairView
 from .query_view import QueryPatchView
+from .session import served
 from .state import URL_PARAMETERS, ExplorerState
 from .sweep_view import SweepView, has_sweeps
 from .topk_panel import TopKPanel
@@ -69,7 +70,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self._views = [self.controls.message, self.upload, self.grid, self.pair, self.query_view, self.topk,
                        self.topk_b]
         self._later = (self.pair, self.topk, self.topk_b)
-        self._complete = pn.state.curdoc is None or pn.state.curdoc.session_context is None
+        self._complete = not served(pn.state.curdoc)
         main = pn.Column(*(v for v in self._views if self._complete or v not in self._later),
                          margin=(0, 0, 0, 16))
         self._main = main
@@ -145,7 +146,7 @@ def create_app(stores: Sequence[str] | str, **options: Any) -> pn.viewable.Viewa
     """
     urls = [stores] if isinstance(stores, str) else list(stores)
     doc = pn.state.curdoc
-    location = pn.state.location if doc is not None and doc.session_context is not None else None
+    location = pn.state.location if served(doc) else None
     if location is None:
         app = ExplorerApp(urls, **options)
     else:

@@ -42,8 +42,16 @@ from .figures import (
     restyle,
 )
 from .groups_view import GROUP_PALETTE, GroupsOverlay
-from .prefetch import PageData, PagePrefetch
-from .session import Scheduler, after_pull, document_pulled, pointer_cell, pointer_flag, set_nodelay
+from .prefetch import PageData, PagePrefetch, read_vectors
+from .session import (
+    Scheduler,
+    after_pull,
+    document_pulled,
+    pointer_cell,
+    pointer_flag,
+    served,
+    set_nodelay,
+)
 from .sparse_fp16 import PackedLayer
 from .state import ExplorerState, PageView
 from .widgets import button, colored
@@ -87,7 +95,7 @@ class GridView(pn.viewable.Viewer):
         self._damaged_shown: set[int] = set()
         self._nodelay = False
         # the page has loaded (on_load); outside a server session there is nothing to wait for
-        self._loaded = self._doc is None or self._doc.session_context is None
+        self._loaded = not served(self._doc)
         self.figures: list[LayerFigure] = []
         self.shown_images = np.empty(0, dtype=np.int64)
         self.path = HoverPath(False, 0, self.state.browser_hover_budget)
@@ -268,8 +276,8 @@ class GridView(pn.viewable.Viewer):
         """Page ``number``'s vectors, unless the page, the figures or the store changed since."""
         if browser is not self.browser or reader is not self.state.reader or number != browser.page_number:
             return
-        vectors = {name: ahead[name] if ahead is not None and name in ahead
-                   else PackedLayer.of(reader.vectors(name, ids), reader.norms(name, ids)) for name in browser.vectors}
+        ahead = ahead or {}
+        vectors = {**ahead, **read_vectors(reader, ids, [name for name in browser.vectors if name not in ahead])}
         # before the page has loaded, Bokeh's sources directly (session.after_pull says why); the
         # page info, a Panel pane, follows at load
         with pn.io.hold(self._doc) if self._loaded else contextlib.nullcontext():

@@ -33,9 +33,13 @@ class PageData:
     vectors: dict[str, PackedLayer]
 
 
+def read_vectors(reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> dict[str, PackedLayer]:
+    """Each layer's vectors and norms of images ``ids``, packed as the browser receives them."""
+    return {name: PackedLayer.of(reader.vectors(name, ids), reader.norms(name, ids)) for name in layers}
+
+
 def read_page(reader: StoreReader, ids: np.ndarray, layers: Sequence[str]) -> PageData:
-    return PageData(reader.pixels(ids), {name: PackedLayer.of(reader.vectors(name, ids), reader.norms(name, ids))
-                                         for name in layers})
+    return PageData(reader.pixels(ids), read_vectors(reader, ids, layers))
 
 
 class PagePrefetch:

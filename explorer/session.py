@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 _SESSIONS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
+def served(doc: Any) -> bool:
+    """Whether ``doc`` is a Bokeh server session's document (not a notebook's or a script's,
+    and not one Bokeh has destroyed): only it has a document lock, a server loop and a page
+    that pulls it."""
+    return doc is not None and getattr(doc, "session_context", None) is not None
+
+
 def in_document(doc: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with Panel's current document set to ``doc``.
 
@@ -129,7 +136,7 @@ class Scheduler:
     """Timers and worker-thread jobs for one session, in whatever loop the session has."""
 
     def __init__(self, doc: Any):
-        self.doc = doc if doc is not None and getattr(doc, "session_context", None) is not None else None
+        self.doc = doc if served(doc) else None
         self.loop: asyncio.AbstractEventLoop | None = None
         if self.doc is None:
             with contextlib.suppress(RuntimeError):
@@ -409,7 +416,7 @@ def after_pull(doc: Any, fn: Callable[[], None]) -> bool:
     (``pn.io.hold``: it expects them in the document the page pulls), so ``fn`` changes Bokeh
     models directly, outside that hold; Bokeh sends them as the page's first patches.
     """
-    if doc is None or getattr(doc, "session_context", None) is None:
+    if not served(doc):
         return False
     waiting = _AFTER_PULL.get(doc, [])
     if waiting is None:
@@ -431,7 +438,7 @@ def document_pulled(doc: Any) -> None:
     waiting = _AFTER_PULL.get(doc)
     _AFTER_PULL[doc] = None
     for fn in waiting or ():
-        doc.add_next_tick_callback(in_document(doc, fn))
+        _next_tick(doc, in_document(doc, fn))
 
 
 def install_latest_pointer_wins() -> None:
@@ -452,7 +459,7 @@ def register_session(app: Any, doc: Any) -> bool:
     Returns False (and remembers nothing) outside a server session: a notebook's app has no
     document lock to take and no server loop to be called back on.
     """
-    if doc is None or getattr(doc, "session_context", None) is None:
+    if not served(doc):
         return False
     _SESSIONS[doc] = app
     doc.on_session_destroyed(lambda context: _forget(doc))
