@@ -124,9 +124,8 @@ class BokehSession:
     # ---------------------------------------------------------------- opening
     @classmethod
     async def open(cls, base_url: str, query: str = "", cookies: dict[str, str] | None = None,
-                   origin: str | None = None, timeout: float = 60.0, ready: bool = True) -> BokehSession:
-        """GET ``base_url + query`` like a browser, connect the session's websocket, pull the doc
-        (and, unless ``ready`` is False, say it is drawn: :meth:`ready`)."""
+                   origin: str | None = None, timeout: float = 60.0) -> BokehSession:
+        """GET ``base_url + query`` like a browser, connect the session's websocket, pull the doc."""
         headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in (cookies or {}).items())} if cookies else {}
         try:
             resp = await AsyncHTTPClient().fetch(HTTPRequest(base_url + query, headers=headers,
@@ -137,12 +136,11 @@ class BokehSession:
         match = TOKEN.search(resp.body.decode(errors="replace"))
         if match is None:
             raise SessionRefused(f"GET {base_url + query}: no session token in the page")
-        return await cls.connect(base_url, match.group(1), cookies=cookies, origin=origin, timeout=timeout,
-                                 ready=ready)
+        return await cls.connect(base_url, match.group(1), cookies=cookies, origin=origin, timeout=timeout)
 
     @classmethod
     async def connect(cls, base_url: str, token: str, cookies: dict[str, str] | None = None,
-                      origin: str | None = None, timeout: float = 60.0, ready: bool = True) -> BokehSession:
+                      origin: str | None = None, timeout: float = 60.0) -> BokehSession:
         """Open ``/ws`` with a session token (as the page's script does) and pull the document."""
         ws_url = re.sub(r"^http", "ws", base_url.split("?")[0].rstrip("/")) + "/ws"
         headers = {"Origin": origin or re.sub(r"^(https?://[^/]+).*$", r"\1", base_url)}
@@ -173,8 +171,7 @@ class BokehSession:
         for root in doc["roots"]:
             decode(root)
         self._reader = asyncio.ensure_future(self._read_loop())
-        if ready:
-            self.ready()
+        self.ready()
         return self
 
     def ready(self) -> None:

@@ -17,7 +17,6 @@ pointer back to it; it decides nothing about what is shown. The hover path:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
@@ -43,15 +42,7 @@ from .figures import (
 )
 from .groups_view import GROUP_PALETTE, GroupsOverlay
 from .prefetch import PageData, PagePrefetch, read_vectors
-from .session import (
-    Scheduler,
-    after_pull,
-    document_pulled,
-    pointer_cell,
-    pointer_flag,
-    served,
-    set_nodelay,
-)
+from .session import Scheduler, pointer_cell, pointer_flag, set_nodelay
 from .sparse_fp16 import PackedLayer
 from .state import ExplorerState, PageView
 from .widgets import button, colored
@@ -94,8 +85,6 @@ class GridView(pn.viewable.Viewer):
         self._read_ahead_for: np.ndarray | None = None  # the shown page whose successor was requested
         self._damaged_shown: set[int] = set()
         self._nodelay = False
-        # the page has loaded (on_load); outside a server session there is nothing to wait for
-        self._loaded = not served(self._doc)
         self.figures: list[LayerFigure] = []
         self.shown_images = np.empty(0, dtype=np.int64)
         self.path = HoverPath(False, 0, self.state.browser_hover_budget)
@@ -260,16 +249,10 @@ class GridView(pn.viewable.Viewer):
         if not self.path.browser or not ids.size:
             browser.deliver(number, None)
             return
-        # At open they follow the document the page pulls instead of travelling in it (11.8 MB of
-        # a 12.3 MB open on the synthetic v2 store): sent as soon as it is pulled, they wait in the
-        # socket while the browser builds the page. A/B (200-image v2 store, 2 cores, medians of
-        # 8): page shown 1.37 -> 1.19 s, hoverable 1.43 -> 1.56 s — later, but well within the
-        # time a user takes to reach for a patch on a page that has just appeared.
-        def deliver() -> None:
-            self._deliver_page_vectors(browser, reader, ids, number, ahead)
-
-        if not after_pull(self._doc, deliver):
-            self._scheduler.soon(deliver)
+        # at open this runs before the page pulls its document, which then holds the vectors:
+        # deferred until the page had loaded, they came ~0.6 s later and the page showed only
+        # ~0.07 s sooner (the document's other work dominates an open)
+        self._scheduler.soon(lambda: self._deliver_page_vectors(browser, reader, ids, number, ahead))
 
     def _deliver_page_vectors(self, browser: BrowserHover, reader: Any, ids: np.ndarray, number: int,
                               ahead: dict[str, PackedLayer] | None) -> None:
@@ -278,14 +261,11 @@ class GridView(pn.viewable.Viewer):
             return
         ahead = ahead or {}
         vectors = {**ahead, **read_vectors(reader, ids, [name for name in browser.vectors if name not in ahead])}
-        # before the page has loaded, Bokeh's sources directly (session.after_pull says why); the
-        # page info, a Panel pane, follows at load
-        with pn.io.hold(self._doc) if self._loaded else contextlib.nullcontext():
+        with pn.io.hold(self._doc):
             browser.deliver(number, vectors)
             self._mark_damaged()
             self.path = dataclasses.replace(self.path, sent_bytes=browser.sent_bytes)
-            if self._loaded:
-                self._show_page_info()
+            self._show_page_info()
 
     def _send_config(self) -> None:
         """Grids, snapping layer, page size and — for the browser path — function, sigmas, timing."""
@@ -420,13 +400,10 @@ class GridView(pn.viewable.Viewer):
         self.state.rest()
 
     def on_load(self) -> None:
-        """Once the browser has drawn the page: send small websocket messages without Nagle delay,
-        send the page's vectors if nothing sent them after the pull, and give the browser path its
-        query again (the page's first data fires no change event)."""
-        self._nodelay = self._loaded = True
+        """Once the browser is connected: send small websocket messages without Nagle delay, and
+        give the browser path its query again (the page's first data fires no change event)."""
+        self._nodelay = True
         set_nodelay(self._doc)
-        document_pulled(self._doc)  # a server without LatestPointerWins: the vectors go now
-        self._show_page_info()  # with the bytes of vectors sent before the page had loaded
         if self.path.browser and self.state.current is not None:
             self._drawn_query = None
             self._show_overlays(self.state.current, force=True)

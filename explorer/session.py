@@ -12,8 +12,7 @@ the event loop. How to "wait" and how to come back depends on where the app live
 
 Under overload a session's pointer moves must not queue: :class:`LatestPointerWins` (the
 server's websocket handler) drops the moves a newer one of the same session supersedes before
-the loop gets to them, and the rest timer does not fire while such input waits. It also says
-when a page has pulled its document, for what should follow it at once (:func:`after_pull`).
+the loop gets to them, and the rest timer does not fire while such input waits.
 
 Process-wide events have to reach sessions too: a new commit of a store (:mod:`explorer.reload`)
 and a client update the app refused (a widget value no real page can send). Served sessions are
@@ -359,12 +358,6 @@ class LatestPointerWins:
         if task is not None:  # the parked move came first
             await task
         await self._handle_now(message)
-        if message.msgtype == "PULL-DOC-REQ":
-            try:
-                doc = self.connection.session.document  # type: ignore[attr-defined]
-            except AttributeError:  # the session is being destroyed
-                return
-            document_pulled(doc)
 
     async def _handle_now(self, message: Any, reply: bool = True) -> None:
         """What Bokeh's ``on_message`` does with a message once assembled; a move is not
@@ -397,48 +390,6 @@ def input_waiting(doc: Any) -> bool:
         if getattr(stream, "_read_buffer_size", 0):
             return True
     return False
-
-
-# ====================================================== once the page has pulled its document
-#: Served documents -> what waits for their page to pull them (None: pulled).
-_AFTER_PULL: weakref.WeakKeyDictionary[Any, list[Callable[[], None]] | None] = weakref.WeakKeyDictionary()
-
-
-def after_pull(doc: Any, fn: Callable[[], None]) -> bool:
-    """Run ``fn`` on the session's loop (document locked) once its page has pulled the document.
-
-    For data a page needs soon but not to be shown (a page's vectors): sent then, it travels
-    while the browser builds its views instead of inside the document the browser waits for.
-    Returns False, taking nothing, where there is nothing to wait for: outside a server session
-    or once the document was pulled (the caller runs ``fn`` itself).
-
-    Until the page reports it has loaded, Panel drops the changes made under its own hold
-    (``pn.io.hold``: it expects them in the document the page pulls), so ``fn`` changes Bokeh
-    models directly, outside that hold; Bokeh sends them as the page's first patches.
-    """
-    if not served(doc):
-        return False
-    waiting = _AFTER_PULL.get(doc, [])
-    if waiting is None:
-        return False
-    waiting.append(fn)
-    _AFTER_PULL[doc] = waiting
-    return True
-
-
-def document_pulled(doc: Any) -> None:
-    """The page has its document: what waited (:func:`after_pull`) runs on the next loop turn.
-
-    :class:`LatestPointerWins` calls this once the pull's reply is written; the app's on-load
-    calls it too, for servers without that handler (a plain ``panel serve``), and then finds
-    nothing waiting where the handler called it first.
-    """
-    if doc is None:
-        return
-    waiting = _AFTER_PULL.get(doc)
-    _AFTER_PULL[doc] = None
-    for fn in waiting or ():
-        _next_tick(doc, in_document(doc, fn))
 
 
 def install_latest_pointer_wins() -> None:

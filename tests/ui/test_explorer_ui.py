@@ -411,9 +411,9 @@ def test_a_page_shows_before_its_vectors_arrive_and_a_move_meanwhile_is_drawn_wh
     the new page shows, its overlays stay empty (never the last page's maps), and a patch
     hovered meanwhile gets its maps when the vectors come, without another move. (Either slot's
     vectors message is held: which slot a page's vectors go to is the app's choice — a page sent
-    ahead is in the other one, and its later message is the one naming it the shown page. CI
-    once saw no message on the shown slot's sources within 20 s, not reproduced since: a timeout
-    now reports what the browser holds.)"""
+    ahead is in the other one, and its later message is the one naming it the shown page. While
+    the open sent its vectors after the pulled document — a change since reverted — CI twice saw
+    them reach the page without passing the gate: a timeout reports what the browser holds.)"""
     page.add_init_script(MESSAGE_GATE_JS)
     open_app(page, server)
     hover_cell(page, 2, (1, 1))
@@ -462,51 +462,6 @@ AHEAD_HELD = """() => { const d = Bokeh.documents[0], cfg = d.get_model_by_name(
     const other = cfg.slot[0] === 1 ? 'grid-vectors:' : 'grid-vectors-1:';
     return ['fine', 'coarse'].every(l => { const v = d.get_model_by_name(other + l).data;
                                            return v.page[0] === -1 && v.v[0].length > 0; }); }"""
-
-
-def test_at_open_the_vectors_follow_the_pulled_document_without_waiting_for_the_page(server, reader):
-    """The document a page pulls holds no page vectors, so the browser draws the page without
-    waiting for them; the server sends them right after the pull, without waiting for the page to
-    report that it has loaded (``document_ready``, which this client never sends): the page's
-    stored float16 vectors, exactly."""
-    import asyncio
-    import threading
-
-    from bench.wsclient import BokehSession
-    from hoverlay.explorer.sparse_fp16 import unpack
-
-    out: dict = {}
-
-    async def go() -> None:
-        s = await BokehSession.open(server, ready=False)
-        try:
-            def sources() -> dict:
-                return {name.split(":")[1]: m.attributes["data"] for name, m in s.named("grid-vectors:").items()}
-
-            out["pulled"] = {layer: len(d["v"][0]) for layer, d in sources().items()}
-            await s.wait_for(lambda: all(len(d["v"][0]) for d in sources().values()))
-            out["sent"], out["ids"] = sources(), s.page_image_ids()
-            out["page"] = s.by_name("grid-config").attributes["data"]["page"]
-        finally:
-            await s.close()
-
-    def run() -> None:  # in a thread of its own: Playwright's sync API owns this thread's event loop
-        try:
-            asyncio.run(go())
-            out["error"] = None
-        except BaseException as exc:  # reported by the assert below
-            out["error"] = exc
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join(60)
-    assert out.get("error", "not finished") is None, out
-    assert out["pulled"] == {"fine": 0, "coarse": 0}  # the pulled document: no vectors
-    ids = np.asarray(out["ids"])
-    for layer, data in out["sent"].items():
-        stored = reader.vectors(layer, ids).astype(np.float16)
-        np.testing.assert_array_equal(unpack(data["v"][0], data["mask"][0], stored.size), stored.reshape(-1))
-        assert data["page"][0] == out["page"][0], layer
 
 
 def test_paging_on_the_next_pages_vectors_come_ahead_and_a_switch_to_it_sends_none(page, server, reader):
