@@ -194,6 +194,25 @@ def test_bench_queries_are_held_out_of_the_store_and_the_build_probe_of_the_inde
     assert autofaiss_choice(1_000_000, 512) == "HNSW32" and autofaiss_choice(10**9, 512) is None
 
 
+def test_bench_graph_orders_reports_each_orders_recall_and_the_peer_size_is_measured_on_disk(tmp_path):
+    """bench.graph_orders (how much of a graph's recall is its build's luck): the store's own
+    order first, recall per efSearch against a float64 scan, never falling as efSearch grows;
+    bench.index sizes a peer by writing it to disk (a second in-memory copy ran 10M x 112 out
+    of memory)."""
+    from bench.graph_orders import EF_SEARCH, order_recalls
+    from bench.index import _file_bytes, held_out_queries
+
+    vectors, queries = held_out_queries(3000, 16, 8, seed=7), held_out_queries(40, 16, 8, seed=9)
+    rows = order_recalls(vectors, queries, orders=2, ef_construction=40)
+    assert [r["order"] for r in rows] == ["store", "shuffled 1"]
+    for row in rows:
+        recalls = [row[f"recall@ef{ef}"] for ef in EF_SEARCH]
+        assert all(0 < r <= 1 for r in recalls) and recalls == sorted(recalls), row
+    index = faiss.IndexFlatIP(16)
+    index.add(vectors)
+    assert _file_bytes(index, str(tmp_path)) >= vectors.nbytes and not list(tmp_path.iterdir())
+
+
 def test_small_layers_get_an_exact_scan_within_its_latency_bound():
     """#16: the 15-image demo's 2,940 x 672 layer got IDMap,HNSW32_SQfp16 at recall@10 0.973
     where a scan takes well under 1 ms. An exact scan is now taken while its estimated query
