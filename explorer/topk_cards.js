@@ -31,5 +31,5 @@ export function render({ model, el }) {
   });
   draw();
   model.on('payload', draw);
-  el.append(model.get_child('download'), box);
+  el.append(box);
 }

@@ -65,7 +65,7 @@ class TopKPanel(pn.viewable.Viewer):
         # of a loaded server's GIL time, for two headings)
         self.head = pn.pane.HTML(HINT, margin=(10, 10, 0, 10))  # as the query view's: clear of its colour bars
         self.cards = TopKCards(on_open=self.state.open_image, sizing_mode="stretch_width")
-        self._layout = pn.Column(self.head, self.cards, margin=0, sizing_mode="stretch_width",
+        self._layout = pn.Column(self.head, self.cards.download, self.cards, margin=0, sizing_mode="stretch_width",
                                  visible=self.source == "settled")
 
     def __panel__(self) -> pn.viewable.Viewable:

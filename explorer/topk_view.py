@@ -23,7 +23,7 @@ from typing import Any
 
 import panel as pn
 import param
-from panel.custom import Child, JSComponent
+from panel.custom import JSComponent
 
 from hoverlay.stores.exports import csv_bytes
 
@@ -42,7 +42,6 @@ class TopKCards(JSComponent):
 
     cards = param.List(default=[], item_type=dict, doc="One dict per hit, best first (see card_data).")
     payload = param.String(default="[]", doc="``cards`` as JSON: what the browser gets.")
-    download = Child(doc="The button that downloads the shown hits as CSV.")
 
     # The cards travel as one JSON string: as a list of dicts Panel walked every value for
     # models to reference (``_patch_datamodel_ref``), ~13% of a loaded server's GIL time a rest.
@@ -60,6 +59,9 @@ class TopKCards(JSComponent):
         super().__init__(**params)
         self._on_open = on_open
         self._rows: list[dict[str, Any]] = []
+        # Not a Child of this component: a child's view is drawn by the module's render, and a
+        # search ending before the module ran (a loaded machine) toggled ``disabled`` on a view
+        # with no element: the browser threw while applying the message, dropping its later changes
         self.download = pn.widgets.FileDownload(
             callback=self.csv_file, filename=self.csv_name, label="Download top-k CSV", disabled=True,
             embed=False, width=170, margin=(0, 0, 6, 0), **colored(pn.widgets.FileDownload, "default"))

@@ -62,3 +62,33 @@ def test_the_download_button_serves_the_shown_hits_as_csv(browser, server):
         assert {r["label"] for r in rows} <= {"'=cat", "dog"}  # no formula reaches a spreadsheet
     finally:
         ctx.close()
+
+
+def test_a_search_that_ends_before_the_cards_component_rendered_breaks_nothing_in_the_page(browser, server):
+    """The cards' module arrives late (held here until the first hits came; on a loaded machine
+    it can): the hits, which enable the download button, reach a component that drew nothing yet.
+    No error escapes into the page (one thrown while applying a message drops that message's
+    later changes), and the cards and the enabled button show once the module runs."""
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1300})
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    held: list = []
+    try:
+        page.route("**/topk_cards.js*", lambda route: held.append(route))  # answered below, once the hits are in the page
+        open_app(page, server)
+        hover_cell(page, 3, (5, 2))
+        page.wait_for_function("""() => [...Bokeh.documents[0].all_models].some(
+            m => typeof m.text === 'string' && m.text.includes('closest to #3 (5,2)'))""")  # the hits' message came
+        assert held, "the cards' module was not fetched by URL: nothing was held back"
+        assert page.locator(".topk-item").count() == 0  # the component had not drawn
+        for route in held:
+            route.continue_()
+        items = page.locator(".topk-item")
+        items.nth(K - 1).wait_for()
+        expect(page.get_by_role("button", name="Download top-k CSV")).to_be_enabled()
+        assert (items.first.get_attribute("data-y"), items.first.get_attribute("data-x")) == ("5", "2")
+        assert errors == []
+    finally:
+        ctx.close()
