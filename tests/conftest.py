@@ -85,13 +85,44 @@ def demo_store(demo_subset, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium per browser-test module (tests/ui; they skip without Chromium)."""
+    """One headless Chromium per browser-test module (tests/ui; they skip without Chromium).
+
+    Every page it opens reports its uncaught errors to ``page_errors`` (checked after each test
+    by :func:`no_uncaught_page_errors`): an error thrown while a page applies a server message
+    leaves that message's later changes unmade, whatever the test looked at."""
     from playwright import sync_api
 
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        b.page_errors = []
+        watch = lambda pg: pg.on("pageerror", lambda err: b.page_errors.append(f"{err}\n{err.stack}"))  # noqa: E731
+        new_context, new_page = b.new_context, b.new_page
+
+        def watched_context(*args, **kwargs):
+            ctx = new_context(*args, **kwargs)
+            ctx.on("page", watch)
+            return ctx
+
+        def watched_page(*args, **kwargs):
+            pg = new_page(*args, **kwargs)
+            watch(pg)
+            return pg
+
+        b.new_context, b.new_page = watched_context, watched_page
         yield b
         b.close()
+
+
+@pytest.fixture(autouse=True)
+def no_uncaught_page_errors(request):
+    """A browser test fails when a page it opened threw an error nobody caught."""
+    if "browser" not in request.fixturenames:
+        yield
+        return
+    errors = request.getfixturevalue("browser").page_errors
+    errors.clear()
+    yield
+    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 @pytest.fixture(scope="session")
