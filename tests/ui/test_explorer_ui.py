@@ -339,8 +339,13 @@ def test_topk_panel_lists_k_hits_led_by_the_hovered_patch(page, server):
     target = next((i for i in images if i >= PAGE_SIZE), None)
     assert target is not None, f"all hits {images} on the first page: pick another query"
     page.get_by_role("button", name=f"open #{target}").first.click()
-    page.wait_for_function(f"""() => Bokeh.documents[0].get_model_by_name('grid-labels')
-        .data.text.some(t => t.startsWith('#{target} '))""")
+    try:
+        page.wait_for_function(f"""() => Bokeh.documents[0].get_model_by_name('grid-labels')
+            .data.text.some(t => t.startsWith('#{target} '))""")
+    except Exception as exc:  # CI once timed out here: say what the page shows instead
+        shown = page.evaluate("Bokeh.documents[0].get_model_by_name('grid-labels').data.text")
+        cards = [items.nth(i).get_attribute("data-image") for i in range(items.count())]
+        raise AssertionError(f"open #{target} did not show it: labels {shown}, cards {cards}") from exc
 
 
 def test_the_rested_query_keeps_drawing_after_the_pointer_left_without_being_sent_back(page, server, reader,
