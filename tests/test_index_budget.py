@@ -283,3 +283,24 @@ def test_an_unmeetable_index_memory_is_refused_before_the_build_writes_anything(
     assert f"--index-memory {max(smallest_index(6 * 256, 8).total_bytes, smallest_index(6 * 64, 16).total_bytes)} " \
         in str(refused.value)
     assert store_files(store) == before and open_store(store).n_images == 4
+
+
+def test_bench_fastscan_sweeps_each_index_and_reports_the_fastest_setting_per_recall_target(tmp_path):
+    """bench.fastscan (is a 4-bit fast-scan PQ rung worth it?): each IVF index swept over nprobe x
+    re-rank depth with held-out queries; with every list probed and the deepest re-rank the L2
+    fast-scan codes find (nearly) the exact top-k; the summary names the cheapest setting that
+    reaches each target, or None when none does."""
+    from bench.fastscan import NPROBE, RERANK, fastest, ground_truth, ivf_rows
+    from bench.index import held_out_queries
+
+    stored = held_out_queries(4000, 16, 8, seed=7).astype(np.float16)
+    vectors, queries = stored.astype(np.float32), held_out_queries(40, 16, 8, seed=9)
+    truth, kth = ground_truth(vectors, queries)
+    rows = ivf_rows("IVF16,PQ8x4fs", faiss.METRIC_L2, vectors, stored, queries, truth, kth, str(tmp_path))
+    assert len(rows) == len(NPROBE) * len(RERANK) and not list(tmp_path.iterdir())
+    assert all(0 <= r["recall"] <= 1 and r["p50_ms"] > 0 for r in rows)
+    assert rows[-1]["setting"] == f"nprobe={NPROBE[-1]} rf={RERANK[-1]}" and rows[-1]["recall"] >= 0.99
+    best = fastest(rows + [{"index": "never", "setting": "x", "p50_ms": 1.0, "recall": 0.5}])
+    assert best["never"] == {"0.95": None, "0.98": None}
+    reached = [r for r in rows if r["recall"] >= 0.95]
+    assert best[rows[0]["index"]]["0.95"]["p50_ms"] == min(r["p50_ms"] for r in reached)
