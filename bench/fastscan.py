@@ -13,9 +13,8 @@ against an exact scan, for each nprobe x re-rank depth (``rf``·k candidates re-
 :func:`hoverlay.stores.index.exact_rerank`), and the fastest setting at recall 0.95 and 0.98.
 
 The fast-scan codes are built twice, for inner product and for L2: on unit vectors the two rank
-the same, but FAISS's fast scan quantises each query's lookup tables to 8 bits, and with
-inner-product residuals (measured at 1M x 112) recall fell as nprobe grew — far lists' terms swamp
-the near ones' — while the L2 codes' did not. Results: ``bench/results/fastscan_d<D>_<n>.json``.
+the same, but with inner-product codes (measured at 1M x 112) recall fell as nprobe grew, while
+with L2 codes it did not (likely fast scan's 8-bit lookup tables; not verified). Results: ``bench/results/fastscan_d<D>_<n>.json``.
 """
 
 from __future__ import annotations
