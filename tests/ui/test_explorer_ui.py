@@ -401,8 +401,8 @@ MESSAGE_GATE_JS = """
           }
         }
         if (count === expected) { count = 0; decided = false; }
-        // handed on after the counting: an error the page throws handling a message (the page
-        // fixture reports it) once left the count mid-message, and no later message was gated
+        // handed on after the counting: an error the page throws handling a message (which the
+        // browser fixture reports) once left the count mid-message, and no later message was gated
         now.forEach(handler);
       };
       window.__gate_release = () => {
