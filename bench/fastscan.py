@@ -26,26 +26,15 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from bench.common import report
-from bench.index import _file_bytes, assert_held_out, held_out_queries, matched_setting
+from bench.index import exact_scores, exact_top_k, file_bytes, held_out_queries, matched_setting
 from hoverlay.stores.index import exact_rerank, nlist_for, recall_per_query
 
 K = 32
 NPROBE = (16, 32, 48, 64, 96)
 RERANK = (4, 8, 16)
 EF_SEARCH = (16, 32, 48, 64, 96)
-
-
-def ground_truth(vectors: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's exact top-K rows (float32 scan) and K-th score (float64) for tie-aware recall."""
-    chunks = iter(np.array_split(vectors, max(1, len(vectors) // 200_000)))
-    _, rows = knn_ground_truth(queries, chunks, K, metric_type=faiss.METRIC_INNER_PRODUCT)
-    assert_held_out(queries, vectors[rows[:, 0]])
-    kth = np.array([(vectors[r].astype(np.float64) @ q.astype(np.float64)).min()
-                    for r, q in zip(rows, queries, strict=True)])
-    return rows, kth
 
 
 def measure(search: Any, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
@@ -59,11 +48,8 @@ def measure(search: Any, vectors: np.ndarray, queries: np.ndarray, truth: np.nda
         ids = search(q)
         times.append(time.perf_counter() - t0)
         found[i, :len(ids)] = ids[:K]
-    scores = np.full(found.shape, -np.inf)
-    for i, (f, q) in enumerate(zip(found, queries, strict=True)):
-        keep = f >= 0
-        scores[i, keep] = vectors[f[keep]].astype(np.float64) @ q.astype(np.float64)
-    return float(np.median(times) * 1000), float(recall_per_query(found, truth, scores, kth).mean())
+    recall = recall_per_query(found, truth, exact_scores(found, vectors, queries), kth)
+    return float(np.median(times) * 1000), float(recall.mean())
 
 
 def ivf_rows(factory: str, metric: int, vectors: np.ndarray, stored: np.ndarray, queries: np.ndarray,
@@ -77,7 +63,7 @@ def ivf_rows(factory: str, metric: int, vectors: np.ndarray, stored: np.ndarray,
     index.train(sample)
     index.add(vectors)
     build_s = time.perf_counter() - t0
-    nbytes = _file_bytes(index, folder)
+    nbytes = file_bytes(index, folder)
     name = f"{factory} ({'L2' if metric == faiss.METRIC_L2 else 'IP'})"
     print(f"{name}: built in {build_s:.1f} s, {nbytes / 1e6:.0f} MB", flush=True)
 
@@ -106,7 +92,7 @@ def hnsw_rows(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, kth: 
     t0 = time.perf_counter()
     index.add(vectors)
     build_s = time.perf_counter() - t0
-    nbytes = _file_bytes(index, folder)
+    nbytes = file_bytes(index, folder)
     rows = []
     for ef in EF_SEARCH:
         index.hnsw.efSearch = ef
@@ -143,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     stored = held_out_queries(a.vectors, a.dim, 16, seed=7).astype(np.float16)  # the mixture, as the store keeps it
     vectors = stored.astype(np.float32)
     queries = held_out_queries(500, a.dim, 16, seed=99)
-    truth, kth = ground_truth(vectors, queries)
+    truth, kth = exact_top_k(vectors, queries, K)
     nlist = nlist_for(a.vectors)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:

@@ -99,6 +99,31 @@ def assert_held_out(queries: np.ndarray, nearest: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------ pure helpers
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each held-out query's exact top-k rows of ``vectors`` (a float32 scan, FAISS's
+    ``knn_ground_truth``) and its k-th score in float64, for tie-aware recall; fails unless no
+    query is one of the vectors (:func:`assert_held_out`)."""
+    import faiss
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    chunks = iter(np.array_split(vectors, max(1, len(vectors) // 200_000)))
+    _, rows = knn_ground_truth(queries, chunks, k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    assert_held_out(queries, vectors[rows[:, 0]])
+    kth = np.array([(vectors[r].astype(np.float64) @ q.astype(np.float64)).min()
+                    for r, q in zip(rows, queries, strict=True)])
+    return rows, kth
+
+
+def exact_scores(found_rows: np.ndarray, vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """float64 inner products of each query with the rows it found (-inf where a row is -1):
+    what ``recall_per_query`` needs to count a tie with the k-th true score as a hit."""
+    scores = np.full(found_rows.shape, -np.inf)
+    for r, (f, q) in enumerate(zip(found_rows, queries, strict=True)):
+        keep = f >= 0
+        scores[r, keep] = vectors[f[keep]].astype(np.float64) @ q.astype(np.float64)
+    return scores
+
+
 def matched_setting(sweep: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     """The cheapest (lowest p50) swept setting whose recall reaches ``target``; None if none."""
     ok = [s for s in sweep if s["recall"] >= target]
@@ -148,7 +173,7 @@ def autofaiss_ef_search(index: Any, dim: int, max_ms: float = AUTOFAISS_QUERY_MS
     return lo
 
 
-def _file_bytes(index: Any, folder: str) -> int:
+def file_bytes(index: Any, folder: str) -> int:
     """Bytes of ``index`` written as a .faiss file (written to ``folder``, measured, deleted)."""
     import faiss
 
@@ -248,7 +273,6 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
                peers: tuple[str, ...] = ("hnsw32", "autofaiss")) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One size: (table rows, one per index, and the sweeps + facts for the JSON)."""
     import faiss
-    from faiss.contrib.exhaustive_search import knn_ground_truth
 
     from hoverlay.pipeline.indexing import default_index_budget, update_index
     from hoverlay.stores import LayerGeometry, open_store
@@ -276,20 +300,14 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
     x = np.concatenate([b[1] for b in blocks]).astype(np.float32)
     del blocks
     queries = held_out_queries(n_queries, dim, local_dim)
-    true_scores, rows = knn_ground_truth(queries, iter(np.array_split(x, max(1, len(x) // 200_000))), k,
-                                         metric_type=faiss.METRIC_INNER_PRODUCT)
-    assert_held_out(queries, x[rows[:, 0]])
+    rows, kth = exact_top_k(x, queries, k)
     truth = ids[rows]
-    kth = np.array([(x[r].astype(np.float64) @ q.astype(np.float64)).min() for r, q in zip(rows, queries, strict=True)])
     row_of = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
     row_of[ids] = np.arange(len(ids))
 
     def recall(found: np.ndarray) -> np.ndarray:
-        scores = np.full(found.shape, -np.inf)
-        for r, (f, q) in enumerate(zip(found, queries, strict=True)):
-            keep = f >= 0
-            scores[r, keep] = x[row_of[f[keep]]].astype(np.float64) @ q.astype(np.float64)
-        return recall_per_query(found, truth, scores, kth)
+        found_rows = np.where(found >= 0, row_of[np.maximum(found, 0)], -1)
+        return recall_per_query(found, truth, exact_scores(found_rows, x, queries), kth)
 
     # hoverlay: the build's own ladder and tuning
     effective_budget = budget if budget is not None else default_index_budget()
@@ -329,7 +347,7 @@ def bench_size(work: str, n_vectors: int, dim: int, budget: int | None, k: int, 
         t0 = time.perf_counter()
         hnsw.add(x)
         t_hnsw = time.perf_counter() - t0
-        hnsw_bytes = _file_bytes(hnsw, work)  # not serialize_index: a second copy in RAM (OOM at 10M)
+        hnsw_bytes = file_bytes(hnsw, work)  # not serialize_index: a second copy in RAM (OOM at 10M)
         space = faiss.ParameterSpace()
 
         def hnsw_set(v: int) -> None:

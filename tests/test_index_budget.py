@@ -200,7 +200,7 @@ def test_bench_graph_orders_reports_each_orders_recall_and_the_peer_size_is_meas
     bench.index sizes a peer by writing it to disk (a second in-memory copy ran 10M x 112 out
     of memory)."""
     from bench.graph_orders import EF_SEARCH, order_recalls
-    from bench.index import _file_bytes, held_out_queries
+    from bench.index import file_bytes, held_out_queries
 
     vectors, queries = held_out_queries(3000, 16, 8, seed=7), held_out_queries(40, 16, 8, seed=9)
     rows = order_recalls(vectors, queries, orders=2, ef_construction=40)
@@ -210,7 +210,7 @@ def test_bench_graph_orders_reports_each_orders_recall_and_the_peer_size_is_meas
         assert all(0 < r <= 1 for r in recalls) and recalls == sorted(recalls), row
     index = faiss.IndexFlatIP(16)
     index.add(vectors)
-    assert _file_bytes(index, str(tmp_path)) >= vectors.nbytes and not list(tmp_path.iterdir())
+    assert file_bytes(index, str(tmp_path)) >= vectors.nbytes and not list(tmp_path.iterdir())
 
 
 def test_small_layers_get_an_exact_scan_within_its_latency_bound():
@@ -290,12 +290,12 @@ def test_bench_fastscan_sweeps_each_index_and_reports_the_fastest_setting_per_re
     re-rank depth with held-out queries; with every list probed and the deepest re-rank the L2
     fast-scan codes find (nearly) the exact top-k; the summary names the cheapest setting that
     reaches each target, or None when none does."""
-    from bench.fastscan import NPROBE, RERANK, fastest, ground_truth, ivf_rows
-    from bench.index import held_out_queries
+    from bench.fastscan import NPROBE, RERANK, K, fastest, ivf_rows
+    from bench.index import exact_top_k, held_out_queries
 
     stored = held_out_queries(4000, 16, 8, seed=7).astype(np.float16)
     vectors, queries = stored.astype(np.float32), held_out_queries(40, 16, 8, seed=9)
-    truth, kth = ground_truth(vectors, queries)
+    truth, kth = exact_top_k(vectors, queries, K)
     rows = ivf_rows("IVF16,PQ8x4fs", faiss.METRIC_L2, vectors, stored, queries, truth, kth, str(tmp_path))
     assert len(rows) == len(NPROBE) * len(RERANK) and not list(tmp_path.iterdir())
     assert all(0 <= r["recall"] <= 1 and r["p50_ms"] > 0 for r in rows)
